@@ -1,0 +1,274 @@
+"""Toolgate settings.
+
+Every value that comes from the environment is read here and nowhere else. The defaults need
+nothing: SQLite and a file-based Celery broker under ``var/``, so ``make run`` and ``make test``
+work on a fresh machine. Production sets ``DEBUG=false`` and real secrets; see README.md.
+
+A malformed value stops start-up with a message naming the variable, rather than surfacing
+later as a confusing error deep inside Django or Celery.
+"""
+
+import json
+import os
+import secrets
+from datetime import timedelta
+from pathlib import Path
+
+import environ
+from cryptography.fernet import Fernet
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env")  # optional; real environment variables win
+
+
+def _read(name, cast, default):
+    """Read one variable, turning a malformed value into a start-up error that names it."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = cast(raw)
+    except (ValueError, TypeError, environ.ImproperlyConfigured) as exc:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not valid: {exc}") from None
+    return value
+
+
+def _bool(raw):
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _positive(kind):
+    def cast(raw):
+        value = kind(raw)
+        if value <= 0:
+            raise ValueError("expected a positive number")
+        return value
+
+    return cast
+
+
+def _list(raw):
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+DEBUG = _read("DEBUG", _bool, True)
+VAR_DIR = Path(_read("TOOLGATE_VAR_DIR", str, str(BASE_DIR / "var")))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _development_secrets():
+    """Secrets for a development machine, made once and kept in var/ so restarts keep data.
+
+    Only used with DEBUG on. Production must provide SECRET_KEY and FIELD_ENCRYPTION_KEYS.
+    """
+    path = VAR_DIR / "dev-secrets.json"
+    if not path.exists():
+        values = {
+            "SECRET_KEY": secrets.token_urlsafe(50),
+            "FIELD_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(values, f)
+    return json.loads(path.read_text())
+
+
+_dev = _development_secrets() if DEBUG else {}
+SECRET_KEY = os.environ.get("SECRET_KEY") or _dev.get("SECRET_KEY")
+FIELD_ENCRYPTION_KEYS = _list(
+    os.environ.get("FIELD_ENCRYPTION_KEYS") or _dev.get("FIELD_ENCRYPTION_KEYS", "")
+)
+if not DEBUG:
+    if not SECRET_KEY or len(SECRET_KEY) < 40:
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set to a random value of at least 40 characters when DEBUG is off."
+        )
+    if not FIELD_ENCRYPTION_KEYS:
+        raise ImproperlyConfigured(
+            "FIELD_ENCRYPTION_KEYS must be set when DEBUG is off: one or more Fernet keys, "
+            "comma-separated, newest first. Make one with: python -c "
+            '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
+        )
+for _key in FIELD_ENCRYPTION_KEYS:
+    try:
+        Fernet(_key)
+    except ValueError:
+        raise ImproperlyConfigured(
+            "FIELD_ENCRYPTION_KEYS holds a value that is not a Fernet key "
+            "(32 url-safe base64-encoded bytes)."
+        ) from None
+
+ALLOWED_HOSTS = _read("ALLOWED_HOSTS", _list, ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = _read("CSRF_TRUSTED_ORIGINS", _list, [])
+PORT = _read("PORT", _positive(int), 8000)
+SITE_URL = _read("SITE_URL", str, f"http://127.0.0.1:{PORT}")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "integrations",
+    "approvals",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+
+def _database(raw):
+    config = env.db_url_config(raw)
+    if config.get("ENGINE") not in {"django.db.backends.sqlite3", "django.db.backends.postgresql"}:
+        raise ValueError("use a postgres:// or sqlite:/// URL")
+    return config
+
+
+DATABASES = {
+    "default": _read(
+        "DATABASE_URL", _database, _database(f"sqlite:///{VAR_DIR / 'toolgate.sqlite3'}")
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A file, not :memory:, so the Celery worker the integration tests start can share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+    # Wait for the writer lock instead of failing at once when web and worker write together.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("timeout", 20)
+    DATABASES["default"]["OPTIONS"].setdefault("transaction_mode", "IMMEDIATE")
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = _read("TIME_ZONE", str, "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+
+LOGIN_URL = "admin:login"
+
+# Security headers. HTTPS-only cookies and HSTS are on whenever DEBUG is off.
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = not DEBUG
+CSRF_COOKIE_SECURE = not DEBUG
+SECURE_SSL_REDIRECT = _read("SECURE_SSL_REDIRECT", _bool, not DEBUG)
+SECURE_HSTS_SECONDS = _read("SECURE_HSTS_SECONDS", int, 0 if DEBUG else 31536000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
+SECURE_HSTS_PRELOAD = not DEBUG
+if _read("BEHIND_TLS_PROXY", _bool, False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# Celery. The embedded default is kombu's filesystem transport: a real broker that needs no
+# server, good for one machine. Production points CELERY_BROKER_URL at Redis.
+CELERY_BROKER_URL = _read("CELERY_BROKER_URL", str, "filesystem://")
+CELERY_BROKER_DIR = Path(_read("CELERY_BROKER_DIR", str, str(VAR_DIR / "broker")))
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    (CELERY_BROKER_DIR / "queue").mkdir(parents=True, exist_ok=True)
+    (CELERY_BROKER_DIR / "processed").mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(CELERY_BROKER_DIR / "queue"),
+        "data_folder_out": str(CELERY_BROKER_DIR / "queue"),
+        "processed_folder": str(CELERY_BROKER_DIR / "processed"),
+        "store_processed": False,
+        "polling_interval": 0.2,
+    }
+else:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {}
+CELERY_TASK_IGNORE_RESULT = True  # outcomes live on our models, not in a result backend
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+
+# MCP servers.
+MCP_SYNC_INTERVAL = _read("MCP_SYNC_INTERVAL", _positive(int), 900)  # seconds between syncs
+MCP_CONNECT_TIMEOUT = _read("MCP_CONNECT_TIMEOUT", _positive(float), 10.0)
+MCP_READ_TIMEOUT = _read("MCP_READ_TIMEOUT", _positive(float), 30.0)
+MCP_SYNC_TIMEOUT = _read("MCP_SYNC_TIMEOUT", _positive(float), 60.0)  # a whole sync, all pages
+MCP_CALL_TIMEOUT = _read("MCP_CALL_TIMEOUT", _positive(float), 120.0)  # one tool call
+MCP_MAX_RESPONSE_BYTES = _read("MCP_MAX_RESPONSE_BYTES", _positive(int), 10 * 1024 * 1024)
+MCP_MAX_TOOLS = _read("MCP_MAX_TOOLS", _positive(int), 1000)
+MCP_EXTRA_BLOCKED_NETWORKS = _read("MCP_EXTRA_BLOCKED_NETWORKS", _list, [])
+MCP_EXTRA_ALLOWED_NETWORKS = _read("MCP_EXTRA_ALLOWED_NETWORKS", _list, [])
+
+CELERY_BEAT_SCHEDULE = {
+    "sync-mcp-servers": {
+        "task": "integrations.tasks.sync_all_servers",
+        "schedule": timedelta(seconds=MCP_SYNC_INTERVAL),
+        # A run nobody picked up in time is dropped rather than piling up behind the next one.
+        "options": {"expires": max(MCP_SYNC_INTERVAL - 5, 1)},
+    },
+}
+
+LOG_LEVEL = _read("LOG_LEVEL", str, "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact": {"()": "integrations.logging.RedactSecretsFilter"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]}
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # These log full request URLs at INFO/DEBUG, and a server URL is a secret.
+        "httpx2": {"level": "WARNING"},
+        "httpcore2": {"level": "WARNING"},
+        "mcp": {"level": "WARNING"},
+        "celery": {"level": LOG_LEVEL},
+    },
+}
+
+# Static files are served by WhiteNoise; in development straight from the app folders.
+WHITENOISE_USE_FINDERS = DEBUG

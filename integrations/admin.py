@@ -1,0 +1,294 @@
+from django.contrib import admin, messages
+from django.db.models import Count, F, Q
+from django.http import JsonResponse
+from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.text import Truncator
+
+from integrations.forms import McpServerForm
+from integrations.models import HINTS, McpServer, SyncState, Tool, ToolApproval
+
+
+def sync_status(server):
+    """One line saying where the server's tool sync stands."""
+    if server.sync_state == SyncState.SYNCING:
+        return "Syncing…"
+    if server.sync_state == SyncState.QUEUED:
+        return "Sync queued…"
+    if server.last_error:
+        return "Error"
+    if server.last_synced_at is None:
+        return "Never synced"
+    return "OK"
+
+
+class ToolInline(admin.TabularInline):
+    model = Tool
+    fields = ["name", "title", "hint_badges", "review_state", "approval"]
+    readonly_fields = ["name", "title", "hint_badges", "review_state"]
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="Hints (claimed by the server)")
+    def hint_badges(self, tool):
+        return ", ".join(tool.hints) or "—"
+
+    @admin.display(description="Review")
+    def review_state(self, tool):
+        if tool.removed:
+            return "Removed from server"
+        if tool.needs_review:
+            return "Needs review"
+        return "—"
+
+
+@admin.register(McpServer)
+class McpServerAdmin(admin.ModelAdmin):
+    form = McpServerForm
+    list_display = [
+        "name",
+        "origin",
+        "transport",
+        "approval_mode",
+        "enabled",
+        "status",
+        "tool_count",
+        "last_synced_at",
+        "short_error",
+    ]
+    list_filter = ["enabled", "approval_mode", "transport"]
+    search_fields = ["name", "description"]
+    actions = ["sync_now"]
+    inlines = [ToolInline]
+    readonly_fields = ["sync_progress", "last_synced_at", "last_error", "server_details"]
+    fieldsets = [
+        (None, {"fields": ["name", "description"]}),
+        (
+            "Connection",
+            {
+                "fields": [
+                    "url",
+                    "transport",
+                    "secret_token",
+                    "clear_secret_token",
+                    "headers_text",
+                    "clear_headers",
+                    "allow_private_network",
+                    "allow_http",
+                ]
+            },
+        ),
+        ("Tool approval", {"fields": ["approval_mode", "enabled"]}),
+        (
+            "Tool sync",
+            {"fields": ["sync_progress", "last_synced_at", "last_error", "server_details"]},
+        ),
+    ]
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(live_tools=Count("tools", filter=Q(tools__removed_at__isnull=True)))
+        )
+
+    def get_fieldsets(self, request, obj=None):
+        if obj is None:  # nothing to report before the first save
+            return self.fieldsets[:-1]
+        return self.fieldsets
+
+    def get_urls(self):
+        status = path(
+            "<int:server_id>/sync-status/",
+            self.admin_site.admin_view(self.sync_status_view),
+            name="integrations_mcpserver_sync_status",
+        )
+        return [status, *super().get_urls()]
+
+    def sync_status_view(self, request, server_id):
+        """Polled by the change page while a sync runs."""
+        server = get_object_or_404(McpServer, pk=server_id)
+        if not self.has_view_permission(request, server):
+            return JsonResponse({"error": "forbidden"}, status=403)
+        return JsonResponse(
+            {
+                "state": server.sync_state,
+                "status": sync_status(server),
+                "last_error": server.last_error,
+                "tools": server.tools.filter(removed_at__isnull=True).count(),
+            }
+        )
+
+    @admin.display(description="URL")
+    def origin(self, server):
+        return server.origin
+
+    @admin.display(description="Tools", ordering="live_tools")
+    def tool_count(self, server):
+        return server.live_tools
+
+    @admin.display(description="Status")
+    def status(self, server):
+        return sync_status(server) if server.enabled else "Disabled"
+
+    @admin.display(description="Last error")
+    def short_error(self, server):
+        return Truncator(server.last_error).chars(80) or "—"
+
+    @admin.display(description="Sync status")
+    def sync_progress(self, server):
+        url = reverse("admin:integrations_mcpserver_sync_status", args=[server.pk])
+        return format_html(
+            '<span id="sync-status" data-status-url="{}" data-state="{}">{}</span>',
+            url,
+            server.sync_state,
+            sync_status(server),
+        )
+
+    @admin.display(description="Server")
+    def server_details(self, server):
+        info = server.server_info or {}
+        rows = [
+            ("Name", info.get("name")),
+            ("Version", info.get("version")),
+            ("Protocol", info.get("protocol_version")),
+            ("Transport used", info.get("transport")),
+        ]
+        rows = [(label, value) for label, value in rows if value]
+        return format_html_join(format_html("<br>"), "{}: {}", rows) or "—"
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if obj.enabled:
+            obj.request_sync()
+            messages.info(
+                request,
+                f"Testing the connection to {obj.origin} and listing its tools in the "
+                "background. The server's page shows the outcome.",
+            )
+
+    @admin.action(description="Sync tools now")
+    def sync_now(self, request, queryset):
+        for server in queryset:
+            server.request_sync()
+        self.message_user(request, f"Sync queued for {queryset.count()} server(s).")
+
+    class Media:
+        js = ["integrations/sync-status.js"]
+
+
+class HintFilter(admin.SimpleListFilter):
+    title = "hint"
+    parameter_name = "hint"
+
+    def lookups(self, request, model_admin):
+        return [(key, label) for key, label in HINTS.items()]
+
+    def queryset(self, request, queryset):
+        if self.value() in HINTS:
+            return queryset.filter(**{f"annotations__{self.value()}": True})
+        return queryset
+
+
+class NeedsReviewFilter(admin.SimpleListFilter):
+    title = "review"
+    parameter_name = "review"
+
+    def lookups(self, request, model_admin):
+        return [("needed", "Needs review"), ("ok", "Reviewed")]
+
+    def queryset(self, request, queryset):
+        needs = ~Q(fingerprint=F("reviewed_fingerprint")) | ~Q(warnings=[])
+        if self.value() == "needed":
+            return queryset.filter(needs)
+        if self.value() == "ok":
+            return queryset.exclude(needs)
+        return queryset
+
+
+class RemovedFilter(admin.SimpleListFilter):
+    title = "on server"
+    parameter_name = "removed"
+
+    def lookups(self, request, model_admin):
+        return [("no", "Listed"), ("yes", "Removed")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(removed_at__isnull=self.value() == "no")
+        return queryset
+
+
+@admin.register(Tool)
+class ToolAdmin(admin.ModelAdmin):
+    list_display = ["name", "server", "title", "hint_badges", "approval", "review", "last_seen_at"]
+    list_editable = ["approval"]
+    list_filter = ["server", "approval", HintFilter, NeedsReviewFilter, RemovedFilter]
+    list_select_related = ["server"]
+    search_fields = ["name", "title", "description", "server__name"]
+    actions = ["set_auto_approved", "set_requires_approval", "set_disabled", "mark_reviewed"]
+    fields = [
+        "server",
+        "name",
+        "title",
+        "description",
+        "hint_badges",
+        "approval",
+        "review",
+        "warnings",
+        "input_schema",
+        "output_schema",
+        "annotations",
+        "fingerprint",
+        "reviewed_fingerprint",
+        "reviewed_at",
+        "reviewed_by",
+        "first_seen_at",
+        "last_seen_at",
+        "removed_at",
+    ]
+    readonly_fields = [f for f in fields if f != "approval"]
+
+    def has_add_permission(self, request):
+        return False  # tools come from syncing their server
+
+    @admin.display(description="Hints (claimed)")
+    def hint_badges(self, tool):
+        return ", ".join(tool.hints) or "—"
+
+    @admin.display(description="Review")
+    def review(self, tool):
+        if tool.removed:
+            return "Removed from server"
+        if tool.changed_since_review:
+            return "Changed since review"
+        if tool.warnings:
+            return "Flagged by scanner"
+        return "—"
+
+    def _set_approval(self, request, queryset, approval):
+        count = queryset.update(approval=approval)
+        self.message_user(request, f"{count} tool(s) set to {ToolApproval(approval).label}.")
+
+    @admin.action(description="Set to Auto-approved", permissions=["change"])
+    def set_auto_approved(self, request, queryset):
+        self._set_approval(request, queryset, ToolApproval.AUTO_APPROVED)
+
+    @admin.action(description="Set to Requires approval", permissions=["change"])
+    def set_requires_approval(self, request, queryset):
+        self._set_approval(request, queryset, ToolApproval.REQUIRES_APPROVAL)
+
+    @admin.action(description="Set to Disabled", permissions=["change"])
+    def set_disabled(self, request, queryset):
+        self._set_approval(request, queryset, ToolApproval.DISABLED)
+
+    @admin.action(description="Mark reviewed (accept the current definition)", permissions=["change"])
+    def mark_reviewed(self, request, queryset):
+        for tool in queryset:
+            tool.mark_reviewed(request.user)
+        self.message_user(request, f"{queryset.count()} tool(s) marked reviewed.")

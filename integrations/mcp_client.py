@@ -1,0 +1,315 @@
+"""The one seam between Toolgate and the network: speaking MCP to remote servers.
+
+Everything that leaves the machine for an MCP server goes through `list_tools` and `call_tool`
+here. Both open a fresh session over the server's transport (Streamable HTTP or the older SSE
+transport; "auto" tries Streamable HTTP and falls back to SSE), with the connection guard of
+`netguard`, timeouts, and a cap on response size. The SDK negotiates the protocol era itself:
+it probes the 2026-07-28 `server/discover` and falls back to the `initialize` handshake.
+
+Every failure comes out as `McpError` with a short code, a message fit for an admin page
+(never the URL's path or query, never a token), and `reached_server`: False only when the
+request provably never got to the server, which is what makes a retry safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import anyio
+import httpx2
+import mcp_types
+from django.conf import settings
+from mcp import Client, MCPError
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from pydantic import ValidationError
+
+from integrations import netguard
+
+logger = logging.getLogger(__name__)
+
+CLIENT_INFO = mcp_types.Implementation(name="toolgate", version="0.1.0")
+
+STREAMABLE_HTTP = "streamable_http"
+SSE = "sse"
+AUTO = "auto"
+
+
+class McpError(Exception):
+    """A conversation with an MCP server failed.
+
+    `code` is one of: refused, unreachable, timeout, unauthorized, not_mcp, redirect,
+    server_error, protocol, too_large.
+    """
+
+    def __init__(self, code, message, *, reached_server=True):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reached_server = reached_server
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to reach one MCP server. Holds secrets: never log or pickle it."""
+
+    url: str
+    transport: str = AUTO
+    headers: dict = field(default_factory=dict)
+    allow_private_network: bool = False
+
+    @property
+    def origin(self):
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+    def redact(self, text):
+        """Remove this endpoint's secrets from text that may be shown or stored."""
+        secrets = [self.url, *self.headers.values()]
+        parts = urlsplit(self.url)
+        secrets += [parts.path, parts.query, parts.netloc.rpartition("@")[0]]
+        for secret in sorted({s for s in secrets if s and len(s) > 3}, key=len, reverse=True):
+            text = text.replace(secret, "[redacted]")
+        return text
+
+
+@dataclass
+class ToolListing:
+    tools: list  # tool definitions in MCP wire form (camelCase keys)
+    server_info: dict
+    protocol_version: str
+    transport: str
+
+
+@dataclass
+class ToolResult:
+    content: list
+    structured_content: dict | None
+    is_error: bool
+
+
+@dataclass
+class _HttpTrace:
+    """What the HTTP layer saw, so an opaque SDK error can be explained (the SDK folds a 401
+    into a generic JSON-RPC error)."""
+
+    statuses: list = field(default_factory=list)
+
+    async def on_response(self, response):
+        self.statuses.append(response.status_code)
+
+    def worst_status(self):
+        failures = [s for s in self.statuses if s >= 300]
+        return failures[-1] if failures else None
+
+
+def list_tools(endpoint):
+    """Connect, list every tool (following pagination to the end), disconnect."""
+    return anyio.run(_list_tools, endpoint)
+
+
+def call_tool(endpoint, name, arguments, *, transport=None, timeout=None):
+    """Call one tool and return its result. `transport` pins the transport a sync found."""
+    timeout = timeout or settings.MCP_CALL_TIMEOUT
+    return anyio.run(_call_tool, endpoint, name, arguments, transport, timeout)
+
+
+async def _list_tools(endpoint):
+    async def listing(client, transport):
+        tools = await _all_tools(client)
+        info = client.server_info
+        return ToolListing(
+            tools=tools,
+            server_info=info.model_dump(mode="json", exclude_none=True) if info else {},
+            protocol_version=client.protocol_version,
+            transport=transport,
+        )
+
+    return await _with_fallback(endpoint, listing, settings.MCP_SYNC_TIMEOUT)
+
+
+async def _call_tool(endpoint, name, arguments, transport, timeout):
+    async def call(client, _transport):
+        result = await client.call_tool(name, arguments)
+        if not isinstance(result, mcp_types.CallToolResult):
+            raise McpError("protocol", "The server answered the tool call with an unknown result.")
+        return ToolResult(
+            content=[_wire(block) for block in result.content],
+            structured_content=result.structured_content,
+            is_error=bool(result.is_error),
+        )
+
+    if transport in (STREAMABLE_HTTP, SSE):
+        endpoint = Endpoint(endpoint.url, transport, endpoint.headers, endpoint.allow_private_network)
+    return await _with_fallback(endpoint, call, timeout)
+
+
+async def _all_tools(client):
+    tools, cursor, seen_cursors = [], None, set()
+    while True:
+        page = await client.list_tools(cursor=cursor)
+        tools.extend(_wire(tool) for tool in page.tools)
+        if len(tools) > settings.MCP_MAX_TOOLS:
+            raise McpError("too_large", f"The server lists more than {settings.MCP_MAX_TOOLS} tools.")
+        cursor = page.next_cursor
+        if not cursor:
+            return tools
+        if cursor in seen_cursors:
+            raise McpError("protocol", "The server's tool list pages loop back on themselves.")
+        seen_cursors.add(cursor)
+
+
+def _wire(model):
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+async def _with_fallback(endpoint, operation, timeout):
+    """Run `operation` over the endpoint's transport; for "auto", fall back from Streamable
+    HTTP to SSE when the first attempt shows the server doesn't speak it."""
+    if endpoint.transport != AUTO:
+        return await _run(endpoint, endpoint.transport, operation, timeout)
+    try:
+        return await _run(endpoint, STREAMABLE_HTTP, operation, timeout)
+    except McpError as first:
+        if first.code not in ("not_mcp", "protocol"):
+            raise
+        try:
+            return await _run(endpoint, SSE, operation, timeout)
+        except McpError:
+            raise first from None
+
+
+async def _run(endpoint, transport, operation, timeout):
+    trace = _HttpTrace()
+    try:
+        with anyio.fail_after(timeout):
+            async with _client(endpoint, transport, trace) as client:
+                return await operation(client, transport)
+    except McpError as exc:
+        exc.message = endpoint.redact(exc.message)
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes an McpError
+        error = _explain(_leaf(exc), endpoint, transport, trace)
+        if error is None:
+            raise
+        error.message = endpoint.redact(error.message)
+        raise error from None
+
+
+def _client(endpoint, transport, trace):
+    guard = {
+        "allow_private_network": endpoint.allow_private_network,
+        "extra_blocked": settings.MCP_EXTRA_BLOCKED_NETWORKS,
+        "extra_allowed": settings.MCP_EXTRA_ALLOWED_NETWORKS,
+        "max_response_bytes": settings.MCP_MAX_RESPONSE_BYTES,
+    }
+    timeout = httpx2.Timeout(settings.MCP_READ_TIMEOUT, connect=settings.MCP_CONNECT_TIMEOUT)
+    if transport == SSE:
+        connection = sse_client(
+            endpoint.url,
+            headers=endpoint.headers,
+            timeout=settings.MCP_CONNECT_TIMEOUT,
+            sse_read_timeout=settings.MCP_READ_TIMEOUT,
+            httpx_client_factory=_traced(netguard.guarded_client_factory(**guard), trace),
+        )
+    else:
+        http_client = netguard.guarded_client(headers=endpoint.headers, timeout=timeout, **guard)
+        http_client.event_hooks = {"request": [], "response": [trace.on_response]}
+        connection = streamable_http_client(endpoint.url, http_client=http_client)
+        connection = _closing(http_client, connection)
+    return Client(
+        connection,
+        read_timeout_seconds=settings.MCP_READ_TIMEOUT,
+        client_info=CLIENT_INFO,
+        cache=None,  # a sync must see the server's list as it is now
+    )
+
+
+def _traced(factory, trace):
+    def make_client(headers=None, timeout=None, auth=None):
+        client = factory(headers=headers, timeout=timeout, auth=auth)
+        client.event_hooks = {"request": [], "response": [trace.on_response]}
+        return client
+
+    return make_client
+
+
+class _closing:
+    """Enter a transport and close the httpx client we made for it afterwards."""
+
+    def __init__(self, http_client, transport):
+        self.http_client, self.transport = http_client, transport
+
+    async def __aenter__(self):
+        await self.http_client.__aenter__()
+        try:
+            return await self.transport.__aenter__()
+        except BaseException:
+            await self.http_client.__aexit__(None, None, None)
+            raise
+
+    async def __aexit__(self, *exc_info):
+        try:
+            return await self.transport.__aexit__(*exc_info)
+        finally:
+            await self.http_client.__aexit__(None, None, None)
+
+
+def _leaf(exc):
+    """The most telling exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+        exc = (inner or exc.exceptions)[0]
+    return exc
+
+
+_STATUS_ERRORS = {
+    401: ("unauthorized", "The server refused the credentials (HTTP 401): check the secret token."),
+    403: ("unauthorized", "The server refused access (HTTP 403): check the token and headers."),
+    404: ("not_mcp", "No MCP endpoint at this URL (HTTP 404)."),
+    405: ("not_mcp", "No MCP endpoint at this URL (HTTP 405 Method Not Allowed)."),
+    406: ("not_mcp", "The URL did not accept MCP requests (HTTP 406)."),
+    415: ("not_mcp", "The URL did not accept MCP requests (HTTP 415)."),
+}
+
+
+def _explain(exc, endpoint, transport, trace):
+    """Turn whatever the SDK or HTTP stack raised into an McpError, or None to re-raise."""
+    where = f"{endpoint.origin} over {_label(transport)}"
+    status = trace.worst_status()
+    if isinstance(exc, McpError):
+        return exc
+    if isinstance(exc, netguard.AddressRefused):
+        return McpError("refused", str(exc), reached_server=False)
+    if isinstance(exc, netguard.ResponseTooLarge):
+        limit = settings.MCP_MAX_RESPONSE_BYTES
+        return McpError("too_large", f"{where}: a response exceeded the {limit:,} byte limit.")
+    if isinstance(exc, TimeoutError | httpx2.TimeoutException):
+        reached = not isinstance(exc, httpx2.ConnectTimeout)
+        return McpError("timeout", f"{where}: no answer in time.", reached_server=reached)
+    if isinstance(exc, httpx2.ConnectError | ConnectionRefusedError | OSError) and not status:
+        return McpError("unreachable", f"Could not connect to {where}.", reached_server=False)
+    if status and status in _STATUS_ERRORS:
+        code, message = _STATUS_ERRORS[status]
+        return McpError(code, f"{where}: {message}")
+    if status and 300 <= status < 400:
+        message = f"{where}: the server redirected to another location, which is not followed."
+        return McpError("redirect", message)
+    if status and status >= 500:
+        return McpError("server_error", f"{where}: the server failed (HTTP {status}).")
+    if isinstance(exc, MCPError):
+        detail = exc.error.message[:300] if exc.error else str(exc)[:300]
+        return McpError("protocol", f"{where}: the server answered with an error: {detail}")
+    if isinstance(exc, ValidationError | json.JSONDecodeError | httpx2.HTTPError | ValueError):
+        return McpError("protocol", f"{where}: the reply is not valid MCP ({type(exc).__name__}).")
+    if isinstance(exc, Exception):
+        logger.warning("Unexpected MCP failure with %s: %s", endpoint.origin, type(exc).__name__)
+        return McpError("protocol", f"{where}: the conversation failed ({type(exc).__name__}).")
+    return None
+
+
+def _label(transport):
+    return {STREAMABLE_HTTP: "Streamable HTTP", SSE: "SSE"}.get(transport, transport)

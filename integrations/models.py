@@ -1,0 +1,348 @@
+"""MCP servers and the tools they offer."""
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from integrations import mcp_client
+from integrations.fields import EncryptedJSONField, EncryptedTextField
+
+logger = logging.getLogger(__name__)
+
+
+class Transport(models.TextChoices):
+    AUTO = "auto", "Auto (Streamable HTTP, then SSE)"
+    STREAMABLE_HTTP = "streamable_http", "Streamable HTTP"
+    SSE = "sse", "SSE"
+
+
+class ApprovalMode(models.TextChoices):
+    ALWAYS_ASK = "always_ask", "Always Ask (Recommended)"
+    FINE_GRAINED = "fine_grained", "Fine-Grained Tool Approval"
+    NO_APPROVAL = "no_approval", "No Approval"
+
+
+class SyncState(models.TextChoices):
+    IDLE = "idle", "Idle"
+    QUEUED = "queued", "Queued"
+    SYNCING = "syncing", "Syncing"
+
+
+@dataclass
+class SyncResult:
+    ok: bool
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    error: str = ""
+    skipped: bool = False  # another sync of this server was already running
+
+    def __str__(self):
+        if self.skipped:
+            return "already being synced"
+        if not self.ok:
+            return f"failed: {self.error}"
+        return (
+            f"{self.added} added, {self.changed} changed, {self.removed} removed, "
+            f"{self.unchanged} unchanged"
+        )
+
+
+class McpServer(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    url = EncryptedTextField(
+        "server URL", help_text="May contain a secret key: it is stored encrypted and never shown."
+    )
+    transport = models.CharField(max_length=20, choices=Transport, default=Transport.AUTO)
+    secret_token = EncryptedTextField(
+        blank=True, help_text="Sent as “Authorization: Bearer …”. Stored encrypted, never shown."
+    )
+    headers = EncryptedJSONField(
+        "HTTP headers", default=dict, blank=True, help_text="Stored encrypted, never shown."
+    )
+    approval_mode = models.CharField(
+        max_length=20, choices=ApprovalMode, default=ApprovalMode.ALWAYS_ASK
+    )
+    enabled = models.BooleanField(default=True)
+    allow_private_network = models.BooleanField(
+        default=False,
+        help_text="Allow connecting to loopback, private and link-local addresses. "
+        "Only for servers you run on your own network.",
+    )
+    allow_http = models.BooleanField(
+        "allow plain HTTP",
+        default=False,
+        help_text="Allow an http:// URL. The token and headers then travel unencrypted.",
+    )
+
+    sync_state = models.CharField(max_length=10, choices=SyncState, default=SyncState.IDLE)
+    sync_started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_synced_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_error = models.TextField(blank=True, editable=False)
+    server_info = models.JSONField(default=dict, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "MCP server"
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def origin(self):
+        """Scheme and host of the URL: the only part of it that is safe to show."""
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+
+    def endpoint(self):
+        headers = dict(self.headers or {})
+        if self.secret_token:
+            headers["Authorization"] = f"Bearer {self.secret_token}"
+        return mcp_client.Endpoint(
+            url=self.url,
+            transport=self.transport,
+            headers=headers,
+            allow_private_network=self.allow_private_network,
+        )
+
+    def request_sync(self):
+        """Mark the server queued and enqueue a sync once the surrounding transaction commits."""
+        from integrations.tasks import sync_server
+
+        McpServer.objects.filter(pk=self.pk, sync_state=SyncState.IDLE).update(
+            sync_state=SyncState.QUEUED
+        )
+        transaction.on_commit(lambda: sync_server.delay(self.pk))
+
+    def sync_tools(self):
+        """Fetch the tool list and bring our tools up to date. Failures go to `last_error`.
+
+        Two syncs of one server never overlap: the sync claims the server with a conditional
+        UPDATE, and a claim older than the sync timeout counts as abandoned by a dead worker.
+        """
+        if not self._claim_sync():
+            return SyncResult(ok=False, skipped=True)
+        try:
+            listing = mcp_client.list_tools(self.endpoint())
+        except mcp_client.McpError as exc:
+            self._finish_sync(last_error=exc.message)
+            return SyncResult(ok=False, error=exc.message)
+        except Exception:
+            self._finish_sync(last_error="Internal error while syncing; see the worker log.")
+            raise
+        with transaction.atomic():
+            result = self._apply_listing(listing.tools)
+            info = {
+                **listing.server_info,
+                "protocol_version": listing.protocol_version,
+                "transport": listing.transport,
+            }
+            self._finish_sync(last_error="", last_synced_at=timezone.now(), server_info=info)
+        return result
+
+    def _claim_sync(self):
+        now = timezone.now()
+        abandoned = now - timedelta(seconds=settings.MCP_SYNC_TIMEOUT * 2)
+        claimed = (
+            McpServer.objects.filter(pk=self.pk)
+            .filter(Q(sync_started_at__isnull=True) | Q(sync_started_at__lt=abandoned))
+            .update(sync_state=SyncState.SYNCING, sync_started_at=now)
+        )
+        return claimed == 1
+
+    def _finish_sync(self, **fields):
+        fields.update(sync_state=SyncState.IDLE, sync_started_at=None)
+        McpServer.objects.filter(pk=self.pk).update(**fields)
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    def _apply_listing(self, definitions):
+        now = timezone.now()
+        existing = {tool.name: tool for tool in self.tools.all()}
+        result = SyncResult(ok=True)
+        seen = set()
+        for definition in definitions:
+            name = definition.get("name")
+            if not isinstance(name, str) or not name or name in seen:
+                continue  # the SDK validates names; a duplicate keeps the first definition
+            seen.add(name)
+            tool = existing.get(name)
+            if tool is None:
+                Tool.objects.create_from_definition(self, definition, now)
+                result.added += 1
+            elif tool.update_definition(definition, now):
+                result.changed += 1
+            else:
+                result.unchanged += 1
+        gone = [tool.pk for name, tool in existing.items() if name not in seen and not tool.removed]
+        result.removed = Tool.objects.filter(pk__in=gone).update(removed_at=now)
+        return result
+
+
+class ToolApproval(models.TextChoices):
+    AUTO_APPROVED = "auto_approved", "Auto-approved"
+    REQUIRES_APPROVAL = "requires_approval", "Requires approval"
+    DISABLED = "disabled", "Disabled"
+
+
+HINTS = {
+    "readOnlyHint": "read-only",
+    "destructiveHint": "destructive",
+    "idempotentHint": "idempotent",
+    "openWorldHint": "open-world",
+}
+
+
+def fingerprint(definition):
+    """SHA-256 of the canonical JSON of a tool's whole definition.
+
+    `_meta` is left out: it is the server's per-response bookkeeping, not part of what the tool
+    does, and including it would flag unchanged tools as changed.
+    """
+    body = {key: value for key, value in definition.items() if key != "_meta"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ToolManager(models.Manager):
+    def create_from_definition(self, server, definition, now):
+        fp = fingerprint(definition)
+        # The definition first seen is the baseline a later change is compared against: adding
+        # the server is the admin's review of what it offered at that moment.
+        tool = self.create(
+            server=server,
+            name=definition["name"],
+            approval=ToolApproval.REQUIRES_APPROVAL,
+            reviewed_fingerprint=fp,
+            reviewed_definition=definition,
+            first_seen_at=now,
+            last_seen_at=now,
+            **Tool.fields_from_definition(definition),
+        )
+        ToolRevision.objects.get_or_create(
+            tool=tool, fingerprint=fp, defaults={"definition": definition}
+        )
+        return tool
+
+
+class Tool(models.Model):
+    server = models.ForeignKey(McpServer, on_delete=models.CASCADE, related_name="tools")
+    name = models.CharField(max_length=200)
+    title = models.CharField(max_length=200, blank=True)
+    description = models.TextField(blank=True)
+    input_schema = models.JSONField(default=dict)
+    output_schema = models.JSONField(null=True, blank=True)
+    annotations = models.JSONField(default=dict, blank=True)
+    definition = models.JSONField(default=dict, help_text="The whole definition as last listed.")
+    approval = models.CharField(
+        "approval setting",
+        max_length=20,
+        choices=ToolApproval,
+        default=ToolApproval.REQUIRES_APPROVAL,
+        help_text="Used when the server's approval mode is Fine-Grained.",
+    )
+    fingerprint = models.CharField(max_length=64)
+    reviewed_fingerprint = models.CharField(max_length=64, blank=True)
+    reviewed_definition = models.JSONField(null=True, blank=True)
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+    reviewed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    warnings = models.JSONField(default=list, blank=True)
+    first_seen_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField()
+    removed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ToolManager()
+
+    class Meta:
+        ordering = ["server__name", "name"]
+        constraints = [models.UniqueConstraint("server", "name", name="unique_tool_per_server")]
+        indexes = [models.Index(fields=["server", "removed_at"])]
+
+    def __str__(self):
+        return f"{self.server.name} / {self.name}"
+
+    @staticmethod
+    def fields_from_definition(definition):
+        annotations = definition.get("annotations") or {}
+        return {
+            "title": str(definition.get("title") or annotations.get("title") or "")[:200],
+            "description": str(definition.get("description") or ""),
+            "input_schema": definition.get("inputSchema") or {},
+            "output_schema": definition.get("outputSchema"),
+            "annotations": annotations,
+            "definition": definition,
+            "fingerprint": fingerprint(definition),
+        }
+
+    @property
+    def removed(self):
+        return self.removed_at is not None
+
+    @property
+    def changed_since_review(self):
+        return self.fingerprint != self.reviewed_fingerprint
+
+    @property
+    def needs_review(self):
+        return self.changed_since_review or bool(self.warnings)
+
+    @property
+    def hints(self):
+        """The annotation hints the server claims, as labels. Claims, never guarantees."""
+        return [label for key, label in HINTS.items() if self.annotations.get(key) is True]
+
+    def update_definition(self, definition, now):
+        """Record the definition from a sync; True when it differs from the last one seen.
+
+        A change keeps the tool (its calls and settings stay attached) and leaves the reviewed
+        fingerprint alone, so the tool needs a human until someone reviews it again.
+        """
+        fields = self.fields_from_definition(definition)
+        changed = fields["fingerprint"] != self.fingerprint
+        if changed:
+            for name, value in fields.items():
+                setattr(self, name, value)
+            ToolRevision.objects.get_or_create(
+                tool=self, fingerprint=self.fingerprint, defaults={"definition": definition}
+            )
+        self.last_seen_at, self.removed_at = now, None
+        self.save()
+        return changed
+
+    def mark_reviewed(self, user):
+        self.reviewed_fingerprint = self.fingerprint
+        self.reviewed_definition = self.definition
+        self.reviewed_at, self.reviewed_by = timezone.now(), user
+        self.save(
+            update_fields=["reviewed_fingerprint", "reviewed_definition", "reviewed_at", "reviewed_by"]
+        )
+
+
+class ToolRevision(models.Model):
+    """Every distinct definition a tool has had, so any past call can be traced to what the
+    tool looked like when it was requested."""
+
+    tool = models.ForeignKey(Tool, on_delete=models.CASCADE, related_name="revisions")
+    fingerprint = models.CharField(max_length=64)
+    definition = models.JSONField()
+    first_seen_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["first_seen_at"]
+        constraints = [
+            models.UniqueConstraint("tool", "fingerprint", name="unique_revision_per_tool")
+        ]

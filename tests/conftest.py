@@ -1,0 +1,130 @@
+"""Shared fixtures: real MCP servers on loopback (tests/mcp_servers.py), a real Celery worker
+in its own process, and admin users."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from config.celery import app as celery_app
+
+pytest_plugins = ["tests.mcp_servers"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _fast_mcp_timeouts(settings):
+    """Tests talk to loopback servers; a misbehaving one should fail fast."""
+    settings.MCP_CONNECT_TIMEOUT = 3
+    settings.MCP_READ_TIMEOUT = 5
+    settings.MCP_SYNC_TIMEOUT = 10
+    settings.MCP_CALL_TIMEOUT = 10
+
+
+@pytest.fixture
+def admin_user(django_user_model):
+    return django_user_model.objects.create_superuser("boss", password="pw-boss-123")
+
+
+@pytest.fixture
+def admin_client(client, admin_user):
+    client.force_login(admin_user)
+    return client
+
+
+def _database_url():
+    """The URL of the test database, for a worker process to open the same one."""
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def celery_broker(tmp_path_factory):
+    """A broker of the test session's own: an empty folder, or a purged Redis database."""
+    env = {"CELERY_BROKER_URL": settings.CELERY_BROKER_URL}
+    if settings.CELERY_BROKER_URL.startswith("filesystem://"):
+        folder = tmp_path_factory.mktemp("broker")
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir()
+        options = {
+            **settings.CELERY_BROKER_TRANSPORT_OPTIONS,
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+        }
+        celery_app.conf.broker_transport_options = options
+        env["CELERY_BROKER_DIR"] = str(folder)
+    else:
+        with celery_app.connection_for_write() as conn:
+            conn.default_channel.queue_purge("celery")
+    return env
+
+
+@pytest.fixture(scope="session")
+def celery_worker(django_db_setup, django_db_blocker, celery_broker, tmp_path_factory):
+    """A real `celery -A config worker` process on the test database and the test broker.
+
+    Tests using it need `transactional_db`: the worker only sees committed rows.
+    """
+    with django_db_blocker.unblock():
+        database_url = _database_url()
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {
+        **os.environ,
+        **celery_broker,
+        "DATABASE_URL": database_url,
+        "MCP_CONNECT_TIMEOUT": "3",
+        "MCP_READ_TIMEOUT": "5",
+        "MCP_SYNC_TIMEOUT": "10",
+        "MCP_CALL_TIMEOUT": "10",
+    }
+    command = [sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO"]
+    command += ["--concurrency", "2", "--without-mingle", "--without-gossip", "-n", "test@%h"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    _wait_for(lambda: "ready." in log.read_text(), process, log)
+    process.log = log
+    yield process
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _wait_for(condition, process, log, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"Celery worker did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def wait_until(condition, timeout=30, interval=0.1):
+    """Poll `condition` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def chromium_path():
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        pytest.fail("Chromium is needed for the browser tests: apt-get install chromium")
+    return path
