@@ -154,7 +154,6 @@ TEMPLATES = [
 ]
 
 
-
 def _database(raw):
     config = env.db_url_config(raw)
     if config.get("ENGINE") not in {"django.db.backends.sqlite3", "django.db.backends.postgresql"}:
@@ -189,6 +188,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT.mkdir(exist_ok=True)  # WhiteNoise warns on every request when it is missing
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
 LOGIN_URL = "admin:login"

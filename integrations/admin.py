@@ -4,6 +4,7 @@ from django.http import JsonResponse
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
 from integrations.forms import McpServerForm
@@ -160,7 +161,7 @@ class McpServerAdmin(admin.ModelAdmin):
             ("Transport used", info.get("transport")),
         ]
         rows = [(label, value) for label, value in rows if value]
-        return format_html_join(format_html("<br>"), "{}: {}", rows) or "—"
+        return format_html_join(mark_safe("<br>"), "{}: {}", rows) or "—"
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
@@ -287,7 +288,9 @@ class ToolAdmin(admin.ModelAdmin):
     def set_disabled(self, request, queryset):
         self._set_approval(request, queryset, ToolApproval.DISABLED)
 
-    @admin.action(description="Mark reviewed (accept the current definition)", permissions=["change"])
+    @admin.action(
+        description="Mark reviewed (accept the current definition)", permissions=["change"]
+    )
     def mark_reviewed(self, request, queryset):
         for tool in queryset:
             tool.mark_reviewed(request.user)

@@ -46,7 +46,7 @@ def parse_headers(text):
             errors.append(f"Line {number}: “{name[:40]}” is not a valid header name.")
         elif name.lower() in RESERVED_HEADERS:
             errors.append(f"Line {number}: {name} is set by Toolgate and can't be overridden.")
-        elif any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+        elif any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
             errors.append(f"Line {number}: the value of {name} contains control characters.")
         elif name.lower() in {h.lower() for h in headers}:
             errors.append(f"Line {number}: {name} is given twice.")
@@ -62,6 +62,13 @@ class SecretWidget(forms.PasswordInput):
 
     def __init__(self, attrs=None):
         super().__init__(attrs={"autocomplete": "off", **(attrs or {})}, render_value=False)
+
+
+class SecretTextarea(forms.Textarea):
+    """A textarea that never renders a value back, not even what was just submitted."""
+
+    def format_value(self, value):
+        return None
 
 
 class McpServerForm(forms.ModelForm):
@@ -82,7 +89,7 @@ class McpServerForm(forms.ModelForm):
     headers_text = forms.CharField(
         label="HTTP headers (optional)",
         required=False,
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60, "autocomplete": "off"}),
+        widget=SecretTextarea(attrs={"rows": 3, "cols": 60, "autocomplete": "off"}),
         help_text="One “Name: value” per line. Values are stored encrypted and never shown; "
         "leave blank to keep the stored headers.",
     )
@@ -119,7 +126,10 @@ class McpServerForm(forms.ModelForm):
             stored_headers = sorted(self.instance.headers or {})
             if stored_headers:
                 self.fields["headers_text"].help_text = (
-                    "Stored: " + ", ".join(stored_headers) + ". " + self.fields["headers_text"].help_text
+                    "Stored: "
+                    + ", ".join(stored_headers)
+                    + ". "
+                    + self.fields["headers_text"].help_text
                 )
             if self.instance.secret_token:
                 self.fields["secret_token"].help_text = (
@@ -127,7 +137,9 @@ class McpServerForm(forms.ModelForm):
                 )
         else:
             self.fields["url"].required = True
-            self.fields["url"].help_text = "May contain a secret key. Stored encrypted, never shown."
+            self.fields[
+                "url"
+            ].help_text = "May contain a secret key. Stored encrypted, never shown."
 
     def clean_url(self):
         url = self.cleaned_data["url"].strip()

@@ -97,9 +97,13 @@ class _HttpTrace:
     into a generic JSON-RPC error)."""
 
     statuses: list = field(default_factory=list)
+    guard_error: Exception | None = None  # the SDK's SSE reader swallows these; keep them here
 
     async def on_response(self, response):
         self.statuses.append(response.status_code)
+
+    def on_guard_error(self, exc):
+        self.guard_error = exc
 
     def worst_status(self):
         failures = [s for s in self.statuses if s >= 300]
@@ -143,7 +147,9 @@ async def _call_tool(endpoint, name, arguments, transport, timeout):
         )
 
     if transport in (STREAMABLE_HTTP, SSE):
-        endpoint = Endpoint(endpoint.url, transport, endpoint.headers, endpoint.allow_private_network)
+        endpoint = Endpoint(
+            endpoint.url, transport, endpoint.headers, endpoint.allow_private_network
+        )
     return await _with_fallback(endpoint, call, timeout)
 
 
@@ -153,7 +159,9 @@ async def _all_tools(client):
         page = await client.list_tools(cursor=cursor)
         tools.extend(_wire(tool) for tool in page.tools)
         if len(tools) > settings.MCP_MAX_TOOLS:
-            raise McpError("too_large", f"The server lists more than {settings.MCP_MAX_TOOLS} tools.")
+            raise McpError(
+                "too_large", f"The server lists more than {settings.MCP_MAX_TOOLS} tools."
+            )
         cursor = page.next_cursor
         if not cursor:
             return tools
@@ -191,7 +199,7 @@ async def _run(endpoint, transport, operation, timeout):
     except McpError as exc:
         exc.message = endpoint.redact(exc.message)
         raise
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes an McpError
+    except BaseException as exc:
         error = _explain(_leaf(exc), endpoint, transport, trace)
         if error is None:
             raise
@@ -205,6 +213,7 @@ def _client(endpoint, transport, trace):
         "extra_blocked": settings.MCP_EXTRA_BLOCKED_NETWORKS,
         "extra_allowed": settings.MCP_EXTRA_ALLOWED_NETWORKS,
         "max_response_bytes": settings.MCP_MAX_RESPONSE_BYTES,
+        "on_guard_error": trace.on_guard_error,
     }
     timeout = httpx2.Timeout(settings.MCP_READ_TIMEOUT, connect=settings.MCP_CONNECT_TIMEOUT)
     if transport == SSE:
@@ -280,6 +289,7 @@ def _explain(exc, endpoint, transport, trace):
     """Turn whatever the SDK or HTTP stack raised into an McpError, or None to re-raise."""
     where = f"{endpoint.origin} over {_label(transport)}"
     status = trace.worst_status()
+    exc = trace.guard_error or exc
     if isinstance(exc, McpError):
         return exc
     if isinstance(exc, netguard.AddressRefused):

@@ -328,7 +328,12 @@ class Tool(models.Model):
         self.reviewed_definition = self.definition
         self.reviewed_at, self.reviewed_by = timezone.now(), user
         self.save(
-            update_fields=["reviewed_fingerprint", "reviewed_definition", "reviewed_at", "reviewed_by"]
+            update_fields=[
+                "reviewed_fingerprint",
+                "reviewed_definition",
+                "reviewed_at",
+                "reviewed_by",
+            ]
         )
 
 
@@ -346,3 +351,6 @@ class ToolRevision(models.Model):
         constraints = [
             models.UniqueConstraint("tool", "fingerprint", name="unique_revision_per_tool")
         ]
+
+    def __str__(self):
+        return f"{self.tool} @ {self.fingerprint[:12]}"

@@ -13,7 +13,7 @@ def reachable(database_url, redis_url):
     try:
         psycopg.connect(database_url, connect_timeout=3).close()
         redis.Redis.from_url(redis_url, socket_connect_timeout=3).ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not here"
+    except Exception as exc:
         print(f"Not reachable: {type(exc).__name__}: {exc}", file=sys.stderr)
         return False
     return True

@@ -1,3 +1,4 @@
+import io
 import threading
 
 import pytest
@@ -59,7 +60,7 @@ def test_rotation_reencrypts_with_the_new_key(server, settings):
     new = Fernet.generate_key().decode()
     settings.FIELD_ENCRYPTION_KEYS = [new, old]
     assert McpServer.objects.get(pk=server.pk).url == URL  # old rows stay readable
-    call_command("rotate_encryption_keys", stdout=open("/dev/null", "w"))
+    call_command("rotate_encryption_keys", stdout=io.StringIO())
     settings.FIELD_ENCRYPTION_KEYS = [new]  # the old key can now go
     server = McpServer.objects.get(pk=server.pk)
     assert (server.url, server.secret_token) == (URL, TOKEN)
@@ -78,7 +79,9 @@ def test_empty_token_is_stored_as_empty(db):
 
 def test_fields_are_safe_under_threads(transactional_db):
     """Many threads saving and reading different secrets never see each other's values."""
-    servers = [McpServer.objects.create(name=f"t{i}", url=f"https://h{i}.example/{i}") for i in range(8)]
+    servers = [
+        McpServer.objects.create(name=f"t{i}", url=f"https://h{i}.example/{i}") for i in range(8)
+    ]
     errors = []
 
     def worker(server):

@@ -73,8 +73,10 @@ class Command(BaseCommand):
             self.stdout.write(f"  {tool.name:<40} {tool.get_approval_display():<18} {hints}")
 
     def handle_sync(self, names, **options):
-        servers = McpServer.objects.filter(name__in=names) if names else McpServer.objects.filter(
-            enabled=True
+        servers = (
+            McpServer.objects.filter(name__in=names)
+            if names
+            else McpServer.objects.filter(enabled=True)
         )
         missing = set(names) - {server.name for server in servers}
         if missing:
@@ -94,7 +96,11 @@ class Command(BaseCommand):
             status = "disabled" if not server.enabled else ("error" if server.last_error else "ok")
             if server.enabled and server.last_synced_at is None and not server.last_error:
                 status = "never"
-            synced = server.last_synced_at.isoformat(timespec="seconds") if server.last_synced_at else "-"
+            synced = (
+                server.last_synced_at.isoformat(timespec="seconds")
+                if server.last_synced_at
+                else "-"
+            )
             self.stdout.write(
                 f"{server.name:<30} {server.transport:<16} {server.origin:<40} "
                 f"{status:<10} {server.live_tools:>5}  {synced}"

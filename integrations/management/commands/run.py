@@ -69,7 +69,9 @@ class Command(BaseCommand):
         while True:
             for name, process in processes.items():
                 if process.poll() is not None:
-                    self.stderr.write(f"The {name} process exited ({process.returncode}); stopping.")
+                    self.stderr.write(
+                        f"The {name} process exited ({process.returncode}); stopping."
+                    )
                     return
             time.sleep(0.5)
 

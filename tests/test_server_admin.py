@@ -1,0 +1,276 @@
+"""The MCP server and tool admin: secrets write-only, sync on save, tool settings."""
+
+import pytest
+from django.test import TestCase
+
+from integrations.models import McpServer, Tool, ToolApproval
+
+URL = "https://mcp.example.com/path/KEY-IN-PATH?k=QUERY-SECRET"
+TOKEN = "TOKEN-SECRET-1"
+HEADER_VALUE = "HEADER-SECRET-2"
+SECRETS = ("KEY-IN-PATH", "QUERY-SECRET", TOKEN, HEADER_VALUE)
+
+
+def form_data(**overrides):
+    data = {
+        "name": "zapier",
+        "description": "Zapier tools",
+        "url": URL,
+        "transport": "auto",
+        "secret_token": TOKEN,
+        "headers_text": f"X-Api-Key: {HEADER_VALUE}",
+        "approval_mode": "always_ask",
+        "enabled": "on",
+        "tools-TOTAL_FORMS": "0",
+        "tools-INITIAL_FORMS": "0",
+        "tools-MIN_NUM_FORMS": "0",
+        "tools-MAX_NUM_FORMS": "1000",
+    }
+    data.update(overrides)
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def make_server(**kwargs):
+    defaults = {
+        "name": "zapier",
+        "url": URL,
+        "secret_token": TOKEN,
+        "headers": {"X-Api-Key": HEADER_VALUE},
+    }
+    return McpServer.objects.create(**{**defaults, **kwargs})
+
+
+def make_tool(server, name, **kwargs):
+    now = server.created_at
+    defaults = {
+        "fingerprint": "a",
+        "reviewed_fingerprint": "a",
+        "first_seen_at": now,
+        "last_seen_at": now,
+    }
+    return Tool.objects.create(server=server, name=name, **{**defaults, **kwargs})
+
+
+@pytest.mark.django_db
+def test_adding_a_server_stores_it_and_queues_a_sync(
+    admin_client, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = admin_client.post("/admin/integrations/mcpserver/add/", form_data())
+    assert response.status_code == 302
+    server = McpServer.objects.get(name="zapier")
+    assert (server.url, server.secret_token) == (URL, TOKEN)
+    assert server.headers == {"X-Api-Key": HEADER_VALUE}
+    assert server.approval_mode == "always_ask"
+    assert server.sync_state == "queued"
+    assert len(callbacks) == 1  # the sync is enqueued only once the save has committed
+
+
+@pytest.mark.django_db
+def test_always_ask_is_the_default_and_labelled_recommended(admin_client):
+    response = admin_client.get("/admin/integrations/mcpserver/add/")
+    html = response.content.decode()
+    assert "Always Ask (Recommended)" in html
+    assert 'value="always_ask" checked' in html.replace("\n", " ") or "checked" in html
+
+
+@pytest.mark.django_db
+def test_no_secret_appears_in_any_admin_page(admin_client):
+    server = make_server(last_error="")
+    make_tool(server, "echo")
+    pages = [
+        "/admin/integrations/mcpserver/",
+        f"/admin/integrations/mcpserver/{server.pk}/change/",
+        "/admin/integrations/tool/",
+        f"/admin/integrations/tool/{server.tools.get().pk}/change/",
+        f"/admin/integrations/mcpserver/{server.pk}/sync-status/",
+        "/admin/integrations/mcpserver/add/",
+    ]
+    for page in pages:
+        html = admin_client.get(page).content.decode()
+        for secret in SECRETS:
+            assert secret not in html, (page, secret)
+    listing = admin_client.get("/admin/integrations/mcpserver/").content.decode()
+    assert "https://mcp.example.com" in listing
+
+
+@pytest.mark.django_db
+def test_an_invalid_form_does_not_echo_secrets_back(admin_client):
+    response = admin_client.post(
+        "/admin/integrations/mcpserver/add/", form_data(transport="carrier-pigeon")
+    )
+    assert response.status_code == 200
+    html = response.content.decode()
+    for secret in SECRETS:
+        assert secret not in html
+    assert not McpServer.objects.exists()
+
+
+@pytest.mark.django_db
+def test_blank_secrets_keep_the_stored_ones(admin_client):
+    server = make_server()
+    data = form_data(url="", secret_token="", headers_text="", description="new text")
+    response = admin_client.post(f"/admin/integrations/mcpserver/{server.pk}/change/", data)
+    assert response.status_code == 302
+    server.refresh_from_db()
+    assert (server.url, server.secret_token, server.description) == (URL, TOKEN, "new text")
+    assert server.headers == {"X-Api-Key": HEADER_VALUE}
+
+
+@pytest.mark.django_db
+def test_checkboxes_clear_the_token_and_headers(admin_client):
+    server = make_server()
+    data = form_data(
+        url="", secret_token="", headers_text="", clear_secret_token="on", clear_headers="on"
+    )
+    admin_client.post(f"/admin/integrations/mcpserver/{server.pk}/change/", data)
+    server.refresh_from_db()
+    assert (server.secret_token, server.headers) == ("", {})
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"url": "ftp://mcp.example.com/"}, "https"),
+        ({"url": "http://mcp.example.com/mcp"}, "plain HTTP"),
+        ({"headers_text": "no colon here"}, "expected"),
+        ({"headers_text": "Host: evil.example"}, "set by Toolgate"),
+        ({"headers_text": "Bad Name: x"}, "not a valid header name"),
+        ({"headers_text": "Authorization: Basic abc"}, "Authorization is set by the secret token"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_changes_nothing(admin_client, overrides, message):
+    response = admin_client.post("/admin/integrations/mcpserver/add/", form_data(**overrides))
+    assert response.status_code == 200
+    assert message in response.content.decode()
+    assert not McpServer.objects.exists()
+
+
+@pytest.mark.django_db
+def test_plain_http_is_accepted_when_allowed(admin_client):
+    data = form_data(url="http://mcp.example.com/mcp", allow_http="on")
+    assert admin_client.post("/admin/integrations/mcpserver/add/", data).status_code == 302
+
+
+@pytest.mark.django_db
+def test_the_server_list_shows_status_tool_count_and_error(admin_client):
+    server = make_server(last_error="Could not connect to https://mcp.example.com over SSE.")
+    make_tool(server, "a")
+    make_tool(server, "b")
+    make_tool(server, "gone", removed_at=server.created_at)
+    html = admin_client.get("/admin/integrations/mcpserver/").content.decode()
+    assert "Could not connect" in html
+    assert '<td class="field-tool_count">2</td>' in html
+    assert "Error" in html
+
+
+class ServerListQueriesTest(TestCase):
+    def test_the_server_list_does_not_query_per_server(self):
+        from django.contrib.auth.models import User
+
+        self.client.force_login(User.objects.create_superuser("q", password="pw"))
+        for i in range(3):
+            make_server(name=f"s{i}")
+        with self.assertNumQueries(5):
+            self.client.get("/admin/integrations/mcpserver/")
+        for i in range(3, 20):
+            make_server(name=f"s{i}")
+        with self.assertNumQueries(5):
+            self.client.get("/admin/integrations/mcpserver/")
+
+
+@pytest.mark.django_db
+def test_the_sync_action_queues_the_selected_servers(
+    admin_client, django_capture_on_commit_callbacks
+):
+    one, two = make_server(name="one"), make_server(name="two")
+    with django_capture_on_commit_callbacks() as callbacks:
+        admin_client.post(
+            "/admin/integrations/mcpserver/",
+            {"action": "sync_now", "_selected_action": [one.pk, two.pk]},
+        )
+    assert len(callbacks) == 2
+    assert set(McpServer.objects.values_list("sync_state", flat=True)) == {"queued"}
+
+
+@pytest.mark.django_db
+def test_the_change_page_lists_tools_with_hints_and_an_editable_setting(admin_client):
+    server = make_server()
+    make_tool(server, "delete_file", annotations={"destructiveHint": True})
+    html = admin_client.get(f"/admin/integrations/mcpserver/{server.pk}/change/").content.decode()
+    assert "delete_file" in html
+    assert "destructive" in html
+    assert 'name="tools-0-approval"' in html
+
+
+@pytest.mark.django_db
+def test_the_sync_status_endpoint_reports_progress(admin_client):
+    server = make_server(sync_state="syncing")
+    data = admin_client.get(f"/admin/integrations/mcpserver/{server.pk}/sync-status/").json()
+    assert data["state"] == "syncing"
+    assert data["status"] == "Syncing…"
+
+
+@pytest.mark.django_db
+def test_bulk_actions_set_the_approval_setting(admin_client):
+    server = make_server()
+    tools = [make_tool(server, name) for name in ("a", "b", "c")]
+    admin_client.post(
+        "/admin/integrations/tool/",
+        {"action": "set_disabled", "_selected_action": [tools[0].pk, tools[1].pk]},
+    )
+    settings = dict(Tool.objects.values_list("name", "approval"))
+    assert settings == {"a": "disabled", "b": "disabled", "c": "requires_approval"}
+
+
+@pytest.mark.django_db
+def test_the_tool_list_filters_by_hint_and_review(admin_client):
+    server = make_server()
+    make_tool(server, "reader", annotations={"readOnlyHint": True})
+    make_tool(server, "changed", fingerprint="new")
+    make_tool(server, "flagged", warnings=[{"code": "hidden_instructions"}])
+    make_tool(server, "plain")
+
+    def names(query):
+        response = admin_client.get(f"/admin/integrations/tool/?{query}")
+        return {tool.name for tool in response.context["cl"].queryset}
+
+    assert names("hint=readOnlyHint") == {"reader"}
+    assert names("review=needed") == {"changed", "flagged"}
+    assert names("review=ok") == {"reader", "plain"}
+    assert names(f"server__id__exact={server.pk}&approval__exact=requires_approval") == {
+        "reader",
+        "changed",
+        "flagged",
+        "plain",
+    }
+
+
+@pytest.mark.django_db
+def test_tools_can_be_set_in_bulk_from_the_list(admin_client):
+    server = make_server()
+    a, b = make_tool(server, "a"), make_tool(server, "b")
+    data = {
+        "form-TOTAL_FORMS": "2", "form-INITIAL_FORMS": "2",
+        "form-0-id": a.pk, "form-0-approval": "auto_approved",
+        "form-1-id": b.pk, "form-1-approval": "disabled",
+        "_save": "Save",
+    }  # fmt: skip
+    admin_client.post("/admin/integrations/tool/", data)
+    assert dict(Tool.objects.values_list("name", "approval")) == {
+        "a": ToolApproval.AUTO_APPROVED,
+        "b": ToolApproval.DISABLED,
+    }
+
+
+@pytest.mark.django_db
+def test_mark_reviewed_records_who(admin_client, admin_user):
+    server = make_server()
+    tool = make_tool(server, "changed", fingerprint="new")
+    admin_client.post(
+        "/admin/integrations/tool/", {"action": "mark_reviewed", "_selected_action": [tool.pk]}
+    )
+    tool.refresh_from_db()
+    assert not tool.needs_review
+    assert tool.reviewed_by == admin_user
