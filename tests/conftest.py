@@ -61,6 +61,7 @@ def celery_broker(tmp_path_factory):
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
         }
         celery_app.conf.broker_transport_options = options
         env["CELERY_BROKER_DIR"] = str(folder)
