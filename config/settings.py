@@ -243,12 +243,26 @@ MCP_MAX_TOOLS = _read("MCP_MAX_TOOLS", _positive(int), 1000)
 MCP_EXTRA_BLOCKED_NETWORKS = _read("MCP_EXTRA_BLOCKED_NETWORKS", _list, [])
 MCP_EXTRA_ALLOWED_NETWORKS = _read("MCP_EXTRA_ALLOWED_NETWORKS", _list, [])
 
+# Tool calls.
+APPROVAL_TIMEOUT = _read("APPROVAL_TIMEOUT", _positive(int), 600)  # seconds a request may wait
+TOOL_CALL_MAX_ATTEMPTS = _read("TOOL_CALL_MAX_ATTEMPTS", _positive(int), 4)
+TOOL_CALL_REQUEUE_AFTER = _read("TOOL_CALL_REQUEUE_AFTER", _positive(int), 60)  # seconds
+SWEEP_INTERVAL = _read("SWEEP_INTERVAL", _positive(int), 30)  # seconds
+API_MAX_BODY_BYTES = _read("API_MAX_BODY_BYTES", _positive(int), 1024 * 1024)
+API_MAX_WAIT = 60  # seconds an agent may ask to wait for an outcome
+AGENT_RATE_LIMIT = _read("AGENT_RATE_LIMIT", _positive(int), 600)  # requests a minute per agent
+
 CELERY_BEAT_SCHEDULE = {
     "sync-mcp-servers": {
         "task": "integrations.tasks.sync_all_servers",
         "schedule": timedelta(seconds=MCP_SYNC_INTERVAL),
         # A run nobody picked up in time is dropped rather than piling up behind the next one.
         "options": {"expires": max(MCP_SYNC_INTERVAL - 5, 1)},
+    },
+    "sweep-tool-calls": {
+        "task": "approvals.tasks.sweep_tool_calls",
+        "schedule": timedelta(seconds=SWEEP_INTERVAL),
+        "options": {"expires": max(SWEEP_INTERVAL - 1, 1)},
     },
 }
 

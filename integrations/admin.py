@@ -2,13 +2,14 @@ from django.contrib import admin, messages
 from django.db.models import Count, F, Q
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 
 from integrations.forms import McpServerForm
-from integrations.models import HINTS, McpServer, SyncState, Tool, ToolApproval
+from integrations.models import HINTS, Agent, McpServer, SyncState, Tool, ToolApproval
 
 
 def sync_status(server):
@@ -295,3 +296,46 @@ class ToolAdmin(admin.ModelAdmin):
         for tool in queryset:
             tool.mark_reviewed(request.user)
         self.message_user(request, f"{queryset.count()} tool(s) marked reviewed.")
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin):
+    list_display = ["name", "is_active", "token_hint", "server_list", "last_used_at", "created_at"]
+    list_filter = ["is_active", "servers"]
+    search_fields = ["name", "description"]
+    filter_horizontal = ["servers"]
+    fields = ["name", "description", "servers", "is_active", "token_hint", "last_used_at"]
+    readonly_fields = ["token_hint", "last_used_at"]
+    actions = ["rotate_token"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("servers")
+
+    @admin.display(description="MCP servers")
+    def server_list(self, agent):
+        return ", ".join(server.name for server in agent.servers.all()) or "—"
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            request._new_agent_token = obj.set_new_token()
+        super().save_model(request, obj, form, change)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        return self._show_token(request, obj, request._new_agent_token)
+
+    def _show_token(self, request, agent, token):
+        # Rendered straight into this one response: the token is never stored, put in a
+        # message (cookie) or shown again.
+        context = {**self.admin_site.each_context(request), "agent": agent, "token": token,
+                   "opts": self.model._meta, "title": f"API token for {agent.name}"}  # fmt: skip
+        response = TemplateResponse(request, "admin/integrations/agent/token.html", context)
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description="Rotate the API token (shows the new one once)")
+    def rotate_token(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Rotate one agent at a time.", level=messages.WARNING)
+            return None
+        agent = queryset.get()
+        return self._show_token(request, agent, agent.rotate_token())

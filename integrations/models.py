@@ -216,6 +216,11 @@ def fingerprint(definition):
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class ToolQuerySet(models.QuerySet):
+    def listed(self):
+        return self.filter(removed_at__isnull=True)
+
+
 class ToolManager(models.Manager):
     def create_from_definition(self, server, definition, now):
         fp = fingerprint(definition)
@@ -265,7 +270,7 @@ class Tool(models.Model):
     last_seen_at = models.DateTimeField()
     removed_at = models.DateTimeField(null=True, blank=True)
 
-    objects = ToolManager()
+    objects = ToolManager.from_queryset(ToolQuerySet)()
 
     class Meta:
         ordering = ["server__name", "name"]
@@ -354,3 +359,70 @@ class ToolRevision(models.Model):
 
     def __str__(self):
         return f"{self.tool} @ {self.fingerprint[:12]}"
+
+
+def _effective_approval(tool):
+    """What the policy does with a call to this tool: "blocked", "requires_approval" or "auto".
+
+    Disabled blocks in every mode; a tool changed since review or flagged by a scanner needs a
+    human in every mode; otherwise the server's approval mode decides, and in Fine-Grained mode
+    the tool's own setting.
+    """
+    if tool.approval == ToolApproval.DISABLED:
+        return "blocked"
+    if tool.needs_review:
+        return "requires_approval"
+    mode = tool.server.approval_mode
+    if mode == ApprovalMode.NO_APPROVAL:
+        return "auto"
+    if mode == ApprovalMode.FINE_GRAINED and tool.approval == ToolApproval.AUTO_APPROVED:
+        return "auto"
+    return "requires_approval"
+
+
+Tool.effective_approval = property(_effective_approval)
+
+
+def hash_token(token):
+    # Agent tokens are 256 random bits, so a fast hash is enough: there is nothing to brute
+    # force. Looking the hash up by index leaks nothing useful through timing.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Agent(models.Model):
+    TOKEN_PREFIX = "tg_"  # noqa: S105 - a prefix, not a secret
+
+    name = models.CharField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    servers = models.ManyToManyField(McpServer, blank=True, related_name="agents")
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    token_hint = models.CharField(max_length=12, editable=False, help_text="Start of the token.")
+    is_active = models.BooleanField("active", default=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    def set_new_token(self):
+        """Give the agent a new token and return it. Only its hash is kept: show it now."""
+        import secrets
+
+        token = self.TOKEN_PREFIX + secrets.token_urlsafe(32)
+        self.token_hash = hash_token(token)
+        self.token_hint = token[:10]
+        return token
+
+    def rotate_token(self):
+        token = self.set_new_token()
+        self.save(update_fields=["token_hash", "token_hint"])
+        return token
+
+    @classmethod
+    def authenticate(cls, token):
+        if not token or not token.startswith(cls.TOKEN_PREFIX) or len(token) > 200:
+            return None
+        return cls.objects.filter(token_hash=hash_token(token), is_active=True).first()

@@ -29,6 +29,7 @@ Warning codes: hidden_instructions, invisible_unicode, homoglyph_name, shadowing
 exfiltration, name_collision and scan_incomplete.
 """
 
+import functools
 import itertools
 import json
 import re
@@ -188,12 +189,17 @@ _HIDDEN_INSTRUCTIONS = _patterns(
     r"\b(?:do\s+not|don't|dont|never)\s+(?:show|display|reveal|mention|repeat)\s+"
     r"(?:these|this|the|any\s+of\s+these)\s+(?:instructions?|notes?|messages?|steps?)",
     r"\bbefore\s+(?:using|calling|invoking|running|executing)\s+this\s+tool\b",
+    r"\b(?:secretly|covertly|silently|quietly)\s+(?:send|copy|forward|include|add|read|pass|upload)",
+)
+
+# Weaker markers, checked in definitions only: the documents and web pages that tools
+# return say "you must" and "this is very important" all the time.
+_DEFINITION_ONLY_MARKERS = _patterns(
     # "You must ..." unless it states an ordinary argument requirement.
     r"\byou\s+must\b(?!\s+(?:first\s+)?(?:provide|specify|supply|set|enter|have"
     r"|be\s+(?:authenticated|logged\s+in|signed\s+in)))",
     r"\bthis\s+is\s+(?:(?:very|extremely|really|critically|super|absolutely|vitally)\s+)+"
     r"important\b",
-    r"\b(?:secretly|covertly|silently|quietly)\s+(?:send|copy|forward|include|add|read|pass|upload)",
 )
 
 _SENSITIVE_FILES = (
@@ -209,8 +215,10 @@ _SENSITIVE_FILES = (
     r"|\.docker/config\.json\b"
     r"|(?<![\w.])\.gnupg\b"
 )
+_NOT_NEGATED = r"(?<!\bnot\s)(?<!\bnever\s)(?<!n't\s)"  # "never send your keys" is advice
 _SEND = (
-    r"\b(?:pass|send|include|put|add|append|attach|provide|copy|paste|insert|embed|fill"
+    _NOT_NEGATED
+    + r"\b(?:pass|send|include|put|add|append|attach|provide|copy|paste|insert|embed|fill"
     r"|forward|upload|share|leak|dump|transmit|post|submit|supply|place)\b"
 )
 _CONTEXT_DATA = (
@@ -225,13 +233,20 @@ _CONTEXT_DATA = (
     r"|environment\s+variables|env\s+vars"
 )
 _EXFILTRATION = _patterns(
-    _SENSITIVE_FILES,
     rf"{_SEND}.{{0,80}}?(?:{_CONTEXT_DATA})",
     r"\bread\b.{0,80}?\b(?:and|then)\s+(?:pass|send|include|put|add|append|attach|provide"
     r"|copy|insert|embed)\b.{0,20}?\bcontents?\b",
     r"\balways\s+(?:\w+\s+){0,3}?(?:bcc|cc|forward|redirect|copy|send)\b.{0,60}?"
     r"[\w.+-]+@[\w-]+\.[a-z]{2,}",
     r"\bsend\s+(?:all|every|a\s+copy\s+of\s+(?:all|every))\s+(?:e-?mails?|messages?)\s+to\b",
+)
+
+# A tool description has no business naming these files at all. A tool result may (a
+# directory listing, setup instructions), so there only a request to send one counts.
+_SENSITIVE_FILE_MENTION = _patterns(_SENSITIVE_FILES)
+_SENSITIVE_FILE_REQUEST = _patterns(
+    _NOT_NEGATED + r"\b(?:send|upload|attach|paste|embed|post|forward|leak|exfiltrate)\b"
+    rf".{{0,60}}?(?:{_SENSITIVE_FILES})"
 )
 
 _ANY_TOOL = r"(?:the\s+|a\s+|any\s+)?[\w.`'\"-]{1,64}\s+(?:tool|function)"
@@ -242,6 +257,25 @@ _SHADOWING = _patterns(
     r"\bother\s+(?:mcp\s+)?(?:tools|servers)\b",  # plural: not "other tool calls"
     rf"\b(?:do\s+not|don't|never)\s+(?:use|call|invoke)\s+{_ANY_TOOL}",
     r"\bthe\s+(?!this\b)[\w.`'\"-]{1,64}\s+tool\s+(?:must|should|needs\s+to|has\s+to)\b",
+)
+
+
+@dataclass(frozen=True)
+class _Rules:
+    hidden_instructions: tuple[re.Pattern[str], ...]
+    exfiltration: tuple[re.Pattern[str], ...]
+    shadowing: tuple[re.Pattern[str], ...]
+
+
+_DEFINITION_RULES = _Rules(
+    hidden_instructions=_HIDDEN_INSTRUCTIONS + _DEFINITION_ONLY_MARKERS,
+    exfiltration=_SENSITIVE_FILE_MENTION + _EXFILTRATION,
+    shadowing=_SHADOWING,
+)
+_RESULT_RULES = _Rules(
+    hidden_instructions=_HIDDEN_INSTRUCTIONS,
+    exfiltration=_SENSITIVE_FILE_REQUEST + _EXFILTRATION,
+    shadowing=(),
 )
 
 # Values under these keys are identifiers, not prose: they are not searched for other
@@ -265,14 +299,16 @@ def scan_tool(definition: dict, *, other_tools: Iterable[tuple[str, str]] = ()) 
     if not isinstance(definition, dict):
         return []
     warnings = _Warnings()
-    others = _OtherTools(other_tools)
+    others = _other_tools(other_tools)
     name = definition.get("name")
     if isinstance(name, str):
         warnings.add_if(_homoglyph_warning(name))
         warnings.add_if(others.collision_warning(name))
     budget = _Budget(MAX_TOTAL_CHARS)
     for item in _walk(definition, budget):
-        _check_text(warnings, item, others, own_name=name if isinstance(name, str) else "")
+        _check_text(
+            warnings, item, _DEFINITION_RULES, others, name if isinstance(name, str) else ""
+        )
     if budget.incomplete_at is not None:
         warnings.add(
             "scan_incomplete",
@@ -289,7 +325,7 @@ def scan_result_text(text: str) -> list[dict]:
         return []
     warnings = _Warnings()
     item = _Text(field="result", text=text[:MAX_RESULT_CHARS], is_key=False, parent_key="")
-    _check_text(warnings, item, _OtherTools(()), own_name="")
+    _check_text(warnings, item, _RESULT_RULES, _other_tools(()), own_name="")
     if len(text) > MAX_RESULT_CHARS:
         warnings.add(
             "scan_incomplete",
@@ -341,7 +377,7 @@ class _Budget:
 
     def stop(self, field: str) -> None:
         if self.incomplete_at is None:
-            self.incomplete_at = field or "name"
+            self.incomplete_at = field
 
     def count_value(self, field: str) -> bool:
         self.values_left -= 1
@@ -409,7 +445,9 @@ def _child_field(field: str, key: str) -> str:
 # --- Checks on one text -----------------------------------------------------------------
 
 
-def _check_text(warnings: _Warnings, item: _Text, others: "_OtherTools", own_name: str) -> None:
+def _check_text(
+    warnings: _Warnings, item: _Text, rules: _Rules, others: "_OtherTools", own_name: str
+) -> None:
     field = item.field
     warnings.add_if(_invisible_warning(item.text, field))
     texts = [_normalize(item.text)]
@@ -417,7 +455,7 @@ def _check_text(warnings: _Warnings, item: _Text, others: "_OtherTools", own_nam
     if hidden_in_tags:
         texts.append(_normalize(hidden_in_tags))
 
-    found = _find_all(_HIDDEN_INSTRUCTIONS, texts)
+    found = _find_all(rules.hidden_instructions, texts)
     if found:
         warnings.add(
             "hidden_instructions",
@@ -425,7 +463,7 @@ def _check_text(warnings: _Warnings, item: _Text, others: "_OtherTools", own_nam
             f"({_join(found)}).",
             field,
         )
-    found = _find_all(_EXFILTRATION, texts)
+    found = _find_all(rules.exfiltration, texts)
     if found:
         warnings.add(
             "exfiltration",
@@ -433,7 +471,7 @@ def _check_text(warnings: _Warnings, item: _Text, others: "_OtherTools", own_nam
             f"messages) into a tool argument or to an outside address ({_join(found)}).",
             field,
         )
-    found = _find_all(_SHADOWING, texts)
+    found = _find_all(rules.shadowing, texts)
     if not item.is_key and item.parent_key not in _STRUCTURAL_KEYS and field != "name":
         found += others.mentions(texts, own_name)
     if found:
@@ -573,17 +611,28 @@ def _canonical_name(name: str) -> str:
     return re.sub(r"[\s_.\-]+", "", folded.translate(_FOLD)).lower()
 
 
+def _other_tools(other_tools: Iterable[tuple[str, str]]) -> "_OtherTools":
+    """The index of `other_tools`, reused while the same list is passed (as when every tool
+    of a server is scanned against the same other servers)."""
+    pairs = set()
+    for item in itertools.islice(other_tools, MAX_OTHER_TOOLS):
+        if isinstance(item, tuple | list) and len(item) == 2:
+            server, tool = item
+            if isinstance(server, str) and isinstance(tool, str) and tool.strip():
+                pairs.add((server, tool[:MAX_NAME_CHARS]))
+    return _other_tools_index(tuple(sorted(pairs)))
+
+
+@functools.lru_cache(maxsize=8)
+def _other_tools_index(pairs: tuple[tuple[str, str], ...]) -> "_OtherTools":
+    return _OtherTools(pairs)
+
+
 class _OtherTools:
     """The tools of other servers, for collision and mention checks."""
 
-    def __init__(self, other_tools: Iterable[tuple[str, str]]) -> None:
-        pairs = set()
-        for item in itertools.islice(other_tools, MAX_OTHER_TOOLS):
-            if isinstance(item, tuple | list) and len(item) == 2:
-                server, tool = item
-                if isinstance(server, str) and isinstance(tool, str) and tool.strip():
-                    pairs.add((server, tool[:MAX_NAME_CHARS]))
-        self.pairs = sorted(pairs)
+    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        self.pairs = pairs
         self._by_canonical: dict[str, list[tuple[str, str]]] = {}
         for server, tool in self.pairs:
             self._by_canonical.setdefault(_canonical_name(tool), []).append((server, tool))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 
 from config.celery import app as celery_app
@@ -26,6 +27,12 @@ def _fast_mcp_timeouts(settings):
     settings.MCP_READ_TIMEOUT = 5
     settings.MCP_SYNC_TIMEOUT = 10
     settings.MCP_CALL_TIMEOUT = 10
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """The cache holds rate-limit counters keyed by agent id; ids repeat across tests."""
+    cache.clear()
 
 
 @pytest.fixture

@@ -1,0 +1,260 @@
+"""The agent API, `/api/v1/`: JSON in and out, `Authorization: Bearer <agent token>`.
+
+The views are async so that an agent waiting for an outcome (`?wait=`) holds a coroutine, not
+a thread or a process: one web process holds hundreds of waiting agents. The database work is
+plain Django code run through `sync_to_async`.
+"""
+
+import asyncio
+import json
+from functools import wraps
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import cache
+from django.core.exceptions import RequestDataTooBig
+from django.http import JsonResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+
+from approvals.models import Refused, Status, ToolCall, request_tool_call
+from integrations.models import Agent, Tool
+
+
+def error(status, code, message, **extra):
+    return JsonResponse({"error": {"code": code, "message": message, **extra}}, status=status)
+
+
+def api(*methods):
+    """Authenticate the agent, rate-limit it and check the method; the view gets `request.agent`."""
+
+    def decorator(view):
+        @csrf_exempt
+        @wraps(view)
+        async def wrapper(request, *args, **kwargs):
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            agent = None
+            if scheme.lower() == "bearer":
+                agent = await sync_to_async(Agent.authenticate)(token.strip())
+            if agent is None:
+                response = error(401, "unauthorized", "Missing or invalid agent token.")
+                response["WWW-Authenticate"] = 'Bearer realm="toolgate"'
+                return response
+            if request.method not in methods:
+                return error(405, "method_not_allowed", f"Use {' or '.join(methods)}.")
+            retry_after = _rate_limited(agent)
+            if retry_after:
+                response = error(429, "rate_limited", "Too many requests; slow down.")
+                response["Retry-After"] = str(retry_after)
+                return response
+            await sync_to_async(_touch)(agent)
+            request.agent = agent
+            return await view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def _rate_limited(agent):
+    """Seconds to wait if the agent used up this minute's requests, else 0."""
+    now = timezone.now()
+    key = f"rate:{agent.pk}:{now:%Y%m%d%H%M}"
+    cache.add(key, 0, timeout=90)
+    if cache.incr(key) > settings.AGENT_RATE_LIMIT:
+        return 60 - now.second
+    return 0
+
+
+def _touch(agent):
+    now = timezone.now()
+    if agent.last_used_at is None or (now - agent.last_used_at).total_seconds() > 60:
+        Agent.objects.filter(pk=agent.pk).update(last_used_at=now)
+
+
+def _wait_seconds(request):
+    raw = request.GET.get("wait")
+    if raw is None:
+        return 0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1
+    if not 0 <= seconds <= settings.API_MAX_WAIT:
+        raise ValueError(f"wait must be a number of seconds from 0 to {settings.API_MAX_WAIT}.")
+    return seconds
+
+
+def call_json(call):
+    decision = None
+    if call.decided_by:
+        decision = {
+            "by": call.decided_by,
+            "user": call.decided_by_user.get_username() if call.decided_by_user else None,
+            "note": call.note,
+            "at": _time(call.decided_at),
+        }
+    result = None
+    if call.status == Status.SUCCEEDED:
+        result = {
+            "content": call.result_content or [],
+            "structured_content": call.structured_content,
+            "is_error": bool(call.is_error),
+        }
+    error_ = {"code": call.error_code, "message": call.error_message} if call.error_code else None
+    return {
+        "id": call.pk,
+        "status": call.status,
+        "server": call.server_name,
+        "tool": call.tool_name,
+        "arguments": call.arguments,
+        "decision": decision,
+        "result": result,
+        "error": error_,
+        "created_at": _time(call.requested_at),
+        "started_at": _time(call.started_at),
+        "finished_at": _time(call.finished_at),
+        "expires_at": _time(call.expires_at),
+    }
+
+
+def _time(value):
+    return value.isoformat() if value else None
+
+
+async def _call_after_wait(agent, call_id, seconds):
+    """The agent's call, re-read until it is final or `seconds` have passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    interval = 0.05
+    while True:
+        call = (
+            await ToolCall.objects.select_related("decided_by_user")
+            .filter(pk=call_id, agent=agent)
+            .afirst()
+        )
+        if call is None or call.is_final or loop.time() >= deadline:
+            return call
+        # Back off to one read a second: cheap for the database with hundreds of waiters.
+        await asyncio.sleep(min(interval, max(deadline - loop.time(), 0)))
+        interval = min(interval * 1.5, 1.0)
+
+
+@api("GET")
+async def tools(request):
+    agent = request.agent
+    queryset = (
+        Tool.objects.listed()
+        .filter(server__in=agent.servers.filter(enabled=True))
+        .select_related("server")
+        .order_by("server__name", "name")
+    )
+    items = []
+    async for tool in queryset:
+        approval = tool.effective_approval
+        if approval == "blocked":
+            continue
+        items.append(
+            {
+                "server": tool.server.name,
+                "name": tool.name,
+                "title": tool.title,
+                "description": tool.description,
+                "input_schema": tool.input_schema,
+                "annotations": tool.annotations,
+                "approval": approval,
+            }
+        )
+    return JsonResponse({"tools": items})
+
+
+@api("POST")
+async def tool_calls(request):
+    try:
+        wait = _wait_seconds(request)
+        body = _parse(request)
+    except ValueError as exc:
+        return error(400, "bad_request", str(exc))
+    except _TooLarge:
+        limit = settings.API_MAX_BODY_BYTES
+        return error(413, "too_large", f"The request body is larger than {limit} bytes.")
+    try:
+        call, created = await sync_to_async(request_tool_call)(
+            request.agent,
+            body["server"],
+            body["tool"],
+            body["arguments"],
+            body["idempotency_key"],
+        )
+    except Refused as refused:
+        extra = {"details": refused.details} if refused.details else {}
+        return error(refused.status, refused.code, refused.message, **extra)
+    call = await _call_after_wait(request.agent, call.pk, wait)
+    return JsonResponse(call_json(call), status=201 if created else 200)
+
+
+@api("GET")
+async def tool_call(request, call_id):
+    try:
+        wait = _wait_seconds(request)
+    except ValueError as exc:
+        return error(400, "bad_request", str(exc))
+    call = await _call_after_wait(request.agent, call_id, wait)
+    if call is None:
+        return error(404, "not_found", f"No tool call {call_id} for this agent.")
+    return JsonResponse(call_json(call))
+
+
+@api("POST")
+async def cancel(request, call_id):
+    call = await ToolCall.objects.filter(pk=call_id, agent=request.agent).afirst()
+    if call is None:
+        return error(404, "not_found", f"No tool call {call_id} for this agent.")
+    if not await sync_to_async(call.cancel)():
+        return error(
+            409, "wrong_state", f"The call is {call.status}; only a pending call can be cancelled."
+        )
+    call = await _call_after_wait(request.agent, call.pk, 0)
+    return JsonResponse(call_json(call))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _parse(request):
+    """The POST body as a checked dict, or ValueError / _TooLarge saying what is wrong."""
+    declared = request.META.get("CONTENT_LENGTH") or "0"
+    if not declared.isdigit() or int(declared) > settings.API_MAX_BODY_BYTES:
+        raise _TooLarge
+    try:
+        if len(request.body) > settings.API_MAX_BODY_BYTES:
+            raise _TooLarge
+    except RequestDataTooBig:
+        raise _TooLarge from None
+    try:
+        body = json.loads(request.body, parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        raise ValueError("The body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ValueError("The body must be a JSON object.")
+    unknown = set(body) - {"server", "tool", "arguments", "idempotency_key"}
+    if unknown:
+        raise ValueError(f"Unknown field(s): {', '.join(sorted(unknown))}.")
+    for name in ("server", "tool"):
+        if not isinstance(body.get(name), str) or not body[name]:
+            raise ValueError(f"{name} must be a non-empty string.")
+    body.setdefault("arguments", {})
+    if not isinstance(body["arguments"], dict):
+        raise ValueError("arguments must be a JSON object.")
+    key = body.setdefault("idempotency_key", "")
+    if key is None:
+        body["idempotency_key"] = ""
+    elif not isinstance(key, str) or len(key) > 200:
+        raise ValueError("idempotency_key must be a string of at most 200 characters.")
+    return body
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not valid JSON")
