@@ -258,7 +258,7 @@ class ToolCall(models.Model):
 
         for pk in waiting:
             run_tool_call.delay(pk)
-        lost_before = now - timedelta(seconds=settings.MCP_CALL_TIMEOUT + 60)
+        lost_before = now - timedelta(seconds=settings.TOOL_CALL_LOST_AFTER)
         lost = cls.objects.filter(status=Status.RUNNING, started_at__lt=lost_before).update(
             status=Status.UNKNOWN,
             finished_at=now,

@@ -161,7 +161,7 @@ def _assignment_preview(match: re.Match[str]) -> str:
 
 
 def _ascii(pattern: str) -> re.Pattern[str]:
-    """Detectors match ASCII digits and letters only (\\d is not Arabic-Indic digits)."""
+    """Detectors see ASCII digits and letters only: \\d means 0-9, not other scripts' digits."""
     return re.compile(pattern, re.ASCII)
 
 

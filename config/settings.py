@@ -247,6 +247,8 @@ MCP_EXTRA_ALLOWED_NETWORKS = _read("MCP_EXTRA_ALLOWED_NETWORKS", _list, [])
 APPROVAL_TIMEOUT = _read("APPROVAL_TIMEOUT", _positive(int), 600)  # seconds a request may wait
 TOOL_CALL_MAX_ATTEMPTS = _read("TOOL_CALL_MAX_ATTEMPTS", _positive(int), 4)
 TOOL_CALL_REQUEUE_AFTER = _read("TOOL_CALL_REQUEUE_AFTER", _positive(int), 60)  # seconds
+# A call still `running` this long after it started lost its worker: it becomes `unknown`.
+TOOL_CALL_LOST_AFTER = _read("TOOL_CALL_LOST_AFTER", _positive(int), int(MCP_CALL_TIMEOUT) + 60)
 SWEEP_INTERVAL = _read("SWEEP_INTERVAL", _positive(int), 30)  # seconds
 API_MAX_BODY_BYTES = _read("API_MAX_BODY_BYTES", _positive(int), 1024 * 1024)
 API_MAX_WAIT = 60  # seconds an agent may ask to wait for an outcome

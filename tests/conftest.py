@@ -94,7 +94,8 @@ def celery_worker(django_db_setup, django_db_blocker, celery_broker, tmp_path_fa
         "MCP_CONNECT_TIMEOUT": "3",
         "MCP_READ_TIMEOUT": "5",
         "MCP_SYNC_TIMEOUT": "10",
-        "MCP_CALL_TIMEOUT": "10",
+        "MCP_CALL_TIMEOUT": "3",
+        "TOOL_CALL_MAX_ATTEMPTS": "2",
     }
     command = [sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO"]
     command += ["--concurrency", "2", "--without-mingle", "--without-gossip", "-n", "test@%h"]
