@@ -35,7 +35,12 @@ Kinds and what they match:
 * secret: AWS access key IDs, GitHub, Slack, Stripe live, OpenAI / Anthropic style
   (sk-...) and Google (AIza...) keys, JSON Web Tokens, PEM private key blocks, passwords
   in URLs (scheme://user:password@host), secret assignments in text (DB_PASSWORD=...,
-  "api_key": "..."), and values of secret-named dict keys.
+  "api_key": "...", ?access_token=...), and values of secret-named dict keys. A key is
+  secret-named when its last word is password, secret, token, credentials, authorization
+  and the like, or its last two are api_key, private_key, ...; pagination cursors
+  (page_token, nextPageToken), counts (max_tokens) and placeholder values ("true",
+  "********", "<your key>", "${VAR}") are not secrets. Unquoted lower-case assignments
+  (token=get_token() in code) are left alone.
 
 Limits: these are heuristics to draw an approver's attention. They are not data-loss
 prevention and not a security boundary: names, addresses, dates of birth, most national

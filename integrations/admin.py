@@ -205,7 +205,8 @@ class NeedsReviewFilter(admin.SimpleListFilter):
         return [("needed", "Needs review"), ("ok", "Reviewed")]
 
     def queryset(self, request, queryset):
-        needs = ~Q(fingerprint=F("reviewed_fingerprint")) | ~Q(warnings=[])
+        flagged = ~Q(warnings=[]) & Q(reviewed_by__isnull=True)
+        needs = ~Q(fingerprint=F("reviewed_fingerprint")) | flagged
         if self.value() == "needed":
             return queryset.filter(needs)
         if self.value() == "ok":

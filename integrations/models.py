@@ -12,7 +12,7 @@ from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from integrations import mcp_client
+from integrations import mcp_client, scanner
 from integrations.fields import EncryptedJSONField, EncryptedTextField
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,9 @@ class McpServer(models.Model):
     def _apply_listing(self, definitions):
         now = timezone.now()
         existing = {tool.name: tool for tool in self.tools.all()}
+        other_tools = list(
+            Tool.objects.listed().exclude(server=self).values_list("server__name", "name")
+        )
         result = SyncResult(ok=True)
         seen = set()
         for definition in definitions:
@@ -178,11 +181,12 @@ class McpServer(models.Model):
             if not isinstance(name, str) or not name or name in seen:
                 continue  # the SDK validates names; a duplicate keeps the first definition
             seen.add(name)
+            warnings = scanner.scan_tool(definition, other_tools=other_tools)
             tool = existing.get(name)
             if tool is None:
-                Tool.objects.create_from_definition(self, definition, now)
+                Tool.objects.create_from_definition(self, definition, now, warnings)
                 result.added += 1
-            elif tool.update_definition(definition, now):
+            elif tool.update_definition(definition, now, warnings):
                 result.changed += 1
             else:
                 result.unchanged += 1
@@ -222,7 +226,7 @@ class ToolQuerySet(models.QuerySet):
 
 
 class ToolManager(models.Manager):
-    def create_from_definition(self, server, definition, now):
+    def create_from_definition(self, server, definition, now, warnings=()):
         fp = fingerprint(definition)
         # The definition first seen is the baseline a later change is compared against: adding
         # the server is the admin's review of what it offered at that moment.
@@ -234,6 +238,7 @@ class ToolManager(models.Manager):
             reviewed_definition=definition,
             first_seen_at=now,
             last_seen_at=now,
+            warnings=list(warnings),
             **Tool.fields_from_definition(definition),
         )
         ToolRevision.objects.get_or_create(
@@ -303,14 +308,15 @@ class Tool(models.Model):
 
     @property
     def needs_review(self):
-        return self.changed_since_review or bool(self.warnings)
+        """Changed since review, or flagged by the scanner and not yet looked at by a human."""
+        return self.changed_since_review or (bool(self.warnings) and self.reviewed_by_id is None)
 
     @property
     def hints(self):
         """The annotation hints the server claims, as labels. Claims, never guarantees."""
         return [label for key, label in HINTS.items() if self.annotations.get(key) is True]
 
-    def update_definition(self, definition, now):
+    def update_definition(self, definition, now, warnings=()):
         """Record the definition from a sync; True when it differs from the last one seen.
 
         A change keeps the tool (its calls and settings stay attached) and leaves the reviewed
@@ -324,6 +330,8 @@ class Tool(models.Model):
             ToolRevision.objects.get_or_create(
                 tool=self, fingerprint=self.fingerprint, defaults={"definition": definition}
             )
+        changed = changed or self.warnings != list(warnings)
+        self.warnings = list(warnings)
         self.last_seen_at, self.removed_at = now, None
         self.save()
         return changed

@@ -21,6 +21,23 @@ How it works:
 * The walk is iterative and bounded (depth, number of values, characters per text and in
   total); when a bound is hit the scan stops and says so with a `scan_incomplete` warning.
 
+Keeping false positives down (an admin who sees warnings on honest tools stops reading
+them):
+
+* "You must" is not flagged when it states an argument requirement ("you must provide the
+  SHA"); "you must" and "this is very important" are not checked in tool results at all.
+* Another server's tool name counts as mentioned only when it is distinctive (send_email,
+  getUser); a short or plain-word name (search, fetch) only when quoted. Parameter names
+  and values such as `required` lists are not searched for mentions.
+* "Other tools" must be plural ("other tool calls" is ordinary prose).
+* Sensitive file names flag a definition by themselves, but a tool result (a directory
+  listing, setup notes) only when text asks to send or upload one. Advice such as "never
+  send your API keys" is not an exfiltration request.
+* The zero-width joiner inside emoji sequences and the left-to-right / right-to-left marks
+  of ordinary Arabic and Hebrew text are not reported as invisible characters.
+* A tool name written in another script is not a homoglyph; only names that mix look-alike
+  letters with ASCII ones, or consist of look-alikes only, are.
+
 Limits: these are heuristics that flag a definition for a human to read. They are not a
 security boundary. An attacker who knows the patterns can word instructions to avoid them,
 and an honest tool can trip them. They work on English text only.
@@ -283,7 +300,9 @@ _RESULT_RULES = _Rules(
 _STRUCTURAL_KEYS = frozenset(
     {"name", "type", "format", "required", "$ref", "$schema", "$id", "$anchor", "pattern"}
 )
-_DISTINCTIVE_NAME = re.compile(r"[_.\-0-9]|[a-z][A-Z]")
+# A name such as send_email or getUser is unlikely to be an ordinary word; a short one
+# ("A1") or a plain word ("search") is only taken for a mention when quoted.
+_DISTINCTIVE_NAME = re.compile(r"(?=.{5})(?:.*[_.\-0-9]|.*[a-z][A-Z])", re.DOTALL)
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_$-]{1,64}")
 
 
@@ -364,7 +383,7 @@ class _Text:
     field: str  # where the text is, e.g. "inputSchema.properties.path.description"
     text: str
     is_key: bool  # a dict key (such as a parameter name) rather than a value
-    parent_key: str  # the key the value sits under ("" for keys and list items)
+    parent_key: str  # the key the value (or its list) sits under; "" for keys
 
 
 class _Budget:
@@ -460,7 +479,7 @@ def _check_text(
         warnings.add(
             "hidden_instructions",
             f"Contains wording that gives the AI model instructions the user may not see "
-            f"({_join(found)}).",
+            f"({', '.join(found)}).",
             field,
         )
     found = _find_all(rules.exfiltration, texts)
@@ -468,7 +487,7 @@ def _check_text(
         warnings.add(
             "exfiltration",
             f"Asks the AI model to pass sensitive data (files, secrets, the conversation or "
-            f"messages) into a tool argument or to an outside address ({_join(found)}).",
+            f"messages) into a tool argument or to an outside address ({', '.join(found)}).",
             field,
         )
     found = _find_all(rules.shadowing, texts)
@@ -477,7 +496,7 @@ def _check_text(
     if found:
         warnings.add(
             "shadowing",
-            f"Tries to change how the AI model uses other tools or servers ({_join(found)}).",
+            f"Tries to change how the AI model uses other tools or servers ({', '.join(found)}).",
             field,
         )
 
@@ -539,8 +558,9 @@ def _joins_emoji(text: str, index: int) -> bool:
     if before == "\ufe0f" and index > 1:
         before = text[index - 2]
     after = text[index + 1] if index + 1 < len(text) else ""
+    emoji = ("So", "Sk")  # pictographs and skin-tone modifiers
     return (
-        unicodedata.category(before or " ") == "So" and unicodedata.category(after or " ") == "So"
+        unicodedata.category(before or " ") in emoji and unicodedata.category(after or " ") in emoji
     )
 
 
@@ -557,10 +577,6 @@ def _quote(text: str, limit: int = 60) -> str:
         text = text[: limit - 1] + "\u2026"
     printable = "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in text)
     return f'"{printable}"'
-
-
-def _join(snippets: list[str]) -> str:
-    return ", ".join(snippets)
 
 
 # --- Tool names -------------------------------------------------------------------------
@@ -639,8 +655,9 @@ class _OtherTools:
         self._mention_pattern = self._build_mention_pattern()
 
     def collision_warning(self, name: str) -> tuple[str, str, str] | None:
-        matches = self._by_canonical.get(_canonical_name(name), [])
-        if not _canonical_name(name) or not matches:
+        canonical = _canonical_name(name)
+        matches = self._by_canonical.get(canonical, []) if canonical else []
+        if not matches:
             return None
         listed = ", ".join(
             f'"{_plain(tool)}" on server "{_plain(server)}"' for server, tool in matches[:4]
@@ -651,7 +668,7 @@ class _OtherTools:
         return "name_collision", message, "name"
 
     def mentions(self, texts: list[str], own_name: str) -> list[str]:
-        """Quoted mentions of other servers' tool names in the texts."""
+        """The other servers' tools named in the texts, described for a message."""
         if self._mention_pattern is None:
             return []
         own = _canonical_name(own_name)
@@ -673,8 +690,8 @@ class _OtherTools:
         """Distinctive names (send_email, getUser) match anywhere as a word; plain words
         (search, fetch) only when quoted, so ordinary prose does not trip the check."""
         names = sorted({_normalize(tool) for _, tool in self.pairs}, key=lambda n: (-len(n), n))
-        distinctive = [re.escape(n) for n in names if _DISTINCTIVE_NAME.search(n)]
-        plain = [re.escape(n) for n in names if n and not _DISTINCTIVE_NAME.search(n)]
+        distinctive = [re.escape(n) for n in names if _DISTINCTIVE_NAME.match(n)]
+        plain = [re.escape(n) for n in names if n and not _DISTINCTIVE_NAME.match(n)]
         # A word may follow "_" so that client prefixes (mcp_mail_send_email) still match.
         word = rf"(?<![A-Za-z0-9\-])(?P<word>{'|'.join(distinctive) or '(?!)'})(?![\w\-])"
         quoted = rf"[`'\"](?P<quoted>{'|'.join(plain) or '(?!)'})[`'\"]"

@@ -488,7 +488,8 @@ SECRET_VALUES = st.one_of(
     st.text(alphabet=ALNUM, min_size=30, max_size=40).map(lambda s: "sk-proj-a1" + s),
     st.text(alphabet=ALNUM, min_size=20, max_size=30).map(lambda s: "xoxb-" + s),
     st.text(alphabet=ALNUM + "_-", min_size=35, max_size=35).map(lambda s: "AIza" + s),
-    st.text(alphabet=ALNUM + "!#%^", min_size=2, max_size=30),  # under a "password" key
+    # Any other value counts under a "password" key ("pw" keeps it from reading as "true").
+    st.text(alphabet=ALNUM + "!#%^", max_size=30).map(lambda s: "pw" + s),
 )
 
 
