@@ -87,28 +87,44 @@ def celery_worker(django_db_setup, django_db_blocker, celery_broker, tmp_path_fa
     with django_db_blocker.unblock():
         database_url = _database_url()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {
-        **os.environ,
-        **celery_broker,
-        "DATABASE_URL": database_url,
-        "MCP_CONNECT_TIMEOUT": "3",
-        "MCP_READ_TIMEOUT": "5",
-        "MCP_SYNC_TIMEOUT": "10",
-        "MCP_CALL_TIMEOUT": "3",
-        "TOOL_CALL_MAX_ATTEMPTS": "2",
-    }
-    command = [sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO"]
-    command += ["--concurrency", "2", "--without-mingle", "--without-gossip", "-n", "test@%h"]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    _wait_for(lambda: "ready." in log.read_text(), process, log)
-    process.log = log
+    process = spawn_worker(database_url, celery_broker, log)
     yield process
     process.terminate()
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+def spawn_worker(database_url, broker_env, log, **extra_env):
+    """Start `celery -A config worker` in its own process group; return once it is ready."""
+    env = {
+        **os.environ,
+        **broker_env,
+        "DATABASE_URL": database_url,
+        "MCP_CONNECT_TIMEOUT": "3",
+        "MCP_READ_TIMEOUT": "5",
+        "MCP_SYNC_TIMEOUT": "10",
+        "MCP_CALL_TIMEOUT": "3",
+        "TOOL_CALL_MAX_ATTEMPTS": "2",
+        **extra_env,
+    }
+    command = [sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO"]
+    command += [
+        "--concurrency",
+        "2",
+        "--without-mingle",
+        "--without-gossip",
+        "-n",
+        f"{log.stem}@%h",
+    ]
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    _wait_for(lambda: "ready." in log.read_text(), process, log)
+    process.log = log
+    return process
 
 
 def _wait_for(condition, process, log, timeout=60):
