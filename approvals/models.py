@@ -14,7 +14,7 @@ from django.db import models, transaction
 from django.utils import timezone
 
 from integrations import mcp_client
-from integrations.models import Agent, McpServer, Tool
+from integrations.models import Agent, McpServer, Tool, ToolApproval
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,15 @@ class ToolCall(models.Model):
                 name="unique_idempotency_key_per_agent",
             )
         ]
-        indexes = [models.Index(fields=["status", "requested_at"])]
+        # The queue reads pending calls oldest first; the history pages by id, newest first,
+        # optionally filtered by one of these columns.
+        indexes = [
+            models.Index(fields=["status", "requested_at"]),
+            models.Index(fields=["status", "id"]),
+            models.Index(fields=["server_name", "id"]),
+            models.Index(fields=["tool_name", "id"]),
+            models.Index(fields=["agent", "id"]),
+        ]
 
     def __str__(self):
         return f"#{self.pk} {self.server_name}/{self.tool_name} ({self.status})"
@@ -135,6 +143,26 @@ class ToolCall(models.Model):
         else:
             self.expire_if_due()
         return approved
+
+    def approve_and_always_allow(self, user, note=""):
+        """Approve, and from now on let the tool run without asking (Fine-Grained mode)."""
+        approved = self.approve(user, note)
+        if approved and self.tool_id:
+            Tool.objects.filter(pk=self.tool_id).update(approval=ToolApproval.AUTO_APPROVED)
+        return approved
+
+    def why_not_pending(self):
+        """For an approver whose decision came too late: what happened instead."""
+        who = self.decided_by_user.get_username() if self.decided_by_user else None
+        if self.status == Status.EXPIRED:
+            return "This request expired before a decision; nothing was run."
+        if self.status == Status.CANCELLED:
+            return "The agent cancelled this request."
+        if self.decided_by == DecidedBy.HUMAN and self.status == Status.DENIED:
+            return f"Already denied by {who}."
+        if self.decided_by == DecidedBy.HUMAN:
+            return f"Already approved by {who}."
+        return f"This request is {self.get_status_display().lower()}."
 
     def deny(self, user, note=""):
         now = timezone.now()

@@ -1,10 +1,25 @@
+from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from approvals import api
+from approvals import api, views
+
+app_name = "approvals"
 
 urlpatterns = [
     path("api/v1/tools", api.tools),
     path("api/v1/tool-calls", api.tool_calls),
     path("api/v1/tool-calls/<int:call_id>", api.tool_call),
     path("api/v1/tool-calls/<int:call_id>/cancel", api.cancel),
+    path("approvals/", views.queue, name="queue"),
+    path("approvals/state", views.queue_state, name="queue_state"),
+    path("approvals/history/", views.history, name="history"),
+    path("approvals/<int:call_id>/card", views.card, name="card"),
+    path("approvals/<int:call_id>/state", views.call_state, name="call_state"),
+    path("approvals/<int:call_id>/decide", views.decide, name="decide"),
+]
+
+# Plain login and logout pages for approvers (not only the admin's).
+auth_urlpatterns = [
+    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
 ]

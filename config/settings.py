@@ -109,6 +109,8 @@ for _key in FIELD_ENCRYPTION_KEYS:
 ALLOWED_HOSTS = _read("ALLOWED_HOSTS", _list, ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = _read("CSRF_TRUSTED_ORIGINS", _list, [])
 PORT = _read("PORT", _positive(int), 8000)
+DEMO_MCP_PORT = _read("DEMO_MCP_PORT", _positive(int), PORT + 1)  # `make run`'s demo MCP server
+TOOLGATE_DEMO = _read("TOOLGATE_DEMO", _bool, DEBUG)  # start and register that demo server
 SITE_URL = _read("SITE_URL", str, f"http://127.0.0.1:{PORT}")
 
 INSTALLED_APPS = [
@@ -191,7 +193,9 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 STATIC_ROOT.mkdir(exist_ok=True)  # WhiteNoise warns on every request when it is missing
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
-LOGIN_URL = "admin:login"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/approvals/"
+LOGOUT_REDIRECT_URL = "login"
 
 # Security headers. HTTPS-only cookies and HSTS are on whenever DEBUG is off.
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -252,6 +256,9 @@ TOOL_CALL_LOST_AFTER = _read("TOOL_CALL_LOST_AFTER", _positive(int), int(MCP_CAL
 SWEEP_INTERVAL = _read("SWEEP_INTERVAL", _positive(int), 30)  # seconds
 API_MAX_BODY_BYTES = _read("API_MAX_BODY_BYTES", _positive(int), 1024 * 1024)
 API_MAX_WAIT = 60  # seconds an agent may ask to wait for an outcome
+QUEUE_PAGE_SIZE = 100  # pending calls shown at once, oldest first
+QUEUE_POLL_SECONDS = _read("QUEUE_POLL_SECONDS", _positive(int), 3)
+HISTORY_PAGE_SIZE = 50
 AGENT_RATE_LIMIT = _read("AGENT_RATE_LIMIT", _positive(int), 600)  # requests a minute per agent
 
 CELERY_BEAT_SCHEDULE = {

@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from approvals.urls import auth_urlpatterns
+
 admin.site.site_header = "Toolgate"
 admin.site.site_title = "Toolgate"
 admin.site.index_title = "MCP servers, tools and agents"
@@ -9,5 +11,6 @@ admin.site.index_title = "MCP servers, tools and agents"
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("approvals.urls")),
-    path("", RedirectView.as_view(url="/admin/", permanent=False)),
+    path("", include(auth_urlpatterns)),
+    path("", RedirectView.as_view(url="/approvals/", permanent=False)),
 ]
