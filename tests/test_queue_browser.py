@@ -16,11 +16,7 @@ from playwright.sync_api import expect, sync_playwright
 from approvals.models import Status, ToolCall
 from integrations.models import Agent, ApprovalMode, McpServer
 
-# serialized_rollback brings back the Approvers group (a data migration) that flushes remove.
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.django_db(transaction=True, serialized_rollback=True),
-]
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 SCREENSHOTS = Path(django_settings.VAR_DIR) / "screenshots"
 CHROMIUM_ARGS = [

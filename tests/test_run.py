@@ -1,16 +1,25 @@
-"""`manage.py run` (what `make run` starts): web, worker and beat, first superuser, Ctrl-C."""
+"""`manage.py run` (what `make run` starts): web, worker, beat and the demo MCP server, the first
+superuser, the demo agent's ready-to-paste curl, Ctrl-C."""
 
+import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
+
+from integrations.management.commands.run import Command
+from integrations.models import Agent, McpServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,32 +60,138 @@ def get(url, timeout=60):
             time.sleep(0.3)
 
 
-def test_run_starts_everything_and_stops_on_ctrl_c(tmp_path):
+def printed_curl(output):
+    """The curl command as printed: its lines joined where they end in a backslash."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("curl "))
+    command = []
+    for line in lines[start:]:
+        command.append(line.strip().removesuffix("\\"))
+        if not line.endswith("\\"):
+            break
+    return " ".join(command)
+
+
+def send_curl(command):
+    """Run the printed command as a shell would; return (HTTP status, JSON body)."""
+    args = shlex.split(command)
+    if shutil.which("curl"):
+        result = subprocess.run(
+            [*args, "-w", "\n%{http_code}"], capture_output=True, text=True, timeout=60
+        )
+        body, _, status = result.stdout.rpartition("\n")
+        return int(status), json.loads(body)
+    # No curl here: send what its arguments say with urllib.
+    assert args[:4] == ["curl", "-s", "-X", "POST"], args
+    url, headers, data = args[4], {}, None
+    rest = iter(args[5:])
+    for flag in rest:
+        value = next(rest)
+        if flag == "-H":
+            name, _, header = value.partition(":")
+            headers[name] = header.strip()
+        else:
+            assert flag == "-d", flag
+            data = value.encode()
+    assert url.startswith("http://127.0.0.1:"), url
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - http URL
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def stop(process):
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) is not None
+
+
+def test_run_starts_everything_shows_the_demo_and_stops_on_ctrl_c(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "CELERY_BROKER_URL"}}
-    env.pop("DJANGO_SUPERUSER_PASSWORD", None)
-    env.update(TOOLGATE_VAR_DIR=str(tmp_path), PORT=str(port))
+    for name in ("DJANGO_SUPERUSER_PASSWORD", "TOOLGATE_DEMO", "SITE_URL"):
+        env.pop(name, None)
+    env.update(TOOLGATE_VAR_DIR=str(tmp_path), PORT=str(port), DEMO_MCP_PORT=str(free_port()))
     assert manage(env, "migrate", "-v0").wait(timeout=120) == 0
 
+    # First run: the superuser's password and the demo agent's curl, shown once.
     process = manage(env, "run", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        output = read_until(process, r"password: \S+")
+        output = read_until(process, r"Press Ctrl-C")
         assert f"http://127.0.0.1:{port}/admin/" in output
         password = re.search(r"password: (\S+)", output)[1]
         assert len(password) >= 12
+        assert "Note:" not in output  # the demo's tools were listed
         assert get(f"http://127.0.0.1:{port}/admin/login/").status == 200
         children = psutil.Process(process.pid).children()
-        assert len(children) == 3  # web, worker, beat
+        assert len(children) == 4  # web, worker, beat, demo MCP server
+
+        command = printed_curl(output)
+        assert command.startswith(f"curl -s -X POST http://127.0.0.1:{port}/api/v1/tool-calls ")
+        status, call = send_curl(command)
+        assert status == 201, call
+        assert call["status"] == "pending_approval"
+        assert (call["server"], call["tool"]) == ("demo", "refund_order")
+        assert re.search(
+            rf"http://127\.0\.0\.1:{port}/(approvals|admin/approvals/toolcall)/", output
+        )
     finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) is not None
+        stop(process)
     assert not any(child.is_running() and child.status() != "zombie" for child in children)
 
-    # A second run reuses the superuser instead of printing a new password.
+    # A second run reuses the superuser and the demo: no password, no token.
     process = manage(env, "run", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         output = read_until(process, r"Press Ctrl-C")
         assert "password:" not in output
+        assert "Bearer" not in output
+        assert Agent.TOKEN_PREFIX not in output
+        assert "shown on the first run" in output
+        assert len(psutil.Process(process.pid).children()) == 4
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
+        stop(process)
+
+    # With the demo's port taken, everything else still starts, and the output says why.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", int(env["DEMO_MCP_PORT"])))
+        squatter.listen()
+        process = manage(env, "run", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            output = read_until(process, r"Press Ctrl-C")
+            assert f"port {env['DEMO_MCP_PORT']} is taken" in output
+            assert len(psutil.Process(process.pid).children()) == 3  # web, worker, beat
+        finally:
+            stop(process)
+
+    # TOOLGATE_DEMO=false leaves the demo out entirely.
+    process = manage(
+        {**env, "TOOLGATE_DEMO": "false"}, "run", stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        output = read_until(process, r"Press Ctrl-C")
+        assert "demo" not in output.lower()
+        assert len(psutil.Process(process.pid).children()) == 3  # web, worker, beat
+    finally:
+        stop(process)
+
+
+@pytest.mark.django_db
+def test_the_demo_is_registered_even_when_its_server_does_not_start(settings):
+    settings.DEMO_MCP_PORT = free_port()  # nothing listens there
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    demo = Command().set_up_demo(dead)
+
+    assert "did not start" in demo["problem"]
+    server = McpServer.objects.get(name="demo")
+    assert server.approval_mode == "always_ask"
+    assert (server.allow_private_network, server.allow_http) == (True, True)
+    agent = Agent.authenticate(demo["token"])
+    assert agent.name == "demo-agent"
+    assert list(agent.servers.all()) == [server]
+    assert "Note:" in "\n".join(Command().first_demo_lines(demo, "http://127.0.0.1:8000"))
+    # Later runs leave what exists alone and show no token.
+    assert Command().set_up_demo(dead)["token"] is None
+    assert Agent.objects.count() == McpServer.objects.count() == 1

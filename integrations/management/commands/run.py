@@ -1,13 +1,22 @@
 """`manage.py run`: the whole app on one machine (what `make run` starts).
 
-Starts the web server (uvicorn, ASGI), a Celery worker and Celery beat as child processes,
-stops all of them on Ctrl-C, and stops the rest if one of them dies. On first run with an empty
-database it creates the superuser `admin` and prints its password once.
+Starts the web server (uvicorn, ASGI), a Celery worker, Celery beat and the bundled demo MCP
+server (`integrations/demo.py`, on loopback) as child processes, stops all of them on Ctrl-C,
+and stops the rest if one of them dies (the demo server excepted: Toolgate runs on without it).
+
+On first run with an empty database it creates the superuser `admin` and prints its password
+once. On the first run with the demo (`TOOLGATE_DEMO`, on by default in development) it also
+registers the demo server as "demo" (Always Ask), lists its tools, creates the agent
+"demo-agent" and prints, once, a `curl` that asks for a refund as that agent: the call then
+waits for a human at the approval queue. Later runs reuse both.
 """
 
+import json
 import os
 import secrets
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,15 +24,31 @@ import time
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from integrations.models import Agent, ApprovalMode, McpServer, Transport
+
+DEMO_SERVER = "demo"
+DEMO_AGENT = "demo-agent"
+DEMO_CALL = {
+    "server": DEMO_SERVER,
+    "tool": "refund_order",
+    "arguments": {"order_id": "A-1001", "amount": 25.0, "reason": "arrived damaged"},
+}
+OPTIONAL = {"demo"}  # processes Toolgate runs on without
 
 
 class Command(BaseCommand):
-    help = "Run the web server, a Celery worker and Celery beat together (Ctrl-C stops all)."
+    help = "Run the web server, a Celery worker, Celery beat and the demo MCP server together."
+    demo_port_taken = False
 
     def handle(self, *args, **options):
         password = self.create_first_superuser()
         processes = self.start_processes()
-        self.announce(password)
+        demo = self.set_up_demo(processes["demo"]) if "demo" in processes else None
+        wait_for_port(settings.PORT, processes["web"])
+        if processes["web"].poll() is None:  # else supervise() says that it exited
+            self.announce(password, demo, processes)
         try:
             self.supervise(processes)
         except KeyboardInterrupt:
@@ -41,7 +66,7 @@ class Command(BaseCommand):
 
     def start_processes(self):
         python = sys.executable
-        celery = [python, "-m", "celery", "-A", "config"]
+        celery = [python, "-m", "celery", "-A", "config", "--quiet"]  # no banners
         commands = {
             "web": [
                 python, "-m", "uvicorn", "config.asgi:application",
@@ -53,26 +78,122 @@ class Command(BaseCommand):
                 "--schedule", settings.CELERY_BEAT_SCHEDULE_FILENAME,
             ],
         }  # fmt: skip
+        self.demo_port_taken = settings.TOOLGATE_DEMO and not port_is_free(settings.DEMO_MCP_PORT)
+        if settings.TOOLGATE_DEMO and not self.demo_port_taken:
+            commands["demo"] = [
+                python, "-m", "integrations.demo", "--port", str(settings.DEMO_MCP_PORT)
+            ]  # fmt: skip
         return {name: subprocess.Popen(command) for name, command in commands.items()}
 
-    def announce(self, password):
-        url = f"{settings.SITE_URL}/admin/"
-        lines = ["", f"Toolgate is running: log in at {url}"]
+    # The demo --------------------------------------------------------------------------------
+
+    def set_up_demo(self, process):
+        """Register the demo server and agent on the first run. Returns what to announce."""
+        url = f"http://127.0.0.1:{settings.DEMO_MCP_PORT}/mcp"
+        if (
+            McpServer.objects.filter(name=DEMO_SERVER).exists()
+            or Agent.objects.filter(name=DEMO_AGENT).exists()
+        ):
+            return {"url": url, "token": None, "problem": None}
+        with transaction.atomic():
+            server = McpServer.objects.create(
+                name=DEMO_SERVER,
+                description="The demo MCP server bundled with Toolgate (made-up orders).",
+                url=url,
+                transport=Transport.STREAMABLE_HTTP,
+                approval_mode=ApprovalMode.ALWAYS_ASK,
+                allow_private_network=True,
+                allow_http=True,
+            )
+            agent = Agent(name=DEMO_AGENT, description="Try-it-out agent for the demo server.")
+            token = agent.set_new_token()
+            agent.save()
+            agent.servers.add(server)
+        return {"url": url, "token": token, "problem": self.sync_demo(server, process)}
+
+    def sync_demo(self, server, process):
+        """List the demo server's tools once it listens; a problem is returned, not raised."""
+        if not wait_for_port(settings.DEMO_MCP_PORT, process):
+            return f"the demo server did not start on port {settings.DEMO_MCP_PORT}"
+        try:
+            result = server.sync_tools()
+        except Exception as exc:
+            return f"listing its tools failed: {exc}"
+        return None if result.ok else f"listing its tools failed: {result.error}"
+
+    # Output ----------------------------------------------------------------------------------
+
+    def announce(self, password, demo, processes):
+        site = settings.SITE_URL
+        lines = ["", f"Toolgate is running: log in at {site}/admin/"]
         if password and not os.environ.get("DJANGO_SUPERUSER_PASSWORD"):
             lines.append(f"  user: admin   password: {password}   (shown once; change it)")
         elif password:
             lines.append("  user: admin   password: $DJANGO_SUPERUSER_PASSWORD")
-        lines += ["Press Ctrl-C to stop the web server, worker and scheduler.", ""]
+        if demo and demo["token"]:
+            lines += self.first_demo_lines(demo, site)
+        elif demo:
+            lines += [
+                "",
+                f'Demo MCP server: {demo["url"]}, used by the agent "{DEMO_AGENT}"',
+                "(its token was shown on the first run; rotate it in the admin under Agents).",
+            ]
+        if self.demo_port_taken:
+            lines += [
+                "",
+                f"The demo MCP server is off: port {settings.DEMO_MCP_PORT} is taken "
+                "(set DEMO_MCP_PORT, or TOOLGATE_DEMO=false).",
+            ]
+        names = {
+            "web": "web server",
+            "worker": "worker",
+            "beat": "scheduler",
+            "demo": "demo server",
+        }
+        stopped = [names[name] for name in processes]
+        lines += ["", f"Press Ctrl-C to stop the {', '.join(stopped[:-1])} and {stopped[-1]}.", ""]
         self.stdout.write("\n".join(lines))
 
+    def first_demo_lines(self, demo, site):
+        body = json.dumps(DEMO_CALL)
+        lines = [
+            "",
+            f"Try it: a demo MCP server runs at {demo['url']} with lookup_order (read-only) and",
+            f'refund_order (destructive). Ask for a refund as the agent "{DEMO_AGENT}":',
+            "",
+            f"  curl -s -X POST {site}/api/v1/tool-calls \\",
+            f'    -H "Authorization: Bearer {demo["token"]}" \\',
+            '    -H "Content-Type: application/json" \\',
+            f"    -d {shlex.quote(body)}",
+            "",
+            f'It answers "pending_approval": approve or deny it at {site}/approvals/',
+            "(the agent's token is shown only this once; rotate it in the admin under Agents).",
+        ]
+        if demo["problem"]:
+            lines += [
+                "",
+                f"Note: {demo['problem']}. Retry with:",
+                f"  .venv/bin/python manage.py mcp_server sync {DEMO_SERVER}",
+            ]
+        return lines
+
+    # Processes -------------------------------------------------------------------------------
+
     def supervise(self, processes):
+        watched = dict(processes)
         while True:
-            for name, process in processes.items():
-                if process.poll() is not None:
+            for name, process in list(watched.items()):
+                if process.poll() is None:
+                    continue
+                if name in OPTIONAL:
                     self.stderr.write(
-                        f"The {name} process exited ({process.returncode}); stopping."
+                        f"The demo MCP server exited ({process.returncode}); Toolgate keeps "
+                        "running without it (TOOLGATE_DEMO=false leaves it out)."
                     )
-                    return
+                    del watched[name]
+                    continue
+                self.stderr.write(f"The {name} process exited ({process.returncode}); stopping.")
+                return
             time.sleep(0.5)
 
     def stop(self, processes):
@@ -85,3 +206,26 @@ class Command(BaseCommand):
                 process.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def port_is_free(port):
+    """Whether 127.0.0.1:`port` can be listened on (as uvicorn does, with SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_port(port, process, timeout=20):
+    """True once something listens on 127.0.0.1:`port`; False if `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
