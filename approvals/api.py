@@ -111,6 +111,7 @@ def call_json(call):
         "arguments": call.arguments,
         "decision": decision,
         "result": result,
+        "warnings": call.warnings,
         "error": error_,
         "created_at": _time(call.requested_at),
         "started_at": _time(call.started_at),

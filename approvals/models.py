@@ -6,6 +6,7 @@ message delivered twice therefore end in exactly one outcome. Work is enqueued o
 transaction commits, and the sweeper re-enqueues approved calls that no worker picked up.
 """
 
+import json
 import logging
 from datetime import timedelta
 
@@ -13,7 +14,7 @@ from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
 
-from integrations import mcp_client
+from integrations import mcp_client, scanner
 from integrations.models import Agent, McpServer, Tool, ToolApproval
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,12 @@ class ToolCall(models.Model):
     result_content = models.JSONField(null=True, blank=True)
     structured_content = models.JSONField(null=True, blank=True)
     is_error = models.BooleanField(null=True, blank=True)
+    warnings = models.JSONField(
+        default=list, blank=True, help_text="Result text that looks like instructions to the model."
+    )
+    purged_at = models.DateTimeField(
+        null=True, blank=True, help_text="When arguments and result were removed (retention)."
+    )
     error_code = models.CharField(max_length=40, blank=True)
     error_message = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
@@ -229,6 +236,7 @@ class ToolCall(models.Model):
             result_content=result.content,
             structured_content=result.structured_content,
             is_error=result.is_error,
+            warnings=_result_warnings(result),
         )
         return False
 
@@ -269,6 +277,20 @@ class ToolCall(models.Model):
         )
 
     @classmethod
+    def purge_old_data(cls, days=None):
+        """Remove arguments and results of calls finished more than `days` ago. Who called which
+        tool, when, who decided and the outcome stay in the audit trail."""
+        days = settings.TOOL_CALL_RETENTION_DAYS if days is None else days
+        cutoff = timezone.now() - timedelta(days=days)
+        return cls.objects.filter(finished_at__lt=cutoff, purged_at__isnull=True).update(
+            arguments={},
+            result_content=None,
+            structured_content=None,
+            warnings=[],
+            purged_at=timezone.now(),
+        )
+
+    @classmethod
     def sweep(cls):
         """Expire overdue requests, re-enqueue approved calls nobody picked up, and hand calls
         whose worker vanished mid-call to a human as `unknown` (they may have run)."""
@@ -295,6 +317,16 @@ class ToolCall(models.Model):
             "reached the server. It will not be run again on its own.",
         )
         return {"expired": expired, "requeued": len(waiting), "unknown": lost}
+
+
+def _result_warnings(result):
+    """Text in a tool's result that looks like instructions to the model (prompt injection)."""
+    text = "\n".join(
+        block.get("text", "") for block in result.content if block.get("type") == "text"
+    )
+    if result.structured_content:
+        text += "\n" + json.dumps(result.structured_content, ensure_ascii=False)
+    return scanner.scan_result_text(text)
 
 
 class Refused(Exception):
@@ -361,6 +393,12 @@ def _refusal(agent, server, tool, server_name, tool_name):
     return None
 
 
+def _personal_data_needs_a_human(call, tool):
+    from approvals.pii import find_personal_data
+
+    return tool.server.personal_data_needs_approval and bool(find_personal_data(call.arguments))
+
+
 def _block(call, refused):
     now = timezone.now()
     call.status, call.decided_by, call.decided_at, call.finished_at = (
@@ -375,7 +413,7 @@ def _block(call, refused):
 
 def _store(call, tool):
     now = timezone.now()
-    if tool.effective_approval == "auto":
+    if tool.effective_approval == "auto" and not _personal_data_needs_a_human(call, tool):
         call.status, call.decided_by, call.decided_at = Status.APPROVED, DecidedBy.AUTO, now
     else:
         call.status = Status.PENDING_APPROVAL

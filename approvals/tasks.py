@@ -23,3 +23,8 @@ def run_tool_call(self, call_id):
 @shared_task
 def sweep_tool_calls():
     return ToolCall.sweep()
+
+
+@shared_task
+def purge_tool_call_data():
+    return ToolCall.purge_old_data()

@@ -17,11 +17,6 @@ from approvals.pii import find_personal_data
 from integrations.models import Agent, ApprovalMode, McpServer
 
 DECIDE = "approvals.decide_toolcall"
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
-    "object-src 'none'"
-)
 
 
 def approver_required(view):
@@ -32,9 +27,7 @@ def approver_required(view):
     def wrapper(request, *args, **kwargs):
         if not request.user.has_perm(DECIDE):
             raise PermissionDenied("You need the permission to decide tool calls.")
-        response = view(request, *args, **kwargs)
-        response["Content-Security-Policy"] = CSP
-        return response
+        return view(request, *args, **kwargs)
 
     return wrapper
 

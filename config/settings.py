@@ -87,9 +87,9 @@ FIELD_ENCRYPTION_KEYS = _list(
     os.environ.get("FIELD_ENCRYPTION_KEYS") or _dev.get("FIELD_ENCRYPTION_KEYS", "")
 )
 if not DEBUG:
-    if not SECRET_KEY or len(SECRET_KEY) < 40:
+    if not SECRET_KEY or len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5:
         raise ImproperlyConfigured(
-            "SECRET_KEY must be set to a random value of at least 40 characters when DEBUG is off."
+            "SECRET_KEY must be set to a random value of at least 50 characters when DEBUG is off."
         )
     if not FIELD_ENCRYPTION_KEYS:
         raise ImproperlyConfigured(
@@ -127,6 +127,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "config.middleware.SecurityHeadersMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -253,6 +254,7 @@ TOOL_CALL_MAX_ATTEMPTS = _read("TOOL_CALL_MAX_ATTEMPTS", _positive(int), 4)
 TOOL_CALL_REQUEUE_AFTER = _read("TOOL_CALL_REQUEUE_AFTER", _positive(int), 60)  # seconds
 # A call still `running` this long after it started lost its worker: it becomes `unknown`.
 TOOL_CALL_LOST_AFTER = _read("TOOL_CALL_LOST_AFTER", _positive(int), int(MCP_CALL_TIMEOUT) + 60)
+TOOL_CALL_RETENTION_DAYS = _read("TOOL_CALL_RETENTION_DAYS", _positive(int), 30)
 SWEEP_INTERVAL = _read("SWEEP_INTERVAL", _positive(int), 30)  # seconds
 API_MAX_BODY_BYTES = _read("API_MAX_BODY_BYTES", _positive(int), 1024 * 1024)
 API_MAX_WAIT = 60  # seconds an agent may ask to wait for an outcome
@@ -268,6 +270,11 @@ CELERY_BEAT_SCHEDULE = {
         # A run nobody picked up in time is dropped rather than piling up behind the next one.
         "options": {"expires": max(MCP_SYNC_INTERVAL - 5, 1)},
     },
+    "purge-tool-call-data": {
+        "task": "approvals.tasks.purge_tool_call_data",
+        "schedule": timedelta(hours=1),
+        "options": {"expires": 3500},
+    },
     "sweep-tool-calls": {
         "task": "approvals.tasks.sweep_tool_calls",
         "schedule": timedelta(seconds=SWEEP_INTERVAL),
@@ -275,6 +282,7 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
+DEFAULT_EXCEPTION_REPORTER_FILTER = "integrations.reporting.SafeExceptionReporterFilter"
 LOG_LEVEL = _read("LOG_LEVEL", str, "INFO").upper()
 LOGGING = {
     "version": 1,

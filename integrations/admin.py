@@ -4,9 +4,11 @@ from django.http import JsonResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
+from django.views.decorators.debug import sensitive_post_parameters
 
 from integrations.forms import McpServerForm
 from integrations.models import HINTS, Agent, McpServer, SyncState, Tool, ToolApproval
@@ -85,12 +87,19 @@ class McpServerAdmin(admin.ModelAdmin):
                 ]
             },
         ),
-        ("Tool approval", {"fields": ["approval_mode", "enabled"]}),
+        (
+            "Tool approval",
+            {"fields": ["approval_mode", "personal_data_needs_approval", "enabled"]},
+        ),
         (
             "Tool sync",
             {"fields": ["sync_progress", "last_synced_at", "last_error", "server_details"]},
         ),
     ]
+
+    @method_decorator(sensitive_post_parameters("url", "secret_token", "headers_text"))
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        return super().changeform_view(request, object_id, form_url, extra_context)
 
     def get_queryset(self, request):
         return (
@@ -243,7 +252,8 @@ class ToolAdmin(admin.ModelAdmin):
         "hint_badges",
         "approval",
         "review",
-        "warnings",
+        "warning_list",
+        "changes",
         "input_schema",
         "output_schema",
         "annotations",
@@ -259,6 +269,19 @@ class ToolAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # tools come from syncing their server
+
+    @admin.display(description="Scanner warnings")
+    def warning_list(self, tool):
+        if not tool.warnings:
+            return "—"
+        items = ((w.get("message", w.get("code")), w.get("field", "")) for w in tool.warnings)
+        rows = format_html_join("", "<li>{} <code>{}</code></li>", items)
+        return format_html("<ul>{}</ul>", rows)
+
+    @admin.display(description="Changes since review")
+    def changes(self, tool):
+        diff = tool.changes_since_review()
+        return format_html("<pre>{}</pre>", diff) if diff else "—"
 
     @admin.display(description="Hints (claimed)")
     def hint_badges(self, tool):

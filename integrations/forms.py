@@ -107,6 +107,7 @@ class McpServerForm(forms.ModelForm):
             "headers_text",
             "clear_headers",
             "approval_mode",
+            "personal_data_needs_approval",
             "enabled",
             "allow_private_network",
             "allow_http",

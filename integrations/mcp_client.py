@@ -96,8 +96,24 @@ class _HttpTrace:
     """What the HTTP layer saw, so an opaque SDK error can be explained (the SDK folds a 401
     into a generic JSON-RPC error)."""
 
+    origin: tuple = ()
     statuses: list = field(default_factory=list)
     guard_error: Exception | None = None  # the SDK's SSE reader swallows these; keep them here
+
+    async def on_request(self, request):
+        """Refuse to send anything (the token and headers above all) off the server's origin,
+        whatever a redirect or an SSE `endpoint` event says."""
+        url = request.url
+        same = (url.scheme, url.host, url.port) == self.origin
+        upgrade = (url.host, self.origin[0], url.scheme) == (self.origin[1], "http", "https")
+        if not (same or upgrade):
+            self.guard_error = McpError(
+                "refused",
+                f"The server tried to send the conversation to another origin "
+                f"({url.scheme}://{url.host}); nothing was sent there.",
+                reached_server=True,
+            )
+            raise self.guard_error
 
     async def on_response(self, response):
         self.statuses.append(response.status_code)
@@ -191,7 +207,11 @@ async def _with_fallback(endpoint, operation, timeout):
 
 
 async def _run(endpoint, transport, operation, timeout):
-    trace = _HttpTrace()
+    try:
+        url = httpx2.URL(endpoint.url)
+    except httpx2.InvalidURL:
+        raise McpError("refused", "The server URL is not valid.", reached_server=False) from None
+    trace = _HttpTrace(origin=(url.scheme, url.host, url.port))
     try:
         with anyio.fail_after(timeout):
             async with _client(endpoint, transport, trace) as client:
@@ -226,7 +246,7 @@ def _client(endpoint, transport, trace):
         )
     else:
         http_client = netguard.guarded_client(headers=endpoint.headers, timeout=timeout, **guard)
-        http_client.event_hooks = {"request": [], "response": [trace.on_response]}
+        http_client.event_hooks = {"request": [trace.on_request], "response": [trace.on_response]}
         connection = streamable_http_client(endpoint.url, http_client=http_client)
         connection = _closing(http_client, connection)
     return Client(
@@ -240,7 +260,7 @@ def _client(endpoint, transport, trace):
 def _traced(factory, trace):
     def make_client(headers=None, timeout=None, auth=None):
         client = factory(headers=headers, timeout=timeout, auth=auth)
-        client.event_hooks = {"request": [], "response": [trace.on_response]}
+        client.event_hooks = {"request": [trace.on_request], "response": [trace.on_response]}
         return client
 
     return make_client

@@ -1,6 +1,8 @@
 """MCP servers and the tools they offer."""
 
+import difflib
 import hashlib
+import hmac
 import json
 import logging
 from dataclasses import dataclass
@@ -83,6 +85,12 @@ class McpServer(models.Model):
         "allow plain HTTP",
         default=False,
         help_text="Allow an http:// URL. The token and headers then travel unencrypted.",
+    )
+    personal_data_needs_approval = models.BooleanField(
+        "personal data needs approval",
+        default=True,
+        help_text="Calls whose arguments look like they carry personal data or secrets (e-mail "
+        "addresses, phone, card or ID numbers, API keys) always wait for a human, in every mode.",
     )
 
     sync_state = models.CharField(max_length=10, choices=SyncState, default=SyncState.IDLE)
@@ -336,6 +344,19 @@ class Tool(models.Model):
         self.save()
         return changed
 
+    def changes_since_review(self):
+        """A unified diff from the reviewed definition to the current one ("" when none)."""
+        if not self.changed_since_review:
+            return ""
+
+        def lines(definition):
+            text = json.dumps(definition or {}, indent=2, sort_keys=True, ensure_ascii=False)
+            return text.splitlines()
+
+        before, after = lines(self.reviewed_definition), lines(self.definition)
+        diff = difflib.unified_diff(before, after, "reviewed", "current", lineterm="")
+        return "\n".join(diff)
+
     def mark_reviewed(self, user):
         self.reviewed_fingerprint = self.fingerprint
         self.reviewed_definition = self.definition
@@ -433,4 +454,10 @@ class Agent(models.Model):
     def authenticate(cls, token):
         if not token or not token.startswith(cls.TOKEN_PREFIX) or len(token) > 200:
             return None
-        return cls.objects.filter(token_hash=hash_token(token), is_active=True).first()
+        digest = hash_token(token)
+        agent = cls.objects.filter(token_hash=digest, is_active=True).first()
+        # The index lookup already only matches the exact hash; comparing again in constant
+        # time keeps the check honest should the lookup ever become a prefix or range match.
+        if agent is None or not hmac.compare_digest(agent.token_hash, digest):
+            return None
+        return agent

@@ -109,7 +109,7 @@ def test_a_call_needing_approval_is_pending(client, agent_token):
     assert call["decision"] is None and call["result"] is None and call["error"] is None
     assert call["expires_at"] is not None
     assert set(call) == {
-        "id", "status", "server", "tool", "arguments", "decision", "result", "error",
+        "id", "status", "server", "tool", "arguments", "decision", "result", "warnings", "error",
         "created_at", "started_at", "finished_at", "expires_at",
     }  # fmt: skip
 

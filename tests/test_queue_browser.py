@@ -169,3 +169,29 @@ def test_a_request_decided_elsewhere_leaves_the_page(chromium, live_server, worl
     expect(card).to_be_visible()
     ToolCall.objects.get(pk=call["id"]).deny(alice, "from the admin")
     expect(card.locator(".outcome")).to_contain_text("Already denied by alice")
+
+
+def test_pages_run_under_the_strict_csp_without_violations(chromium, live_server, world):
+    User.objects.create_superuser("root", password="pw-root-123")
+    approver("carol")
+    post_call(live_server, world)
+    page = log_in(chromium, live_server, "carol")
+    violations = []
+    page.on("console", lambda message: violations.append(message.text))
+    page.context.clear_cookies()
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/")
+    page.get_by_label("Username").fill("root")
+    page.get_by_label("Password").fill("pw-root-123")
+    page.get_by_role("button", name="Log in").click()
+    server = McpServer.objects.get(name="demo")
+    for path in (
+        "/admin/",
+        "/admin/integrations/mcpserver/add/",
+        f"/admin/integrations/mcpserver/{server.pk}/change/",
+        "/admin/integrations/tool/",
+        "/approvals/",
+        "/approvals/history/",
+    ):
+        page.goto(f"{live_server.url}{path}")
+        expect(page.locator("body")).to_be_visible()
+    assert [v for v in violations if "Content Security Policy" in v] == []

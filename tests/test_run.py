@@ -154,6 +154,8 @@ def test_run_starts_everything_shows_the_demo_and_stops_on_ctrl_c(tmp_path):
 
     # With the demo's port taken, everything else still starts, and the output says why.
     with socket.socket() as squatter:
+        # SO_REUSEADDR: the previous run's connections to that port may linger in TIME_WAIT.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", int(env["DEMO_MCP_PORT"])))
         squatter.listen()
         process = manage(env, "run", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -43,18 +43,18 @@ def test_production_refuses_to_start_without_a_secret_key(tmp_path):
 
 
 def test_production_refuses_to_start_without_an_encryption_key(tmp_path):
-    result = start(tmp_path, DEBUG="false", SECRET_KEY="x" * 50)
+    result = start(tmp_path, DEBUG="false", SECRET_KEY="x1y2z" * 10)
     assert "FIELD_ENCRYPTION_KEYS must be set" in result.stderr
 
 
 def test_production_refuses_a_malformed_encryption_key(tmp_path):
-    result = start(tmp_path, DEBUG="false", SECRET_KEY="x" * 50, FIELD_ENCRYPTION_KEYS="nope")
+    result = start(tmp_path, DEBUG="false", SECRET_KEY="x1y2z" * 10, FIELD_ENCRYPTION_KEYS="nope")
     assert "not a Fernet key" in result.stderr
 
 
 def test_production_starts_with_real_keys(tmp_path):
     key = Fernet.generate_key().decode()
-    result = start(tmp_path, DEBUG="false", SECRET_KEY="x" * 50, FIELD_ENCRYPTION_KEYS=key)
+    result = start(tmp_path, DEBUG="false", SECRET_KEY="x1y2z" * 10, FIELD_ENCRYPTION_KEYS=key)
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "dev-secrets.json").exists()
 
