@@ -1,12 +1,13 @@
 """The agent API, `/api/v1/`: JSON in and out, `Authorization: Bearer <agent token>`.
 
 The views are async so that an agent waiting for an outcome (`?wait=`) holds a coroutine, not
-a thread or a process: one web process holds hundreds of waiting agents. The database work is
-plain Django code run through `sync_to_async`.
+a thread or a process: one web process holds hundreds of waiting agents (see config/asgi.py and
+approvals/waiting.py). The database work is plain Django code run through `sync_to_async`.
 """
 
-import asyncio
 import json
+import math
+import re
 from functools import wraps
 
 from asgiref.sync import sync_to_async
@@ -18,6 +19,7 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from approvals.models import Refused, Status, ToolCall, request_tool_call
+from approvals.waiting import wait_until_final
 from integrations.models import Agent, Tool
 
 
@@ -125,21 +127,13 @@ def _time(value):
 
 
 async def _call_after_wait(agent, call_id, seconds):
-    """The agent's call, re-read until it is final or `seconds` have passed."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    interval = 0.05
-    while True:
-        call = (
-            await ToolCall.objects.select_related("decided_by_user")
-            .filter(pk=call_id, agent=agent)
-            .afirst()
-        )
-        if call is None or call.is_final or loop.time() >= deadline:
-            return call
-        # Back off to one read a second: cheap for the database with hundreds of waiters.
-        await asyncio.sleep(min(interval, max(deadline - loop.time(), 0)))
-        interval = min(interval * 1.5, 1.0)
+    """The agent's call, once it is final or after `seconds`, whichever comes first."""
+    calls = ToolCall.objects.select_related("decided_by_user").filter(agent=agent)
+    call = await calls.filter(pk=call_id).afirst()
+    if call is None or call.is_final or seconds <= 0:
+        return call
+    await wait_until_final(call.pk, seconds)
+    return await calls.filter(pk=call_id).afirst()
 
 
 @api("GET")
@@ -240,6 +234,9 @@ def _parse(request):
         raise ValueError("The body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise ValueError("The body must be a JSON object.")
+    problem = _unstorable(body)
+    if problem:
+        raise ValueError(f"The body is valid JSON, but {problem}.")
     unknown = set(body) - {"server", "tool", "arguments", "idempotency_key"}
     if unknown:
         raise ValueError(f"Unknown field(s): {', '.join(sorted(unknown))}.")
@@ -259,3 +256,27 @@ def _parse(request):
 
 def _no_constants(name):
     raise ValueError(f"{name} is not valid JSON")
+
+
+MAX_BODY_DEPTH = 256  # far below the recursion limit that json.dumps meets when saving
+_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _unstorable(value):
+    """Why the database or a JSON encoder would refuse part of a parsed body, or None: JSON
+    lets through numbers too large for a double (1e999 parses as inf), \\u0000 and unpaired
+    surrogates (\\ud800), and nesting deep enough to exhaust the stack when it is saved."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > MAX_BODY_DEPTH:
+            return f"it is nested deeper than {MAX_BODY_DEPTH} levels"
+        if isinstance(item, dict):
+            stack.extend((child, level + 1) for child in [*item, *item.values()])
+        elif isinstance(item, list):
+            stack.extend((child, level + 1) for child in item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "a number in it is too large (such as 1e999)"
+        elif isinstance(item, str) and _UNSTORABLE_TEXT.search(item):
+            return "a string in it contains \\u0000 or an unpaired surrogate (\\ud800-\\udfff)"
+    return None

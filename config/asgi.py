@@ -1,9 +1,52 @@
-"""ASGI entry point. Toolgate is served by uvicorn so that agents waiting on a tool call
-(`?wait=`) hold a coroutine, not a thread or a process each."""
+"""ASGI entry point, served by uvicorn.
+
+Two things keep a waiting agent (`?wait=`) down to a coroutine instead of a thread:
+- every middleware is async-capable, and static files are served here by Starlette's async
+  StaticFiles rather than by WhiteNoise's sync-only middleware;
+- API requests skip Django's per-request thread (`ThreadSensitiveContext`): their short
+  database calls share one thread, so hundreds of open requests don't hold hundreds of threads.
+"""
 
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-application = get_asgi_application()
+django.setup(set_prefix=False)
+
+from django.conf import settings  # noqa: E402 - after setup
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from starlette.staticfiles import StaticFiles  # noqa: E402
+
+
+class ToolgateASGIHandler(ASGIHandler):
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+            await self.handle(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+django_application = ToolgateASGIHandler()
+static_files = StaticFiles(directory=settings.STATIC_ROOT, check_dir=False)
+STATIC_PREFIX = "/" + settings.STATIC_URL.strip("/") + "/"
+
+
+async def application(scope, receive, send):
+    if scope["type"] == "http" and scope["path"].startswith(STATIC_PREFIX):
+        scope = {**scope, "path": scope["path"][len(STATIC_PREFIX) - 1 :], "root_path": ""}
+        await static_files(scope, receive, send)
+    elif scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+    else:
+        await django_application(scope, receive, send)
+
+
+async def _lifespan(receive, send):
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

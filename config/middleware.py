@@ -1,5 +1,7 @@
 """Security headers on every response, admin included (Django's admin runs no inline script)."""
 
+from django.utils.deprecation import MiddlewareMixin
+
 CONTENT_SECURITY_POLICY = "; ".join(
     [
         "default-src 'self'",
@@ -16,12 +18,11 @@ CONTENT_SECURITY_POLICY = "; ".join(
 PERMISSIONS_POLICY = "camera=(), microphone=(), geolocation=(), payment=(), usb=()"
 
 
-class SecurityHeadersMiddleware:
-    def __init__(self, get_response):
-        self.get_response = get_response
+class SecurityHeadersMiddleware(MiddlewareMixin):
+    """MiddlewareMixin makes it async-capable: a sync-only middleware would make Django run
+    every request, waiting agents included, on a thread of its own."""
 
-    def __call__(self, request):
-        response = self.get_response(request)
+    def process_response(self, request, response):
         response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         response.headers.setdefault("Permissions-Policy", PERMISSIONS_POLICY)
         return response

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
 import httpx2
@@ -67,10 +67,16 @@ class Endpoint:
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
     def redact(self, text):
-        """Remove this endpoint's secrets from text that may be shown or stored."""
-        secrets = [self.url, *self.headers.values()]
+        """Remove this endpoint's secrets from text that may be shown or stored: the URL and its
+        path, query values and credentials, and header values (also without "Bearer ")."""
         parts = urlsplit(self.url)
-        secrets += [parts.path, parts.query, parts.netloc.rpartition("@")[0]]
+        secrets = [self.url, parts.path, parts.query, parts.netloc.rpartition("@")[0]]
+        secrets += [value for _, value in parse_qsl(parts.query)]
+        secrets += [segment for segment in parts.path.split("/") if len(segment) >= 8]
+        secrets += [parts.password or ""]
+        for value in self.headers.values():
+            secrets += [value, value.rpartition(" ")[2]]
+        secrets += [unquote(secret) for secret in secrets]
         for secret in sorted({s for s in secrets if s and len(s) > 3}, key=len, reverse=True):
             text = text.replace(secret, "[redacted]")
         return text
@@ -330,8 +336,11 @@ def _explain(exc, endpoint, transport, trace):
         return McpError("redirect", message)
     if status and status >= 500:
         return McpError("server_error", f"{where}: the server failed (HTTP {status}).")
+    if isinstance(exc, MCPError) and exc.code == mcp_types.REQUEST_TIMEOUT:
+        return McpError("timeout", f"{where}: no answer in time.")
     if isinstance(exc, MCPError):
-        detail = exc.error.message[:300] if exc.error else str(exc)[:300]
+        # Redact before cutting: a cut could split a secret and let its first half through.
+        detail = endpoint.redact(exc.error.message if exc.error else str(exc))[:300]
         return McpError("protocol", f"{where}: the server answered with an error: {detail}")
     if isinstance(exc, ValidationError | json.JSONDecodeError | httpx2.HTTPError | ValueError):
         return McpError("protocol", f"{where}: the reply is not valid MCP ({type(exc).__name__}).")

@@ -31,6 +31,7 @@ Celery workers can use it without an app registry.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import ssl
@@ -651,6 +652,13 @@ class _GuardedTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
+@functools.cache
+def _default_ssl_context() -> ssl.SSLContext:
+    """One verifying context for the process: loading the CA bundle costs ~20 ms, and an
+    SSLContext is safe to share between connections and threads."""
+    return httpx2.create_ssl_context()
+
+
 def _pooled_transport(
     backend: GuardedNetworkBackend, ssl_context: ssl.SSLContext | None
 ) -> httpx2.AsyncHTTPTransport:
@@ -659,7 +667,7 @@ def _pooled_transport(
     httpx2's transport has no network_backend argument, so we build the
     httpcore2 pool ourselves (public API, httpx2's default limits) and install it.
     """
-    context = ssl_context if ssl_context is not None else httpx2.create_ssl_context()
+    context = ssl_context if ssl_context is not None else _default_ssl_context()
     transport = httpx2.AsyncHTTPTransport(verify=context)
     if not isinstance(getattr(transport, "_pool", None), httpcore2.AsyncConnectionPool):
         raise RuntimeError("httpx2 internals changed: cannot install the network guard")

@@ -182,7 +182,9 @@ def start(target: Servable, transport: Transport = "streamable_http") -> Running
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; expected one of {TRANSPORTS}")
     # Binding here, not in uvicorn, hands the port over without a find-then-bind race.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets created with it, and
+    # without it every keep-alive reply waits ~40 ms for Nagle's algorithm.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind((_HOST, 0))
     running = RunningServer(host=_HOST, port=sock.getsockname()[1], transport=transport)
     config = uvicorn.Config(

@@ -4,20 +4,27 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('approvals', '0003_history_indexes'),
+        ("approvals", "0003_history_indexes"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='toolcall',
-            name='purged_at',
-            field=models.DateTimeField(blank=True, help_text='When arguments and result were removed (retention).', null=True),
+            model_name="toolcall",
+            name="purged_at",
+            field=models.DateTimeField(
+                blank=True,
+                help_text="When arguments and result were removed (retention).",
+                null=True,
+            ),
         ),
         migrations.AddField(
-            model_name='toolcall',
-            name='warnings',
-            field=models.JSONField(blank=True, default=list, help_text='Result text that looks like instructions to the model.'),
+            model_name="toolcall",
+            name="warnings",
+            field=models.JSONField(
+                blank=True,
+                default=list,
+                help_text="Result text that looks like instructions to the model.",
+            ),
         ),
     ]

@@ -4,15 +4,18 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('integrations', '0002_agent'),
+        ("integrations", "0002_agent"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='mcpserver',
-            name='personal_data_needs_approval',
-            field=models.BooleanField(default=True, help_text='Calls whose arguments look like they carry personal data or secrets (e-mail addresses, phone, card or ID numbers, API keys) always wait for a human, in every mode.', verbose_name='personal data needs approval'),
+            model_name="mcpserver",
+            name="personal_data_needs_approval",
+            field=models.BooleanField(
+                default=True,
+                help_text="Calls whose arguments look like they carry personal data or secrets (e-mail addresses, phone, card or ID numbers, API keys) always wait for a human, in every mode.",
+                verbose_name="personal data needs approval",
+            ),
         ),
     ]

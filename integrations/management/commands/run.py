@@ -23,6 +23,7 @@ import time
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.management import call_command
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
@@ -43,6 +44,7 @@ class Command(BaseCommand):
     demo_port_taken = False
 
     def handle(self, *args, **options):
+        call_command("collectstatic", interactive=False, verbosity=0)
         password = self.create_first_superuser()
         processes = self.start_processes()
         demo = self.set_up_demo(processes["demo"]) if "demo" in processes else None
