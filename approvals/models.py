@@ -119,13 +119,12 @@ class ToolCall(models.Model):
     def is_final(self):
         return self.status in FINAL_STATUSES
 
-    def _transition(self, sources, target, **fields):
-        """Move from one of `sources` to `target` if the row is still there; True if it moved."""
-        extra_filter = fields.pop("_filter", {})
+    def _transition(self, sources, target, where=None, **fields):
+        """Move from one of `sources` to `target` (when the row also matches `where`) in one
+        conditional UPDATE; True if this call moved it, False if something else got there."""
         fields["status"] = target
-        changed = ToolCall.objects.filter(pk=self.pk, status__in=sources, **extra_filter).update(
-            **fields
-        )
+        rows = ToolCall.objects.filter(pk=self.pk, status__in=sources, **(where or {}))
+        changed = rows.update(**fields)
         if changed:
             for name, value in fields.items():
                 setattr(self, name, value)
@@ -143,7 +142,7 @@ class ToolCall(models.Model):
             decided_by_user=user,
             decided_at=now,
             note=note,
-            _filter={"expires_at__gt": now},
+            where={"expires_at__gt": now},
         )
         if approved:
             self.enqueue()
@@ -181,7 +180,7 @@ class ToolCall(models.Model):
             decided_at=now,
             finished_at=now,
             note=note,
-            _filter={"expires_at__gt": now},
+            where={"expires_at__gt": now},
         )
         if not denied:
             self.expire_if_due()
@@ -198,7 +197,7 @@ class ToolCall(models.Model):
             [Status.PENDING_APPROVAL],
             Status.EXPIRED,
             finished_at=now,
-            _filter={"expires_at__lte": now},
+            where={"expires_at__lte": now},
         )
 
     def enqueue(self):

@@ -48,6 +48,8 @@ def parse_headers(text):
             errors.append(f"Line {number}: {name} is set by Toolgate and can't be overridden.")
         elif any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
             errors.append(f"Line {number}: the value of {name} contains control characters.")
+        elif not value.isascii():  # the HTTP client sends header values as ASCII only
+            errors.append(f"Line {number}: the value of {name} must be plain ASCII.")
         elif name.lower() in {h.lower() for h in headers}:
             errors.append(f"Line {number}: {name} is given twice.")
         else:
@@ -154,6 +156,8 @@ class McpServerForm(forms.ModelForm):
         token = self.cleaned_data["secret_token"].strip()
         if any(ord(c) < 33 or ord(c) == 127 for c in token):
             raise ValidationError("The token can't contain spaces or control characters.")
+        if not token.isascii():  # it is sent in a header, and header values are ASCII only
+            raise ValidationError("The token must be plain ASCII.")
         return token
 
     def clean_headers_text(self):
@@ -166,7 +170,9 @@ class McpServerForm(forms.ModelForm):
             try:
                 netguard.validate_url(url, allow_http=cleaned.get("allow_http", False))
             except netguard.UrlRefused as exc:
-                self.add_error("url", str(exc))
+                # Keep the reason, not what it quotes: Python's URL parser quotes the port, or
+                # the whole netloc with any password in it.
+                self.add_error("url", re.sub(r"""(['"]).*\1""", "…", str(exc), flags=re.DOTALL))
         headers = cleaned.get("headers_text") or {}
         if "authorization" in {name.lower() for name in headers} and self._token_after_save():
             self.add_error(

@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -324,6 +325,25 @@ class Tool(models.Model):
         """The annotation hints the server claims, as labels. Claims, never guarantees."""
         return [label for key, label in HINTS.items() if self.annotations.get(key) is True]
 
+    @property
+    def effective_approval(self):
+        """What the policy does with a call to this tool: "blocked", "requires_approval" or "auto".
+
+        Disabled blocks in every mode; a tool changed since review or flagged by a scanner needs a
+        human in every mode; otherwise the server's approval mode decides, and in Fine-Grained mode
+        the tool's own setting.
+        """
+        if self.approval == ToolApproval.DISABLED:
+            return "blocked"
+        if self.needs_review:
+            return "requires_approval"
+        mode = self.server.approval_mode
+        if mode == ApprovalMode.NO_APPROVAL:
+            return "auto"
+        if mode == ApprovalMode.FINE_GRAINED and self.approval == ToolApproval.AUTO_APPROVED:
+            return "auto"
+        return "requires_approval"
+
     def update_definition(self, definition, now, warnings=()):
         """Record the definition from a sync; True when it differs from the last one seen.
 
@@ -390,28 +410,6 @@ class ToolRevision(models.Model):
         return f"{self.tool} @ {self.fingerprint[:12]}"
 
 
-def _effective_approval(tool):
-    """What the policy does with a call to this tool: "blocked", "requires_approval" or "auto".
-
-    Disabled blocks in every mode; a tool changed since review or flagged by a scanner needs a
-    human in every mode; otherwise the server's approval mode decides, and in Fine-Grained mode
-    the tool's own setting.
-    """
-    if tool.approval == ToolApproval.DISABLED:
-        return "blocked"
-    if tool.needs_review:
-        return "requires_approval"
-    mode = tool.server.approval_mode
-    if mode == ApprovalMode.NO_APPROVAL:
-        return "auto"
-    if mode == ApprovalMode.FINE_GRAINED and tool.approval == ToolApproval.AUTO_APPROVED:
-        return "auto"
-    return "requires_approval"
-
-
-Tool.effective_approval = property(_effective_approval)
-
-
 def hash_token(token):
     # Agent tokens are 256 random bits, so a fast hash is enough: there is nothing to brute
     # force. Looking the hash up by index leaks nothing useful through timing.
@@ -438,8 +436,6 @@ class Agent(models.Model):
 
     def set_new_token(self):
         """Give the agent a new token and return it. Only its hash is kept: show it now."""
-        import secrets
-
         token = self.TOKEN_PREFIX + secrets.token_urlsafe(32)
         self.token_hash = hash_token(token)
         self.token_hint = token[:10]

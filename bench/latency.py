@@ -1,0 +1,257 @@
+"""End-to-end latency of an auto-approved tool call through the agent API, against calling the
+same tool directly with the `mcp` SDK.
+
+Four cases, each `--calls` sequential calls of ``echo(text="hi")`` on the demo MCP server after
+a short warm-up:
+
+- direct, one open session: ``mcp.Client(url)`` opened once, ``call_tool`` repeated on it;
+- direct, fresh session: a new ``mcp.Client(url)`` (connect + protocol negotiation) per call,
+  which is what a Toolgate worker does for every call;
+- API, file broker: ``POST /api/v1/tool-calls?wait=30`` until the call has succeeded, with the
+  embedded defaults (SQLite, file broker, whose worker polls the queue every 0.2 s);
+- API, Redis broker: the same with ``CELERY_BROKER_URL=redis://127.0.0.1:6379/14`` for web and
+  worker, when Redis answers there (that database is flushed before and after).
+
+For the API cases the stored timestamps of each call split the time into: accept (request sent
+-> call stored), queue (stored -> a worker claimed it), run (claimed -> result stored: a fresh
+MCP session plus the call) and notify (result stored -> response received by the agent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import anyio
+import httpx2
+
+from bench import harness
+
+CALL_TIMEOUT = 30  # seconds, for any single call in any case
+ARGUMENTS = {"text": "hi"}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench latency", description=__doc__)
+    parser.add_argument("--calls", type=int, default=200, help="timed calls per case")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls first")
+    parser.add_argument("--no-redis", action="store_true", help="skip the Redis broker case")
+    parser.add_argument(
+        "--tests-helper",
+        action="store_true",
+        help="serve the demo MCP server through tests.mcp_servers.start unchanged (Nagle on)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary var dir")
+    args = parser.parse_args(argv)
+    if not 1 <= args.calls <= 100_000 or not 0 <= args.warmup <= 1000:
+        parser.error("--calls must be 1..100000 and --warmup 0..1000")
+    return args
+
+
+# ---- direct calls with the SDK ---------------------------------------------------------------
+
+
+def _check_direct(result):
+    text = getattr(result.content[0], "text", None) if result.content else None
+    if result.is_error or text != ARGUMENTS["text"]:
+        raise harness.BenchError(f"Unexpected direct result: {result!r}")
+
+
+async def _direct_open_session(url, calls, warmup):
+    from mcp import Client
+
+    timings = []
+    with anyio.fail_after(CALL_TIMEOUT * (calls + warmup + 1)):
+        async with Client(url) as client:
+            for i in range(warmup + calls):
+                harness.check_interrupted()
+                start = time.perf_counter()
+                with anyio.fail_after(CALL_TIMEOUT):
+                    result = await client.call_tool("echo", ARGUMENTS)
+                elapsed = time.perf_counter() - start
+                _check_direct(result)
+                if i >= warmup:
+                    timings.append(elapsed)
+    return timings
+
+
+async def _direct_fresh_session(url, calls, warmup):
+    from mcp import Client
+
+    timings = []
+    for i in range(warmup + calls):
+        harness.check_interrupted()
+        start = time.perf_counter()
+        with anyio.fail_after(CALL_TIMEOUT):
+            async with Client(url) as client:
+                result = await client.call_tool("echo", ARGUMENTS)
+        elapsed = time.perf_counter() - start
+        _check_direct(result)
+        if i >= warmup:
+            timings.append(elapsed)
+    return timings
+
+
+# ---- calls through the API -------------------------------------------------------------------
+
+
+def _api_calls(toolgate, calls, warmup):
+    """Timed calls through the API: (seconds each, [(call id, wall-clock sent, received)])."""
+    body = {"server": harness.SERVER_NAME, "tool": "echo", "arguments": ARGUMENTS}
+    timings, marks = [], []
+    timeout = httpx2.Timeout(CALL_TIMEOUT + 10)
+    with httpx2.Client(base_url=toolgate.base_url, headers=toolgate.auth, timeout=timeout) as http:
+        for i in range(warmup + calls):
+            harness.check_interrupted()
+            sent_wall = time.time()
+            start = time.perf_counter()
+            response = http.post("/api/v1/tool-calls", params={"wait": 30}, json=body)
+            call = _json(response, 201)
+            for _ in range(3):  # `wait` ran out first: wait again, a bounded number of times
+                if call["status"] not in ("approved", "running"):
+                    break
+                response = http.get(f"/api/v1/tool-calls/{call['id']}", params={"wait": 30})
+                call = _json(response, 200)
+            elapsed = time.perf_counter() - start
+            received_wall = time.time()
+            if call["status"] != "succeeded" or call["result"]["content"][0]["text"] != "hi":
+                toolgate.check_alive()
+                raise harness.BenchError(f"The API call did not succeed: {call}")
+            if i >= warmup:
+                timings.append(elapsed)
+                marks.append((call["id"], sent_wall, received_wall))
+    return timings, marks
+
+
+def _json(response, expected_status):
+    if response.status_code != expected_status:
+        raise harness.BenchError(f"API answered {response.status_code}: {response.text[:500]}")
+    return response.json()
+
+
+def _breakdown(marks):
+    """Median milliseconds of each phase of the API calls, from the stored timestamps."""
+    from approvals.models import ToolCall
+
+    ids = [call_id for call_id, _, _ in marks]
+    rows = {
+        row["pk"]: row
+        for row in ToolCall.objects.filter(pk__in=ids).values(
+            "pk", "requested_at", "started_at", "finished_at"
+        )
+    }
+    phases = {"accept": [], "queue": [], "run": [], "notify": []}
+    for call_id, sent, received in marks:
+        row = rows[call_id]
+        requested = row["requested_at"].timestamp()
+        started = row["started_at"].timestamp()
+        finished = row["finished_at"].timestamp()
+        phases["accept"].append(requested - sent)
+        phases["queue"].append(started - requested)
+        phases["run"].append(finished - started)
+        phases["notify"].append(received - finished)
+    return {name: statistics.median(values) * 1000 for name, values in phases.items()}
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def _stats(timings):
+    harness.check_interrupted()
+    return {
+        "calls": len(timings),
+        "median_ms": statistics.median(timings) * 1000,
+        "p95_ms": harness.percentile(timings, 95) * 1000,
+        "mean_ms": statistics.fmean(timings) * 1000,
+        "max_ms": max(timings) * 1000,
+    }
+
+
+def run(argv=()):
+    args = parse_args(list(argv))
+    results = {"calls": args.calls, "cases": {}, "breakdown": {}, "notes": []}
+    if args.tests_helper:
+        results["notes"].append("demo MCP server via tests.mcp_servers.start (no TCP_NODELAY)")
+    cases = results["cases"]
+    with harness.Toolgate(
+        "no_approval", keep=args.keep, mcp_tests_helper=args.tests_helper
+    ) as toolgate:
+        from integrations.models import Tool
+
+        echo = Tool.objects.select_related("server").get(server=toolgate.server, name="echo")
+        if echo.effective_approval != "auto":
+            raise harness.BenchError(f"echo is {echo.effective_approval!r}, not auto-approved")
+        url = toolgate.mcp_url
+        print(f"Latency: {args.calls} sequential echo calls per case, {args.warmup} warm-up.")
+
+        print("  direct, one open session ...", flush=True)
+        cases["direct_open"] = _stats(
+            asyncio.run(_direct_open_session(url, args.calls, args.warmup))
+        )
+        print("  direct, fresh session per call ...", flush=True)
+        cases["direct_fresh"] = _stats(
+            asyncio.run(_direct_fresh_session(url, args.calls, args.warmup))
+        )
+
+        brokers = [("api_file", "filesystem://")]
+        if args.no_redis:
+            results["notes"].append("Redis case skipped (--no-redis).")
+        elif harness.redis_answers():
+            brokers.append(("api_redis", harness.REDIS_URL))
+        else:
+            results["notes"].append("Redis case skipped: nothing answers at 127.0.0.1:6379.")
+        for name, broker in brokers:
+            print(f"  API, {_broker_label(broker)} ...", flush=True)
+            if broker.startswith("redis"):
+                harness.flush_redis(broker)
+            try:
+                toolgate.start_app(broker)
+                timings, marks = _api_calls(toolgate, args.calls, args.warmup)
+            finally:
+                toolgate.stop_app()
+                if broker.startswith("redis"):
+                    harness.flush_redis(broker)
+            cases[name] = _stats(timings)
+            results["breakdown"][name] = _breakdown(marks)
+    for line in report(results):
+        print(line)
+    return results
+
+
+def _broker_label(broker):
+    return "Redis broker" if broker.startswith("redis") else "file broker"
+
+
+LABELS = {
+    "direct_open": "direct SDK, one open session",
+    "direct_fresh": "direct SDK, fresh session per call",
+    "api_file": "API ?wait=30, file broker",
+    "api_redis": "API ?wait=30, Redis broker",
+}
+
+
+def report(results):
+    cases = results["cases"]
+    lines = [
+        "",
+        f"Latency of one echo call, {results['calls']} sequential calls per case (ms):",
+        f"  {'case':<36} {'median':>8} {'p95':>8} {'/open':>8} {'/fresh':>8}",
+    ]
+    for name, label in LABELS.items():
+        if name not in cases:
+            continue
+        stats = cases[name]
+        row = f"  {label:<36} {stats['median_ms']:8.1f} {stats['p95_ms']:8.1f}"
+        if name.startswith("api"):
+            open_ratio = stats["median_ms"] / cases["direct_open"]["median_ms"]
+            fresh_ratio = stats["median_ms"] / cases["direct_fresh"]["median_ms"]
+            row += f" {open_ratio:7.1f}x {fresh_ratio:7.1f}x"
+        lines.append(row)
+    lines.append("  (ratios: API median / direct median; /fresh is the headline figure)")
+    for name, phases in results["breakdown"].items():
+        parts = ", ".join(f"{phase} {ms:.1f}" for phase, ms in phases.items())
+        lines.append(f"  {LABELS[name]}, median phases (ms): {parts}")
+    lines.extend(f"  note: {note}" for note in results["notes"])
+    return lines
