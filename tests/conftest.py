@@ -12,6 +12,7 @@ import pytest
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
+from kombu import Connection
 
 from config.celery import app as celery_app
 
@@ -44,6 +45,29 @@ def admin_user(django_user_model):
 def admin_client(client, admin_user):
     client.force_login(admin_user)
     return client
+
+
+def private_broker(folder, redis_db):
+    """A broker nobody else reads: a fresh folder for the file transport, or an emptied Redis
+    database. Returns a kombu connection to it, the environment a worker needs to use it, and
+    the folder messages are queued in (None on Redis)."""
+    if settings.CELERY_BROKER_URL.startswith("filesystem://"):
+        folders = {name: folder / name for name in ("queue", "processed", "control")}
+        for path in folders.values():
+            path.mkdir()
+        options = {
+            **settings.CELERY_BROKER_TRANSPORT_OPTIONS,
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "processed_folder": str(folders["processed"]),
+            "control_folder": str(folders["control"]),
+        }
+        env = {"CELERY_BROKER_URL": "filesystem://", "CELERY_BROKER_DIR": str(folder)}
+        return Connection("filesystem://", transport_options=options), env, folders["queue"]
+    url = settings.CELERY_BROKER_URL.rsplit("/", 1)[0] + f"/{redis_db}"
+    connection = Connection(url)
+    connection.default_channel.client.flushdb()
+    return connection, {"CELERY_BROKER_URL": url}, None
 
 
 def _database_url():

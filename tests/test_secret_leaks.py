@@ -21,7 +21,6 @@ from django.db import transaction
 from django.test import Client, RequestFactory
 from django.utils import timezone
 from django.views.debug import ExceptionReporter
-from kombu import Connection
 from starlette.responses import JSONResponse, Response
 
 from approvals.models import Status, ToolCall, request_tool_call
@@ -31,6 +30,7 @@ from integrations import forms, netguard
 from integrations.logging import RedactSecretsFilter, redact
 from integrations.models import Agent, McpServer, Tool
 from integrations.tasks import sync_all_servers, sync_server
+from tests.conftest import private_broker as make_private_broker
 from tests.conftest import wait_until
 from tests.mcp_servers import _asgi_app_for, _plain_http, protected_server
 
@@ -359,29 +359,13 @@ def test_an_error_report_hides_posted_secrets_auth_header_and_secret_settings(de
 def private_broker(tmp_path, monkeypatch):
     """A broker no worker reads, with the tasks' `delay()` publishing to it, so what the code
     enqueues stays there to be read. Returns a function listing the queued messages, raw."""
-    if settings.CELERY_BROKER_URL.startswith("filesystem://"):
-        folders = {name: tmp_path / name for name in ("queue", "processed", "control")}
-        for folder in folders.values():
-            folder.mkdir()
-        options = {
-            **settings.CELERY_BROKER_TRANSPORT_OPTIONS,
-            "data_folder_in": str(folders["queue"]),
-            "data_folder_out": str(folders["queue"]),
-            "processed_folder": str(folders["processed"]),
-            "control_folder": str(folders["control"]),
-        }
-        connection = Connection("filesystem://", transport_options=options)
+    connection, _env, queue_folder = make_private_broker(tmp_path, redis_db=12)
 
-        def queued():
-            return [path.read_text() for path in sorted(folders["queue"].iterdir())]
-
-    else:
-        connection = Connection(settings.CELERY_BROKER_URL.rsplit("/", 1)[0] + "/12")
-        connection.default_channel.client.flushdb()
-
-        def queued():
-            raw = connection.default_channel.client.lrange("celery", 0, -1)
-            return [message.decode() for message in reversed(raw)]  # LPUSHed: oldest last
+    def queued():
+        if queue_folder is not None:
+            return [path.read_text() for path in sorted(queue_folder.iterdir())]
+        raw = connection.default_channel.client.lrange("celery", 0, -1)
+        return [message.decode() for message in reversed(raw)]  # LPUSHed: oldest last
 
     celery_app.amqp.queues["celery"](connection.default_channel).declare()
     for task in (sync_server, run_tool_call):

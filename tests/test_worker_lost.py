@@ -6,14 +6,12 @@ import signal
 from datetime import timedelta
 
 import pytest
-from django.conf import settings
 from django.utils import timezone
-from kombu import Connection
 
 from approvals.models import DecidedBy, Status, ToolCall
 from approvals.tasks import run_tool_call
 from integrations.models import Agent, ApprovalMode, McpServer
-from tests.conftest import _database_url, spawn_worker, wait_until
+from tests.conftest import _database_url, private_broker, spawn_worker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -21,23 +19,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 @pytest.fixture
 def own_broker(tmp_path):
     """A broker only this test's worker listens to, so the session's worker can't take the call."""
-    if settings.CELERY_BROKER_URL.startswith("filesystem://"):
-        folders = {name: tmp_path / name for name in ("queue", "processed", "control")}
-        for folder in folders.values():
-            folder.mkdir()
-        options = {
-            **settings.CELERY_BROKER_TRANSPORT_OPTIONS,
-            "data_folder_in": str(folders["queue"]),
-            "data_folder_out": str(folders["queue"]),
-            "processed_folder": str(folders["processed"]),
-            "control_folder": str(folders["control"]),
-        }
-        env = {"CELERY_BROKER_URL": "filesystem://", "CELERY_BROKER_DIR": str(tmp_path)}
-        return Connection("filesystem://", transport_options=options), env
-    url = settings.CELERY_BROKER_URL.rsplit("/", 1)[0] + "/13"
-    connection = Connection(url)
-    connection.default_channel.queue_purge("celery")
-    return connection, {"CELERY_BROKER_URL": url}
+    connection, env, _ = private_broker(tmp_path, redis_db=13)
+    yield connection, env
+    connection.release()
 
 
 def tool_calls_received(running):
