@@ -214,6 +214,11 @@ async def cancel(request, call_id):
     return JsonResponse(call_json(call))
 
 
+@csrf_exempt
+async def not_found(request):
+    return error(404, "not_found", f"There is no API endpoint at {request.path}.")
+
+
 class _TooLarge(Exception):
     pass
 

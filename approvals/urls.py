@@ -1,5 +1,5 @@
 from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import path, re_path
 
 from approvals import api, views
 
@@ -10,6 +10,7 @@ urlpatterns = [
     path("api/v1/tool-calls", api.tool_calls),
     path("api/v1/tool-calls/<int:call_id>", api.tool_call),
     path("api/v1/tool-calls/<int:call_id>/cancel", api.cancel),
+    re_path(r"^api/", api.not_found),  # a JSON error for any other path under /api/
     path("approvals/", views.queue, name="queue"),
     path("approvals/state", views.queue_state, name="queue_state"),
     path("approvals/history/", views.history, name="history"),

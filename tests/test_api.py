@@ -343,3 +343,10 @@ def test_the_token_is_stored_only_as_a_hash(server):
 def test_fingerprint_is_recorded_with_the_call(client, server, agent_token):
     call_id = post(client, agent_token, call_body()).json()["id"]
     assert ToolCall.objects.get(pk=call_id).tool_fingerprint == fingerprint(ECHO)
+
+
+@pytest.mark.parametrize("method", ["get", "post", "delete"])
+def test_unknown_api_paths_get_a_json_404(client, method):
+    response = getattr(client, method)("/api/v1/tool-calls/abc/", content_type="application/json")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
