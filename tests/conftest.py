@@ -1,6 +1,7 @@
 """Shared fixtures: real MCP servers on loopback (tests/mcp_servers.py), a real Celery worker
 in its own process, and admin users."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -169,6 +170,28 @@ def wait_until(condition, timeout=30, interval=0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+# Headless Chromium on a machine without network: no background services phoning home.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@contextlib.contextmanager
+def launch_chromium(path):
+    """Debian's Chromium driven by Playwright (which can't download its own browsers here).
+
+    Start it after the test's database and MCP setup: while Playwright's sync API runs, the
+    thread has an event loop, and code that starts one of its own (the MCP client) can't run.
+    """
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,18 +11,15 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 from django.contrib.auth.models import Group, User
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from approvals.models import Status, ToolCall
 from integrations.models import Agent, ApprovalMode, McpServer
+from tests.conftest import launch_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 SCREENSHOTS = Path(django_settings.VAR_DIR) / "screenshots"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -37,10 +34,8 @@ def _playwright_and_django(monkeypatch, settings):
 def chromium(chromium_path, world, live_server):
     # Started after the database and MCP setup: while Playwright's sync API runs, this thread
     # has an event loop, and code that starts its own (the MCP client) can't run here.
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+    with launch_chromium(chromium_path) as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
