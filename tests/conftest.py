@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import hypothesis
 import pytest
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
+from hypothesis import HealthCheck, Phase
 from kombu import Connection
 
 from config.celery import app as celery_app
@@ -20,6 +22,23 @@ from config.celery import app as celery_app
 pytest_plugins = ["tests.mcp_servers"]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property-based tests: the same inputs on every run (a CI failure reproduces from the test
+# name alone); TOOLGATE_HYPOTHESIS_EXPLORE=1 draws 1000 fresh ones per test instead.
+EXPLORE = bool(os.environ.get("TOOLGATE_HYPOTHESIS_EXPLORE"))
+HYPOTHESIS_PROPERTIES = hypothesis.settings(
+    max_examples=1000 if EXPLORE else 150,
+    derandomize=not EXPLORE,
+    database=None,
+    deadline=None,
+    # Explaining a failure re-runs it many times through Django: minutes for little gain.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,  # each example runs in a rolled-back savepoint
+        HealthCheck.too_slow,
+        HealthCheck.large_base_example,
+    ],
+)
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,6 @@ worker or network is needed.
 """
 
 import json
-import os
 import re
 from contextlib import contextmanager, suppress
 from decimal import Decimal
@@ -33,7 +32,7 @@ import pytest
 from django.db import transaction
 from django.test import Client
 from django.utils import timezone
-from hypothesis import HealthCheck, Phase, event, example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from approvals.api import MAX_BODY_DEPTH
@@ -46,23 +45,10 @@ from integrations.models import (
     ToolApproval,
     ToolRevision,
 )
+from tests.conftest import HYPOTHESIS_PROPERTIES as PROPERTIES
 
 pytestmark = pytest.mark.django_db
 
-EXPLORE = bool(os.environ.get("TOOLGATE_HYPOTHESIS_EXPLORE"))
-PROPERTIES = settings(
-    max_examples=1000 if EXPLORE else 150,
-    derandomize=not EXPLORE,
-    database=None,
-    deadline=None,
-    # Explaining a failure re-runs it many times through Django: minutes for little gain.
-    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
-    suppress_health_check=[
-        HealthCheck.function_scoped_fixture,  # the fixtures are reset by a rolled-back savepoint
-        HealthCheck.too_slow,
-        HealthCheck.large_base_example,
-    ],
-)
 
 # The keys of a call object (test_api.py::test_a_call_needing_approval_is_pending). A superset
 # is allowed: new keys may be added without breaking agents.

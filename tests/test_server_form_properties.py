@@ -19,7 +19,6 @@ No network: `McpServer.request_sync` is replaced by a mock, and every example ru
 savepoint that is rolled back.
 """
 
-import os
 import string
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,27 +28,15 @@ import httpx2
 import pytest
 from django.db import transaction
 from django.test import Client
-from hypothesis import HealthCheck, Phase, event, example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from integrations.forms import RESERVED_HEADERS, McpServerForm
 from integrations.models import ApprovalMode, McpServer, Transport
+from tests.conftest import HYPOTHESIS_PROPERTIES as PROPERTIES
 
 pytestmark = pytest.mark.django_db
 
-EXPLORE = bool(os.environ.get("TOOLGATE_HYPOTHESIS_EXPLORE"))
-PROPERTIES = settings(
-    max_examples=1000 if EXPLORE else 150,
-    derandomize=not EXPLORE,
-    database=None,
-    deadline=None,
-    # Explaining a failure re-runs it many times through Django: minutes for little gain.
-    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
-    suppress_health_check=[
-        HealthCheck.function_scoped_fixture,  # the database is reset by a rolled-back savepoint
-        HealthCheck.too_slow,
-    ],
-)
 
 ADD_URL = "/admin/integrations/mcpserver/add/"
 INLINE_MANAGEMENT = {
