@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from integrations import mcp_client, scanner
 from integrations.models import Agent, McpServer, Tool, ToolApproval
+from integrations.queueing import enqueue_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +202,11 @@ class ToolCall(models.Model):
         )
 
     def enqueue(self):
+        """Run the call in a worker after commit; if the broker is down, the sweeper enqueues
+        it again once TOOL_CALL_REQUEUE_AFTER has passed."""
         from approvals.tasks import run_tool_call
 
-        transaction.on_commit(lambda: run_tool_call.delay(self.pk))
+        enqueue_on_commit(run_tool_call, self.pk)
 
     def run(self):
         """Claim the call and run it once. Returns True when it should be retried later.

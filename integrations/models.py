@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from integrations import mcp_client, scanner
 from integrations.fields import EncryptedJSONField, EncryptedTextField
+from integrations.queueing import enqueue_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,14 @@ class McpServer(models.Model):
         McpServer.objects.filter(pk=self.pk, sync_state=SyncState.IDLE).update(
             sync_state=SyncState.QUEUED
         )
-        transaction.on_commit(lambda: sync_server.delay(self.pk))
+        enqueue_on_commit(sync_server, self.pk, on_failure=self._sync_not_queued)
+
+    def _sync_not_queued(self):
+        McpServer.objects.filter(pk=self.pk, sync_state=SyncState.QUEUED).update(
+            sync_state=SyncState.IDLE,
+            last_error="The sync could not be queued: the task broker is unreachable. "
+            "It is retried at the next periodic sync.",
+        )
 
     def sync_tools(self):
         """Fetch the tool list and bring our tools up to date. Failures go to `last_error`.

@@ -276,3 +276,21 @@ class QueueQueriesTest(TestCase):
             pending(agent, server, tool, decided_by=DecidedBy.HUMAN).deny(user)
         with self.assertNumQueries(5):
             self.client.get("/approvals/history/")
+
+
+@pytest.mark.django_db(transaction=True)  # on_commit callbacks run only when a commit happens
+def test_an_approval_stands_when_the_broker_is_down(client, approver, monkeypatch):
+    """The decision is committed before the task is sent; the sweeper sends it later."""
+    from kombu.exceptions import OperationalError
+
+    from approvals.tasks import run_tool_call
+
+    def broker_down(*args, **kwargs):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(run_tool_call, "delay", broker_down)
+    server, tool, agent = make_world()
+    call = pending(agent, server, tool)
+    response = client.post(f"/approvals/{call.pk}/decide", {"decision": "approve"})
+    assert response.status_code == 302
+    assert ToolCall.objects.get(pk=call.pk).status == Status.APPROVED

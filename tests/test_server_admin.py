@@ -274,3 +274,20 @@ def test_mark_reviewed_records_who(admin_client, admin_user):
     tool.refresh_from_db()
     assert not tool.needs_review
     assert tool.reviewed_by == admin_user
+
+
+@pytest.mark.django_db(transaction=True)
+def test_saving_a_server_while_the_broker_is_down_says_so(admin_client, monkeypatch):
+    from kombu.exceptions import OperationalError
+
+    from integrations.tasks import sync_server
+
+    def broker_down(*args, **kwargs):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(sync_server, "delay", broker_down)
+    response = admin_client.post("/admin/integrations/mcpserver/add/", form_data())
+    assert response.status_code == 302
+    server = McpServer.objects.get()
+    assert server.sync_state == "idle"
+    assert "could not be queued" in server.last_error
