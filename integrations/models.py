@@ -449,6 +449,16 @@ class Agent(models.Model):
         self.token_hint = token[:10]
         return token
 
+    @classmethod
+    def create_with_token(cls, name, servers=(), **fields):
+        """Create an agent allowed on `servers`; returns (agent, token). Show the token now:
+        only its hash is kept."""
+        agent = cls(name=name, **fields)
+        token = agent.set_new_token()
+        agent.save()
+        agent.servers.set(servers)
+        return agent, token
+
     def rotate_token(self):
         token = self.set_new_token()
         self.save(update_fields=["token_hash", "token_hint"])

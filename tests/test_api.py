@@ -38,11 +38,7 @@ def make_server(name="demo", mode=ApprovalMode.ALWAYS_ASK, **kwargs):
 
 
 def make_agent(*servers, name="bot"):
-    agent = Agent(name=name)
-    token = agent.set_new_token()
-    agent.save()
-    agent.servers.set(servers)
-    return agent, token
+    return Agent.create_with_token(name, servers)
 
 
 @pytest.fixture

@@ -107,11 +107,7 @@ def _server(name, mode, **fields):
 
 
 def _agent(name, servers, active=True):
-    agent = Agent(name=name, is_active=active)
-    token = agent.set_new_token()
-    agent.save()
-    agent.servers.set(servers)
-    return agent, token
+    return Agent.create_with_token(name, servers, is_active=active)
 
 
 @pytest.fixture

@@ -45,11 +45,7 @@ def world(mcp_demo_http):
         approval_mode=ApprovalMode.ALWAYS_ASK, description="Demo tools",
     )  # fmt: skip
     assert server.sync_tools().ok
-    agent = Agent(name="support-bot")
-    token = agent.set_new_token()
-    agent.save()
-    agent.servers.set([server])
-    return token
+    return Agent.create_with_token("support-bot", [server])[1]
 
 
 def approver(name):

@@ -23,10 +23,7 @@ def make_world(mode=ApprovalMode.ALWAYS_ASK):
         "annotations": {"destructiveHint": True, "openWorldHint": True},
     }
     tool = Tool.objects.create_from_definition(server, definition, timezone.now())
-    agent = Agent(name="support-bot")
-    agent.set_new_token()
-    agent.save()
-    agent.servers.set([server])
+    agent, _ = Agent.create_with_token("support-bot", [server])
     return server, tool, agent
 
 

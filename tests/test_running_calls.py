@@ -18,10 +18,7 @@ def setup_server(running, mode=ApprovalMode.NO_APPROVAL, name="demo"):
         name=name, url=running.url, allow_private_network=True, approval_mode=mode
     )
     assert server.sync_tools().ok
-    agent = Agent(name=f"agent-{name}")
-    agent.set_new_token()
-    agent.save()
-    agent.servers.set([server])
+    agent, _ = Agent.create_with_token(f"agent-{name}", [server])
     return server, agent
 
 

@@ -105,11 +105,7 @@ def make_server(url, name="secret", **kwargs):
 
 
 def make_agent(*servers):
-    agent = Agent(name="bot")
-    token = agent.set_new_token()
-    agent.save()
-    agent.servers.set(servers)
-    return agent, token
+    return Agent.create_with_token("bot", servers)
 
 
 def closed_port_url():

@@ -216,10 +216,7 @@ def test_instructions_in_a_result_are_flagged_for_the_agent(injecting_server, cl
         approval_mode=ApprovalMode.NO_APPROVAL,
     )  # fmt: skip
     server.sync_tools()
-    agent = Agent(name="bot")
-    token = agent.set_new_token()
-    agent.save()
-    agent.servers.set([server])
+    agent, token = Agent.create_with_token("bot", [server])
     call, _ = request_tool_call(agent, "web", "fetch_page", {"url": "https://example.com"})
     ToolCall.objects.get(pk=call.pk).run()
     body = client.get(

@@ -20,9 +20,6 @@ class Command(BaseCommand):
         missing = set(servers) - {server.name for server in found}
         if missing:
             raise CommandError(f"No MCP server named {', '.join(sorted(missing))}.")
-        agent = Agent(name=name, description=description)
-        token = agent.set_new_token()
-        agent.save()
-        agent.servers.set(found)
+        _, token = Agent.create_with_token(name, found, description=description)
         self.stdout.write(f"Created agent {name} for {', '.join(servers) or 'no servers'}.")
         self.stdout.write(token)

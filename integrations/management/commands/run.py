@@ -107,10 +107,9 @@ class Command(BaseCommand):
                 allow_private_network=True,
                 allow_http=True,
             )
-            agent = Agent(name=DEMO_AGENT, description="Try-it-out agent for the demo server.")
-            token = agent.set_new_token()
-            agent.save()
-            agent.servers.add(server)
+            _, token = Agent.create_with_token(
+                DEMO_AGENT, [server], description="Try-it-out agent for the demo server."
+            )
         return {"url": url, "token": token, "problem": self.sync_demo(server, process)}
 
     def sync_demo(self, server, process):
