@@ -231,6 +231,11 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {}
+# A prefix for every key Toolgate puts in Redis, so that several deployments (or test runs) can
+# share one Redis database without reading each other's tasks.
+CELERY_BROKER_KEY_PREFIX = _read("CELERY_BROKER_KEY_PREFIX", str, "")
+if CELERY_BROKER_KEY_PREFIX and CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = CELERY_BROKER_KEY_PREFIX
 CELERY_TASK_IGNORE_RESULT = True  # outcomes live on our models, not in a result backend
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

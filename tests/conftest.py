@@ -3,13 +3,17 @@ in its own process, and admin users."""
 
 import contextlib
 import os
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import hypothesis
+import psutil
 import pytest
 from django.conf import settings
 from django.core.cache import cache
@@ -67,27 +71,132 @@ def admin_client(client, admin_user):
     return client
 
 
-def private_broker(folder, redis_db):
-    """A broker nobody else reads: a fresh folder for the file transport, or an emptied Redis
-    database. Returns a kombu connection to it, the environment a worker needs to use it, and
-    the folder messages are queued in (None on Redis)."""
-    if settings.CELERY_BROKER_URL.startswith("filesystem://"):
-        folders = {name: folder / name for name in ("queue", "processed", "control")}
-        for path in folders.values():
-            path.mkdir()
-        options = {
-            **settings.CELERY_BROKER_TRANSPORT_OPTIONS,
-            "data_folder_in": str(folders["queue"]),
-            "data_folder_out": str(folders["queue"]),
-            "processed_folder": str(folders["processed"]),
-            "control_folder": str(folders["control"]),
-        }
+# This run's own name on the services it shares with other runs and programs (the PostgreSQL
+# server, Redis): its database and broker keys carry it, so two runs never meet.
+RUN_ID = os.environ.get("TOOLGATE_TEST_RUN_ID") or secrets.token_hex(4)
+_ON_REDIS = settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
+_spawned = []  # every process a test started, stopped at the end whatever happened
+SESSION_BROKER_ENV = {}  # what puts a worker on this run's broker, filled by pytest_configure
+
+
+def _file_broker_options(folder):
+    folders = {name: folder / name for name in ("queue", "processed", "control")}
+    for path in folders.values():
+        path.mkdir(parents=True, exist_ok=True)
+    options = {
+        **settings.CELERY_BROKER_TRANSPORT_OPTIONS,
+        "data_folder_in": str(folders["queue"]),
+        "data_folder_out": str(folders["queue"]),
+        "processed_folder": str(folders["processed"]),
+        "control_folder": str(folders["control"]),
+    }
+    return options, folders["queue"]
+
+
+def _forget_redis_keys(prefix):
+    """Delete what a run left under its key prefix in the shared Redis database."""
+    with Connection(settings.CELERY_BROKER_URL) as conn:
+        client = conn.default_channel.client
+        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+        if keys:
+            client.delete(*keys)
+
+
+def pytest_configure(config):
+    """Point this run's Celery at a broker of its own before anything is enqueued: a fresh
+    folder for the file transport (not var/broker, which `make run`'s worker reads), or a key
+    prefix of its own in Redis."""
+    if _ON_REDIS:
+        options = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS}
+        options["global_keyprefix"] = f"toolgate-test-{RUN_ID}:"
+        SESSION_BROKER_ENV["CELERY_BROKER_KEY_PREFIX"] = options["global_keyprefix"]
+    else:
+        folder = Path(tempfile.mkdtemp(prefix=f"toolgate-test-{RUN_ID}-broker-"))
+        options, _ = _file_broker_options(folder)
+        SESSION_BROKER_ENV["CELERY_BROKER_DIR"] = str(folder)
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = options
+    celery_app.conf.broker_transport_options = options
+
+
+def pytest_unconfigure(config):
+    stop_spawned_processes()
+    if _ON_REDIS:
+        with contextlib.suppress(Exception):
+            _forget_redis_keys(f"toolgate-test-{RUN_ID}")
+    else:
+        shutil.rmtree(SESSION_BROKER_ENV.get("CELERY_BROKER_DIR", ""), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
+    """A PostgreSQL test database of this run's own (the SQLite one lives in this checkout)."""
+    from django.db import connections
+
+    for alias in connections:
+        db = connections[alias].settings_dict
+        if db["ENGINE"].endswith("postgresql"):
+            db.setdefault("TEST", {})["NAME"] = f"test_{db['NAME']}_{RUN_ID}"
+
+
+def track(process):
+    """Stop `process` and everything it started when the test run ends, even after a failure."""
+    _spawned.append(process)
+    return process
+
+
+def stop_process_tree(process, timeout=20):
+    """SIGTERM the process, its children and its process group; SIGKILL what is left."""
+    try:
+        tree = psutil.Process(process.pid)
+        members = [*tree.children(recursive=True), tree]
+    except psutil.NoSuchProcess:
+        members = []
+    for member in members:
+        with contextlib.suppress(psutil.Error):
+            member.terminate()
+    _gone, alive = psutil.wait_procs(members, timeout=timeout)
+    for member in alive:
+        with contextlib.suppress(psutil.Error):
+            member.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # anything that left the tree but not the group
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+
+
+def stop_spawned_processes():
+    while _spawned:
+        process = _spawned.pop()
+        if process.poll() is None or _has_children(process):
+            stop_process_tree(process, timeout=10)
+
+
+def _has_children(process):
+    try:
+        return bool(psutil.Process(process.pid).children(recursive=True))
+    except psutil.Error:
+        return False
+
+
+def private_broker(folder, name):
+    """A broker nobody else reads: a fresh folder for the file transport, or a Redis key prefix
+    of its own. Returns a kombu connection to it, the environment a worker needs to use it, and
+    the folder messages are queued in (None on Redis). `release_private_broker` cleans up."""
+    if not _ON_REDIS:
+        options, queue = _file_broker_options(folder)
         env = {"CELERY_BROKER_URL": "filesystem://", "CELERY_BROKER_DIR": str(folder)}
-        return Connection("filesystem://", transport_options=options), env, folders["queue"]
-    url = settings.CELERY_BROKER_URL.rsplit("/", 1)[0] + f"/{redis_db}"
-    connection = Connection(url)
-    connection.default_channel.client.flushdb()
-    return connection, {"CELERY_BROKER_URL": url}, None
+        return Connection("filesystem://", transport_options=options), env, queue
+    prefix = f"toolgate-test-{RUN_ID}-{name}:"
+    options = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "global_keyprefix": prefix}
+    connection = Connection(settings.CELERY_BROKER_URL, transport_options=options)
+    env = {"CELERY_BROKER_URL": settings.CELERY_BROKER_URL, "CELERY_BROKER_KEY_PREFIX": prefix}
+    return connection, env, None
+
+
+def release_private_broker(connection, name):
+    connection.release()
+    if _ON_REDIS:
+        _forget_redis_keys(f"toolgate-test-{RUN_ID}-{name}:")
 
 
 def _database_url():
@@ -100,26 +209,9 @@ def _database_url():
 
 
 @pytest.fixture(scope="session")
-def celery_broker(tmp_path_factory):
-    """A broker of the test session's own: an empty folder, or a purged Redis database."""
-    env = {"CELERY_BROKER_URL": settings.CELERY_BROKER_URL}
-    if settings.CELERY_BROKER_URL.startswith("filesystem://"):
-        folder = tmp_path_factory.mktemp("broker")
-        for sub in ("queue", "processed"):
-            (folder / sub).mkdir()
-        options = {
-            **settings.CELERY_BROKER_TRANSPORT_OPTIONS,
-            "data_folder_in": str(folder / "queue"),
-            "data_folder_out": str(folder / "queue"),
-            "processed_folder": str(folder / "processed"),
-            "control_folder": str(folder / "control"),
-        }
-        celery_app.conf.broker_transport_options = options
-        env["CELERY_BROKER_DIR"] = str(folder)
-    else:
-        with celery_app.connection_for_write() as conn:
-            conn.default_channel.queue_purge("celery")
-    return env
+def celery_broker():
+    """The environment that puts a worker on this run's own broker (see pytest_configure)."""
+    return {"CELERY_BROKER_URL": settings.CELERY_BROKER_URL, **SESSION_BROKER_ENV}
 
 
 @pytest.fixture(scope="session")
@@ -133,11 +225,7 @@ def celery_worker(django_db_setup, django_db_blocker, celery_broker, tmp_path_fa
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     process = spawn_worker(database_url, celery_broker, log)
     yield process
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_process_tree(process)
 
 
 def spawn_worker(database_url, broker_env, log, **extra_env):
@@ -160,12 +248,13 @@ def spawn_worker(database_url, broker_env, log, **extra_env):
         "--without-mingle",
         "--without-gossip",
         "-n",
-        f"{log.stem}@%h",
+        f"{log.stem}-{RUN_ID}@%h",
     ]
     with open(log, "w") as out:
         process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+    track(process)
     _wait_for(lambda: "ready." in log.read_text(), process, log)
     process.log = log
     return process
@@ -175,7 +264,7 @@ def _wait_for(condition, process, log, timeout=60):
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
+            stop_process_tree(process, timeout=5)
             raise RuntimeError(f"Celery worker did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.1)
 

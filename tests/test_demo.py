@@ -12,6 +12,7 @@ from integrations import mcp_client
 from integrations.demo import demo_server
 from integrations.management.commands.run import wait_for_port
 from integrations.mcp_client import Endpoint
+from tests.conftest import track
 from tests.mcp_servers import start
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,8 +70,8 @@ def test_its_tools_answer_with_made_up_data(demo):
 
 def test_it_runs_as_a_module_on_loopback_only():
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "integrations.demo", "--port", str(port)], cwd=ROOT
+    process = track(
+        subprocess.Popen([sys.executable, "-m", "integrations.demo", "--port", str(port)], cwd=ROOT)
     )
     try:
         assert wait_for_port(port, process)

@@ -20,8 +20,13 @@ import pytest
 
 from integrations.management.commands.run import Command
 from integrations.models import Agent, McpServer
+from tests.conftest import track
 
 ROOT = Path(__file__).resolve().parent.parent
+# `run` must start on its own embedded defaults, not on the test run's database or broker.
+OWN_SERVICES = {
+    "DATABASE_URL", "CELERY_BROKER_URL", "CELERY_BROKER_DIR", "CELERY_BROKER_KEY_PREFIX",
+}  # fmt: skip
 
 
 def free_port():
@@ -31,9 +36,10 @@ def free_port():
 
 
 def manage(env, *args, **kwargs):
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "manage.py", *args], cwd=ROOT, env=env, text=True, **kwargs
     )
+    return track(process)
 
 
 def read_until(process, pattern, timeout=90):
@@ -109,7 +115,7 @@ def stop(process):
 
 def test_run_starts_everything_shows_the_demo_and_stops_on_ctrl_c(tmp_path):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "CELERY_BROKER_URL"}}
+    env = {k: v for k, v in os.environ.items() if k not in OWN_SERVICES}
     for name in ("DJANGO_SUPERUSER_PASSWORD", "TOOLGATE_DEMO", "SITE_URL"):
         env.pop(name, None)
     env.update(TOOLGATE_VAR_DIR=str(tmp_path), PORT=str(port), DEMO_MCP_PORT=str(free_port()))

@@ -31,7 +31,7 @@ from integrations.logging import RedactSecretsFilter, redact
 from integrations.models import Agent, McpServer, Tool
 from integrations.tasks import sync_all_servers, sync_server
 from tests.conftest import private_broker as make_private_broker
-from tests.conftest import wait_until
+from tests.conftest import release_private_broker, wait_until
 from tests.mcp_servers import _asgi_app_for, _plain_http, protected_server
 
 PATH_SECRET = "pathsecret-Zq81"
@@ -355,12 +355,13 @@ def test_an_error_report_hides_posted_secrets_auth_header_and_secret_settings(de
 def private_broker(tmp_path, monkeypatch):
     """A broker no worker reads, with the tasks' `delay()` publishing to it, so what the code
     enqueues stays there to be read. Returns a function listing the queued messages, raw."""
-    connection, _env, queue_folder = make_private_broker(tmp_path, redis_db=12)
+    connection, _env, queue_folder = make_private_broker(tmp_path, "secret-leaks")
 
     def queued():
         if queue_folder is not None:
             return [path.read_text() for path in sorted(queue_folder.iterdir())]
-        raw = connection.default_channel.client.lrange("celery", 0, -1)
+        prefix = connection.transport_options["global_keyprefix"]  # LRANGE isn't prefixed
+        raw = connection.default_channel.client.lrange(f"{prefix}celery", 0, -1)
         return [message.decode() for message in reversed(raw)]  # LPUSHed: oldest last
 
     celery_app.amqp.queues["celery"](connection.default_channel).declare()
@@ -373,9 +374,7 @@ def private_broker(tmp_path, monkeypatch):
             ),
         )
     yield queued
-    if not settings.CELERY_BROKER_URL.startswith("filesystem://"):
-        connection.default_channel.client.flushdb()
-    connection.release()
+    release_private_broker(connection, "secret-leaks")
 
 
 def read_messages(raw_messages):

@@ -11,7 +11,13 @@ from django.utils import timezone
 from approvals.models import DecidedBy, Status, ToolCall
 from approvals.tasks import run_tool_call
 from integrations.models import Agent, ApprovalMode, McpServer
-from tests.conftest import _database_url, private_broker, spawn_worker, wait_until
+from tests.conftest import (
+    _database_url,
+    private_broker,
+    release_private_broker,
+    spawn_worker,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -19,9 +25,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 @pytest.fixture
 def own_broker(tmp_path):
     """A broker only this test's worker listens to, so the session's worker can't take the call."""
-    connection, env, _ = private_broker(tmp_path, redis_db=13)
+    connection, env, _ = private_broker(tmp_path, "worker-lost")
     yield connection, env
-    connection.release()
+    release_private_broker(connection, "worker-lost")
 
 
 def tool_calls_received(running):
