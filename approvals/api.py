@@ -19,8 +19,9 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from approvals.models import Refused, Status, ToolCall, request_tool_call
+from approvals.policy import tools_for_agent
 from approvals.waiting import wait_until_final
-from integrations.models import Agent, Tool
+from integrations.models import Agent
 
 
 def error(status, code, message, **extra):
@@ -138,30 +139,8 @@ async def _call_after_wait(agent, call_id, seconds):
 
 @api("GET")
 async def tools(request):
-    agent = request.agent
-    queryset = (
-        Tool.objects.listed()
-        .filter(server__in=agent.servers.filter(enabled=True))
-        .select_related("server")
-        .order_by("server__name", "name")
-    )
-    items = []
-    async for tool in queryset:
-        approval = tool.effective_approval
-        if approval == "blocked":
-            continue
-        items.append(
-            {
-                "server": tool.server.name,
-                "name": tool.name,
-                "title": tool.title,
-                "description": tool.description,
-                "input_schema": tool.input_schema,
-                "annotations": tool.annotations,
-                "approval": approval,
-            }
-        )
-    return JsonResponse({"tools": items})
+    served = await sync_to_async(tools_for_agent)(request.agent)
+    return JsonResponse({"tools": [tool.as_json() for tool in served]})
 
 
 @api("POST")
