@@ -1,6 +1,10 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.utils.decorators import method_decorator
+from django.views.decorators.debug import sensitive_post_parameters
 
+from approvals.forms import NotificationChannelForm
 from approvals.models import Status, ToolCall
+from approvals.notifications import Delivery, DeliveryStatus, NotificationChannel
 
 
 @admin.register(ToolCall)
@@ -42,3 +46,82 @@ class ToolCallAdmin(admin.ModelAdmin):
 
     def has_decide_permission(self, request):
         return request.user.has_perm("approvals.decide_toolcall")
+
+
+@admin.register(NotificationChannel)
+class NotificationChannelAdmin(admin.ModelAdmin):
+    """Channels: the URL and signing secret are write-only (never rendered, not even read-only)."""
+
+    form = NotificationChannelForm
+    list_display = ["name", "kind", "target", "event_list", "enabled"]
+    list_filter = ["kind", "enabled"]
+    search_fields = ["name"]
+    filter_horizontal = ["servers", "agents"]
+    actions = ["send_test_message"]
+    fieldsets = [
+        (None, {"fields": ["name", "kind", "enabled"]}),
+        ("Where to", {"fields": ["recipients_text", "url", "secret"]}),
+        ("What", {"fields": ["events", "servers", "agents", "include_arguments"]}),
+        ("Connection", {"fields": ["allow_private_network", "allow_http"]}),
+    ]
+
+    # What a user who may only view channels sees instead of the form's fields: never the
+    # decrypted URL or secret, which a read-only view would otherwise print.
+    VIEW_ONLY = {"url": "url_shown", "secret": "secret_shown", "recipients_text": "target"}
+
+    @method_decorator(sensitive_post_parameters("url", "secret"))
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def get_fieldsets(self, request, obj=None):
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or self.has_change_permission(request, obj):
+            return fieldsets
+        return [
+            (title, {**options, "fields": [self.VIEW_ONLY.get(f, f) for f in options["fields"]]})
+            for title, options in fieldsets
+        ]
+
+    @admin.display(description="Events")
+    def event_list(self, channel):
+        return ", ".join(channel.events) or "—"
+
+    @admin.display(description="URL")
+    def url_shown(self, channel):
+        return channel.target or "—"
+
+    @admin.display(description="Signing secret")
+    def secret_shown(self, channel):
+        return "Stored (never shown)" if channel.secret else "—"
+
+    @admin.action(description="Send a test message", permissions=["change"])
+    def send_test_message(self, request, queryset):
+        for channel in queryset:
+            delivery = channel.send_test()
+            if delivery.status == DeliveryStatus.SENT:
+                self.message_user(request, f"{channel.name}: test message sent.", messages.SUCCESS)
+            else:
+                text = f"{channel.name}: the test message failed: {delivery.last_error}"
+                self.message_user(request, text, messages.ERROR)
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(admin.ModelAdmin):
+    """The delivery log: every notification, its attempts and its last (redacted) error."""
+
+    list_display = ["created_at", "event", "channel", "summary", "status", "attempts", "sent_at"]
+    list_filter = ["status", "event", "channel"]
+    list_select_related = ["channel"]
+    search_fields = ["summary"]
+    date_hierarchy = "created_at"
+    fields = [
+        "event", "channel", "summary", "status", "attempts", "last_error", "delivery_id",
+        "message_id", "created_at", "updated_at", "sent_at",
+    ]  # fmt: skip
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

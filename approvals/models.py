@@ -91,6 +91,7 @@ class ToolCall(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
+    reminded_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-requested_at", "-id"]
@@ -311,14 +312,23 @@ class ToolCall(models.Model):
         for pk in waiting:
             run_tool_call.delay(pk)
         lost_before = now - timedelta(seconds=settings.TOOL_CALL_LOST_AFTER)
-        lost = cls.objects.filter(status=Status.RUNNING, started_at__lt=lost_before).update(
-            status=Status.UNKNOWN,
-            finished_at=now,
+        lost = cls.objects.filter(status=Status.RUNNING, started_at__lt=lost_before)
+        unknown = sum(call.mark_unknown() for call in lost)
+        return {"expired": expired, "requeued": len(waiting), "unknown": unknown}
+
+    def mark_unknown(self):
+        """The worker vanished mid-call: a human must find out whether it ran. Never re-run."""
+        marked = self._transition(
+            [Status.RUNNING],
+            Status.UNKNOWN,
+            finished_at=timezone.now(),
             error_code="worker_lost",
             error_message="The worker stopped while running this call; it may or may not have "
             "reached the server. It will not be run again on its own.",
         )
-        return {"expired": expired, "requeued": len(waiting), "unknown": lost}
+        if marked:
+            notify("call.unknown", self)
+        return marked
 
 
 def _result_warnings(result):
@@ -434,4 +444,10 @@ def _store(call, tool):
         raise
     if call.status == Status.APPROVED:
         call.enqueue()
+    else:
+        notify("call.pending", call)
     return call, True
+
+
+# Last: the notification models live in their own module and register here, with the app.
+from approvals.notifications import Delivery, NotificationChannel, notify  # noqa: E402, F401

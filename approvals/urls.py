@@ -14,6 +14,7 @@ urlpatterns = [
     path("approvals/", views.queue, name="queue"),
     path("approvals/state", views.queue_state, name="queue_state"),
     path("approvals/history/", views.history, name="history"),
+    path("approvals/<int:call_id>/", views.call_page, name="call"),
     path("approvals/<int:call_id>/card", views.card, name="card"),
     path("approvals/<int:call_id>/state", views.call_state, name="call_state"),
     path("approvals/<int:call_id>/decide", views.decide, name="decide"),

@@ -10,6 +10,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from approvals.models import Status, ToolCall
@@ -122,6 +123,19 @@ def card(request, call_id):
 
 @require_GET
 @approver_required
+def call_page(request, call_id):
+    """One call: its card while it waits for a decision, its outcome after. The target of
+    every notification link; opening it decides nothing (mail scanners open links)."""
+    calls = ToolCall.objects.select_related("agent", "tool", "server", "decided_by_user")
+    call = get_object_or_404(calls, pk=call_id)
+    context = {"call": call, "outcome": _outcome(call), "next": request.path}
+    if call.status == Status.PENDING_APPROVAL:
+        context["card"] = _card(call, request.user)
+    return render(request, "approvals/call.html", context)
+
+
+@require_GET
+@approver_required
 def call_state(request, call_id):
     """A call's status and outcome, polled by the page after a decision."""
     call = get_object_or_404(ToolCall.objects.select_related("decided_by_user"), pk=call_id)
@@ -168,6 +182,9 @@ def decide(request, call_id):
             status=200 if done else 409,
         )
     (messages.success if done else messages.warning)(request, f"#{call.pk}: {message}")
+    back = request.POST.get("next", "")
+    if back and url_has_allowed_host_and_scheme(back, {request.get_host()}, request.is_secure()):
+        return redirect(back)
     return redirect("approvals:queue")
 
 

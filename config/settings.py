@@ -17,6 +17,7 @@ from pathlib import Path
 import environ
 from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -24,15 +25,17 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env")  # optional; real environment variables win
 
 
-def _read(name, cast, default):
-    """Read one variable, turning a malformed value into a start-up error that names it."""
+def _read(name, cast, default, secret=False):
+    """Read one variable, turning a malformed value into a start-up error that names it (and
+    quotes it, unless it may hold a password)."""
     raw = os.environ.get(name)
     if raw is None:
         return default
     try:
         value = cast(raw)
     except (ValueError, TypeError, environ.ImproperlyConfigured) as exc:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not valid: {exc}") from None
+        shown = name if secret else f"{name}={raw!r}"
+        raise ImproperlyConfigured(f"{shown} is not valid: {exc}") from None
     return value
 
 
@@ -243,6 +246,14 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+# Deliveries of notifications have a queue of their own, so a slow mail server never holds up
+# tool calls; periodic maintenance stays on the default `celery` queue.
+# A worker started without -Q consumes every queue listed here.
+CELERY_TASK_QUEUES = [Queue("celery"), Queue("notifications")]
+CELERY_TASK_ROUTES = {
+    "approvals.tasks.flush_notifications": {"queue": "notifications"},
+    "approvals.tasks.send_notification": {"queue": "notifications"},
+}
 
 # MCP servers.
 MCP_SYNC_INTERVAL = _read("MCP_SYNC_INTERVAL", _positive(int), 900)  # seconds between syncs
@@ -270,6 +281,31 @@ QUEUE_POLL_SECONDS = _read("QUEUE_POLL_SECONDS", _positive(int), 3)
 HISTORY_PAGE_SIZE = 50
 AGENT_RATE_LIMIT = _read("AGENT_RATE_LIMIT", _positive(int), 600)  # requests a minute per agent
 
+# Notifications to approvers (approvals/notifications.py, approvals/channels.py).
+APPROVAL_REMINDER_AFTER = _read("APPROVAL_REMINDER_AFTER", _positive(int), 300)  # seconds pending
+NOTIFY_BATCH_SECONDS = _read("NOTIFY_BATCH_SECONDS", _positive(int), 30)  # one message per window
+NOTIFY_MAX_ATTEMPTS = _read("NOTIFY_MAX_ATTEMPTS", _positive(int), 5)  # tries per message
+NOTIFY_RETRY_BACKOFF = _read("NOTIFY_RETRY_BACKOFF", _positive(int), 2)  # seconds, doubled each try
+NOTIFY_TIMEOUT = _read("NOTIFY_TIMEOUT", _positive(float), 10.0)  # seconds per send
+NOTIFY_SYNC_FAILURES = _read("NOTIFY_SYNC_FAILURES", _positive(int), 3)  # failed syncs in a row
+
+
+# E-mail: EMAIL_URL such as smtp+tls://user:pass@host:587 (django-environ's schemes). Unset, a
+# development machine prints mails on the console; a production one uses SMTP on localhost:25.
+_email_default = env.email_url_config("consolemail://" if DEBUG else "smtp:")
+_email = _read("EMAIL_URL", env.email_url_config, _email_default, secret=True)
+EMAIL_BACKEND = _email["EMAIL_BACKEND"]
+EMAIL_HOST = _email.get("EMAIL_HOST") or "localhost"
+EMAIL_PORT = _email.get("EMAIL_PORT") or 25
+EMAIL_HOST_USER = _email.get("EMAIL_HOST_USER") or ""
+EMAIL_HOST_PASSWORD = _email.get("EMAIL_HOST_PASSWORD") or ""
+EMAIL_USE_TLS = _email.get("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = _email.get("EMAIL_USE_SSL", False)
+EMAIL_FILE_PATH = _email.get("EMAIL_FILE_PATH") or str(VAR_DIR / "mail")
+EMAIL_TIMEOUT = NOTIFY_TIMEOUT
+DEFAULT_FROM_EMAIL = _read("DEFAULT_FROM_EMAIL", str, "Toolgate <toolgate@localhost>")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+
 CELERY_BEAT_SCHEDULE = {
     "sync-mcp-servers": {
         "task": "integrations.tasks.sync_all_servers",
@@ -286,6 +322,16 @@ CELERY_BEAT_SCHEDULE = {
         "task": "approvals.tasks.sweep_tool_calls",
         "schedule": timedelta(seconds=SWEEP_INTERVAL),
         "options": {"expires": max(SWEEP_INTERVAL - 1, 1)},
+    },
+    "remind-pending-calls": {
+        "task": "approvals.tasks.remind_pending_calls",
+        "schedule": timedelta(seconds=SWEEP_INTERVAL),
+        "options": {"expires": max(SWEEP_INTERVAL - 1, 1)},
+    },
+    "resend-stalled-notifications": {
+        "task": "approvals.tasks.resend_stalled_notifications",
+        "schedule": timedelta(seconds=60),
+        "options": {"expires": 55},
     },
 }
 

@@ -6,7 +6,7 @@ import hmac
 import json
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -49,6 +49,7 @@ class SyncResult:
     unchanged: int = 0
     error: str = ""
     skipped: bool = False  # another sync of this server was already running
+    touched: list = field(default_factory=list)  # ids of the tools added or changed
 
     def __str__(self):
         if self.skipped:
@@ -99,6 +100,7 @@ class McpServer(models.Model):
     sync_started_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_synced_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_error = models.TextField(blank=True, editable=False)
+    sync_failures = models.PositiveIntegerField("failed syncs in a row", default=0, editable=False)
     server_info = models.JSONField(default=dict, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -154,10 +156,10 @@ class McpServer(models.Model):
         try:
             listing = mcp_client.list_tools(self.endpoint())
         except mcp_client.McpError as exc:
-            self._finish_sync(last_error=exc.message)
+            self._sync_failed(exc.message)
             return SyncResult(ok=False, error=exc.message)
         except Exception:
-            self._finish_sync(last_error="Internal error while syncing; see the worker log.")
+            self._sync_failed("Internal error while syncing; see the worker log.")
             raise
         with transaction.atomic():
             result = self._apply_listing(listing.tools)
@@ -166,8 +168,28 @@ class McpServer(models.Model):
                 "protocol_version": listing.protocol_version,
                 "transport": listing.transport,
             }
-            self._finish_sync(last_error="", last_synced_at=timezone.now(), server_info=info)
+            self._finish_sync(
+                last_error="", last_synced_at=timezone.now(), server_info=info, sync_failures=0
+            )
+        self._notify_tools_to_review(result.touched)
         return result
+
+    def _sync_failed(self, error):
+        """Record the failure; at NOTIFY_SYNC_FAILURES in a row, tell people, once until a sync
+        succeeds (syncs of one server never overlap, so the count is exact)."""
+        from approvals.notifications import notify
+
+        self._finish_sync(last_error=error, sync_failures=models.F("sync_failures") + 1)
+        self.refresh_from_db(fields=["sync_failures"])
+        if self.sync_failures == settings.NOTIFY_SYNC_FAILURES:
+            notify("server.sync_failing", self)
+
+    def _notify_tools_to_review(self, tool_ids):
+        from approvals.notifications import notify
+
+        for tool in Tool.objects.filter(pk__in=tool_ids).select_related("server"):
+            if tool.needs_review:
+                notify("tool.needs_review", tool)
 
     def _claim_sync(self):
         now = timezone.now()
@@ -201,10 +223,12 @@ class McpServer(models.Model):
             warnings = scanner.scan_tool(definition, other_tools=other_tools)
             tool = existing.get(name)
             if tool is None:
-                Tool.objects.create_from_definition(self, definition, now, warnings)
+                tool = Tool.objects.create_from_definition(self, definition, now, warnings)
                 result.added += 1
+                result.touched.append(tool.pk)
             elif tool.update_definition(definition, now, warnings):
                 result.changed += 1
+                result.touched.append(tool.pk)
             else:
                 result.unchanged += 1
         gone = [tool.pk for name, tool in existing.items() if name not in seen and not tool.removed]

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, Phase
 from kombu import Connection
 
 from config.celery import app as celery_app
+from tests.receivers import SmtpServer
 
 pytest_plugins = ["tests.mcp_servers"]
 
@@ -77,6 +78,7 @@ RUN_ID = os.environ.get("TOOLGATE_TEST_RUN_ID") or secrets.token_hex(4)
 _ON_REDIS = settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
 _spawned = []  # every process a test started, stopped at the end whatever happened
 SESSION_BROKER_ENV = {}  # what puts a worker on this run's broker, filled by pytest_configure
+WORKER_NOTIFY_BATCH_SECONDS = 3  # the session worker's digest window
 
 
 def _file_broker_options(folder):
@@ -215,15 +217,41 @@ def celery_broker():
 
 
 @pytest.fixture(scope="session")
-def celery_worker(django_db_setup, django_db_blocker, celery_broker, tmp_path_factory):
-    """A real `celery -A config worker` process on the test database and the test broker.
+def smtp_server():
+    """A real SMTP server (aiosmtpd) on loopback; the session's worker sends its mail there."""
+    server = SmtpServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mailbox(smtp_server):
+    """The session's SMTP server, emptied for this test."""
+    smtp_server.messages.clear()
+    smtp_server.refuse_with, smtp_server.refusals_left = "", 0
+    yield smtp_server
+    smtp_server.refuse_with, smtp_server.refusals_left = "", 0
+
+
+@pytest.fixture(scope="session")
+def celery_worker(django_db_setup, django_db_blocker, celery_broker, smtp_server, tmp_path_factory):
+    """A real `celery -A config worker` process on the test database and the test broker,
+    sending e-mail to `smtp_server`, with notification digests of 3 s and quick retries.
 
     Tests using it need `transactional_db`: the worker only sees committed rows.
     """
     with django_db_blocker.unblock():
         database_url = _database_url()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    process = spawn_worker(database_url, celery_broker, log)
+    process = spawn_worker(
+        database_url,
+        celery_broker,
+        log,
+        EMAIL_URL=smtp_server.url,
+        NOTIFY_BATCH_SECONDS=str(WORKER_NOTIFY_BATCH_SECONDS),
+        NOTIFY_RETRY_BACKOFF="1",
+        NOTIFY_MAX_ATTEMPTS="3",
+    )
     yield process
     stop_process_tree(process)
 
