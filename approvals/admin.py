@@ -99,9 +99,10 @@ class NotificationChannelAdmin(admin.ModelAdmin):
         for channel in queryset:
             delivery = channel.send_test()
             if delivery.status == DeliveryStatus.SENT:
-                self.message_user(request, f"{channel.name}: test message sent.", messages.SUCCESS)
+                text = f"The test message to {channel.name} was sent."
+                self.message_user(request, text, messages.SUCCESS)
             else:
-                text = f"{channel.name}: the test message failed: {delivery.last_error}"
+                text = f"The test message to {channel.name} failed: {delivery.last_error}"
                 self.message_user(request, text, messages.ERROR)
 
 

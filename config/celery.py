@@ -1,5 +1,6 @@
-"""The Celery app: `celery -A config worker` runs tool calls and syncs, `celery -A config beat`
-runs the periodic sync, expiry and sweeper."""
+"""The Celery app: `celery -A config worker` runs tool calls, syncs and notification deliveries
+(every queue in CELERY_TASK_QUEUES unless told `-Q`), `celery -A config beat` runs the periodic
+sync, expiry, sweeper and reminders."""
 
 import os
 

@@ -66,11 +66,11 @@ def ask(client, token, arguments=None):
 
 
 def pending_call(server, tool, agent, **fields):
+    fields.setdefault("arguments", {"to": ARGUMENT_VALUE})
     return ToolCall.objects.create(
         agent=agent, server=server, tool=tool, server_name="crm", tool_name="send_email",
-        tool_fingerprint=tool.fingerprint, arguments={"to": ARGUMENT_VALUE},
-        status=Status.PENDING_APPROVAL, expires_at=timezone.now() + timedelta(minutes=10),
-        **fields,
+        tool_fingerprint=tool.fingerprint, status=Status.PENDING_APPROVAL,
+        expires_at=timezone.now() + timedelta(minutes=10), **fields,
     )  # fmt: skip
 
 
