@@ -365,7 +365,7 @@ def _slack_single(notice):
             {"type": "section", "text": {"type": "mrkdwn", "text": f"*Why it needs you*\n{lines}"}}
         )
     blocks.append({"type": "actions", "elements": [_button("Open in Toolgate", notice.url)]})
-    return {"text": notice.title[:3000], "blocks": blocks}
+    return {"text": mrkdwn(notice.title)[:3000], "blocks": blocks}  # the fallback is mrkdwn
 
 
 def _slack_digest(notices):

@@ -7,9 +7,11 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
+from approvals.channels import _call_notice, slack_payload
 from approvals.notifications import Delivery, NotificationChannel
 from integrations.models import McpServer
 from tests.receivers import HttpReceiver
+from tests.test_notifications import make_world, pending_call
 
 pytestmark = pytest.mark.django_db
 
@@ -193,3 +195,59 @@ def test_the_command_refuses_bad_input(args, message):
 def test_testing_an_unknown_channel_fails():
     with pytest.raises(CommandError, match="No notification channel named 'nope'"):
         call_command("notification_channel", "test", "nope")
+
+
+def slack_channel(receiver):
+    return NotificationChannel.objects.create(
+        name="slack", kind="slack", url=receiver.url("/services/T/B/x"),
+        allow_http=True, allow_private_network=True,
+    )  # fmt: skip
+
+
+def test_redirects_are_followed_only_within_the_same_origin():
+    other = HttpReceiver()
+    receiver = HttpReceiver(
+        answers=[
+            (307, "", {"Location": "/moved"}),
+            200,
+            (302, "", {"Location": other.url("/elsewhere")}),
+        ]
+    )
+    try:
+        channel = slack_channel(receiver)
+        assert channel.send_test().status == "sent"
+        failed = channel.send_test()
+    finally:
+        receiver.close()
+        other.close()
+    assert [request.path for request in receiver.requests] == [
+        "/services/T/B/x",
+        "/moved",
+        "/services/T/B/x",
+    ]
+    assert failed.status == "failed"
+    assert "a redirect: not followed to another origin" in failed.last_error
+    assert other.requests == []
+
+
+def test_names_from_servers_cannot_make_slack_links_or_mentions():
+    server, tool, agent, _ = make_world()
+    call = pending_call(server, tool, agent)
+    call.tool_name = "x<!channel> <https://evil.example|click>"
+    channel = NotificationChannel(name="s", kind="slack")
+    payload = slack_payload([_call_notice(Delivery(event="call.pending"), call, channel)])
+
+    def mrkdwn_texts(value):
+        if isinstance(value, dict):
+            if value.get("type") == "mrkdwn":
+                yield value["text"]
+            for item in value.values():
+                yield from mrkdwn_texts(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from mrkdwn_texts(item)
+
+    texts = [payload["text"], *mrkdwn_texts(payload["blocks"])]
+    assert any("x&lt;!channel&gt; &lt;https://evil.example|click&gt;" in text for text in texts)
+    for text in texts:
+        assert "<!channel>" not in text and "<https://evil" not in text
