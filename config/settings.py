@@ -283,7 +283,7 @@ AGENT_RATE_LIMIT = _read("AGENT_RATE_LIMIT", _positive(int), 600)  # requests a 
 
 # Notifications to approvers (approvals/notifications.py, approvals/channels.py).
 APPROVAL_REMINDER_AFTER = _read("APPROVAL_REMINDER_AFTER", _positive(int), 300)  # seconds pending
-NOTIFY_BATCH_SECONDS = _read("NOTIFY_BATCH_SECONDS", _positive(int), 30)  # one message per window
+NOTIFY_BATCH_SECONDS = _read("NOTIFY_BATCH_SECONDS", _positive(int), 10)  # one message per window
 NOTIFY_MAX_ATTEMPTS = _read("NOTIFY_MAX_ATTEMPTS", _positive(int), 5)  # tries per message
 NOTIFY_RETRY_BACKOFF = _read("NOTIFY_RETRY_BACKOFF", _positive(int), 2)  # seconds, doubled each try
 NOTIFY_TIMEOUT = _read("NOTIFY_TIMEOUT", _positive(float), 10.0)  # seconds per send

@@ -59,6 +59,15 @@ def parse_headers(text):
     return headers
 
 
+def describe_errors(form):
+    """A bound form's errors as lines for a management command: "field: message"."""
+    return [
+        f"{'' if field == '__all__' else field.removesuffix('_text') + ': '}{message}"
+        for field, messages in form.errors.items()
+        for message in messages
+    ]
+
+
 class SecretWidget(forms.PasswordInput):
     """Never renders the stored value; says whether one is stored."""
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: real MCP servers on loopback (tests/mcp_servers.py), a real Celery worker
-in its own process, and admin users."""
+"""Shared fixtures: real MCP servers on loopback (tests/mcp_servers.py), receivers of
+notifications (tests/receivers.py), a real Celery worker in its own process, and admin users."""
 
 import contextlib
 import os
@@ -22,9 +22,8 @@ from hypothesis import HealthCheck, Phase
 from kombu import Connection
 
 from config.celery import app as celery_app
-from tests.receivers import SmtpServer
 
-pytest_plugins = ["tests.mcp_servers"]
+pytest_plugins = ["tests.mcp_servers", "tests.receivers"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,23 +213,6 @@ def _database_url():
 def celery_broker():
     """The environment that puts a worker on this run's own broker (see pytest_configure)."""
     return {"CELERY_BROKER_URL": settings.CELERY_BROKER_URL, **SESSION_BROKER_ENV}
-
-
-@pytest.fixture(scope="session")
-def smtp_server():
-    """A real SMTP server (aiosmtpd) on loopback; the session's worker sends its mail there."""
-    server = SmtpServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def mailbox(smtp_server):
-    """The session's SMTP server, emptied for this test."""
-    smtp_server.messages.clear()
-    smtp_server.refuse_with, smtp_server.refusals_left = "", 0
-    yield smtp_server
-    smtp_server.refuse_with, smtp_server.refusals_left = "", 0
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Real receivers of notifications on loopback: an SMTP server (aiosmtpd) and an HTTP server
 standing in for Slack and webhook endpoints. Both keep what they received for the test to read.
+A pytest plugin (see conftest): the fixtures `smtp_server`, `mailbox` and `receiver`.
 """
 
 import email
@@ -9,6 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 from aiosmtpd.controller import Controller
 
 
@@ -113,6 +115,31 @@ class SmtpServer:
 
     def stop(self):
         self.controller.stop()
+
+
+@pytest.fixture(scope="session")
+def smtp_server():
+    """A real SMTP server (aiosmtpd) on loopback; the session's worker sends its mail there."""
+    server = SmtpServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mailbox(smtp_server):
+    """The session's SMTP server, emptied for this test."""
+    smtp_server.messages.clear()
+    smtp_server.refuse_with, smtp_server.refusals_left = "", 0
+    yield smtp_server
+    smtp_server.refuse_with, smtp_server.refusals_left = "", 0
+
+
+@pytest.fixture
+def receiver():
+    """An HTTP receiver answering 200 to everything."""
+    running = HttpReceiver()
+    yield running
+    running.close()
 
 
 def free_port():

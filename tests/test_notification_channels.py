@@ -19,13 +19,6 @@ HOOK_PATH = "/hooks/hk-5ecret-path-77"
 SECRET = "signing-secret-0123456789"
 
 
-@pytest.fixture
-def receiver():
-    running = HttpReceiver()
-    yield running
-    running.close()
-
-
 def form(**overrides):
     data = {
         "name": "pager", "kind": "webhook", "recipients_text": "", "url": "", "secret": "",

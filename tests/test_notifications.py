@@ -28,13 +28,6 @@ WEBHOOK_SECRET = "whsec-0123456789abcdef"
 ARGUMENT_VALUE = "ARG-VALUE-91b7e3"
 
 
-@pytest.fixture
-def receiver():
-    running = HttpReceiver()
-    yield running
-    running.close()
-
-
 def make_world():
     server = McpServer.objects.create(
         name="crm", url=f"https://crm.example/{SERVER_SECRET_PATH}", secret_token=SERVER_TOKEN,

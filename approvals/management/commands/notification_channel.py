@@ -4,6 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from approvals.forms import NotificationChannelForm
 from approvals.notifications import EVENTS, ChannelKind, DeliveryStatus, NotificationChannel
+from integrations.forms import describe_errors
 from integrations.models import McpServer
 
 
@@ -59,12 +60,7 @@ class Command(BaseCommand):
             }
         )
         if not form.is_valid():
-            problems = [
-                f"{'' if field == '__all__' else field.replace('_text', '') + ': '}{message}"
-                for field, messages in form.errors.items()
-                for message in messages
-            ]
-            raise CommandError("Channel not added:\n  " + "\n  ".join(problems))
+            raise CommandError("Channel not added:\n  " + "\n  ".join(describe_errors(form)))
         channel = form.save()
         self.stdout.write(f"Added {channel.get_kind_display()} channel {channel.name}.")
 

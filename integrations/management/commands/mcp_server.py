@@ -3,7 +3,7 @@ import os
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count, Q
 
-from integrations.forms import McpServerForm
+from integrations.forms import McpServerForm, describe_errors
 from integrations.models import ApprovalMode, McpServer, Transport
 
 
@@ -59,12 +59,7 @@ class Command(BaseCommand):
             }
         )
         if not form.is_valid():
-            problems = [
-                f"{'' if field == '__all__' else field + ': '}{message}"
-                for field, messages in form.errors.items()
-                for message in messages
-            ]
-            raise CommandError("Server not added:\n  " + "\n  ".join(problems))
+            raise CommandError("Server not added:\n  " + "\n  ".join(describe_errors(form)))
         server = form.save()
         self.stdout.write(f"Added MCP server {server.name} ({server.origin}).")
         self._sync(server)
