@@ -162,6 +162,8 @@ class NotificationChannel(models.Model):
         if not self.claim_window():
             return self.batch_until
         ids = list(queued.order_by("pk").values_list("pk", "delivery_id")[:DIGEST_MAX])
+        if not ids:  # taken by a flush that claimed the window just before this one
+            return None
         message_id = ids[0][1] if len(ids) == 1 else uuid.uuid4()
         Delivery.objects.filter(pk__in=[pk for pk, _ in ids], status=DeliveryStatus.QUEUED).update(
             status=DeliveryStatus.SENDING, message_id=message_id, updated_at=timezone.now()
