@@ -163,6 +163,7 @@ class NotificationChannel(models.Model):
             return self.batch_until
         ids = list(queued.order_by("pk").values_list("pk", "delivery_id")[:DIGEST_MAX])
         if not ids:  # taken by a flush that claimed the window just before this one
+            NotificationChannel.objects.filter(pk=self.pk).update(batch_until=None)
             return None
         message_id = ids[0][1] if len(ids) == 1 else uuid.uuid4()
         Delivery.objects.filter(pk__in=[pk for pk, _ in ids], status=DeliveryStatus.QUEUED).update(
