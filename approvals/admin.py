@@ -1,10 +1,18 @@
 from django.contrib import admin, messages
+from django.contrib.admin.models import LogEntry
+from django.contrib.contenttypes.models import ContentType
+from django.utils import timezone
 from django.utils.decorators import method_decorator
+from django.utils.html import format_html
 from django.views.decorators.debug import sensitive_post_parameters
 
 from approvals.forms import NotificationChannelForm
 from approvals.models import Status, ToolCall
 from approvals.notifications import Delivery, DeliveryStatus, NotificationChannel
+from approvals.rules import PolicyRule
+from integrations.admin import LogsPolicyChanges
+from integrations.models import Agent, McpServer, Tool
+
 
 
 @admin.register(ToolCall)
@@ -125,4 +133,87 @@ class DeliveryAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
+        return False
+
+
+class ExpiredFilter(admin.SimpleListFilter):
+    title = "in force"
+    parameter_name = "expired"
+
+    def lookups(self, request, model_admin):
+        return [("no", "Active"), ("yes", "Expired")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "no":
+            return queryset.active()
+        if self.value() == "yes":
+            return queryset.filter(expires_at__lte=timezone.now())
+        return queryset
+
+
+@admin.register(PolicyRule)
+class PolicyRuleAdmin(LogsPolicyChanges, admin.ModelAdmin):
+    """Rules on the arguments of calls. The condition is compiled when saved (model `clean`),
+    so one that doesn't compile is refused with the position of the error."""
+
+    list_display = [
+        "id", "server", "tool", "agent", "action", "condition", "in_force", "expires_at", "note",
+        "created_by", "source",
+    ]  # fmt: skip
+    list_filter = ["action", ExpiredFilter, "server"]
+    list_select_related = ["server", "tool", "agent", "created_by"]
+    search_fields = ["condition", "note", "server__name", "tool__name", "agent__name"]
+    autocomplete_fields = ["tool"]
+    fields = [
+        "server", "tool", "agent", "action", "condition", "expires_at", "note", "created_by",
+        "source", "created_at",
+    ]  # fmt: skip
+    readonly_fields = ["created_by", "source", "created_at"]
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            obj.created_by = request.user
+        super().save_model(request, obj, form, change)
+
+    @admin.display(description="In force", boolean=True)
+    def in_force(self, rule):
+        return not rule.expired
+
+    @admin.display(description="Made by")
+    def source(self, rule):
+        if rule.created_from_call_id:
+            return format_html("“Approve and always allow” on call #{}", rule.created_from_call_id)
+        return "An admin"
+
+
+@admin.register(LogEntry)
+class PolicyLogAdmin(admin.ModelAdmin):
+    """The admin log of every change to the policy (servers, tools, agents, rules), who made it
+    and when: read-only."""
+
+    list_display = ["action_time", "user", "content_type", "object_repr", "action", "message"]
+    list_filter = ["content_type", "action_flag", "user"]
+    search_fields = ["object_repr", "change_message", "user__username"]
+    list_select_related = ["user", "content_type"]
+    date_hierarchy = "action_time"
+
+    def get_queryset(self, request):
+        types = ContentType.objects.get_for_models(McpServer, Tool, Agent, PolicyRule).values()
+        return super().get_queryset(request).filter(content_type__in=types)
+
+    @admin.display(description="Action", ordering="action_flag")
+    def action(self, entry):
+        return {1: "Added", 2: "Changed", 3: "Deleted"}.get(entry.action_flag, "")
+
+    @admin.display(description="What changed")
+    def message(self, entry):
+        return entry.get_change_message()
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
         return False

@@ -97,6 +97,7 @@ def call_json(call):
             "user": call.decided_by_user.get_username() if call.decided_by_user else None,
             "note": call.note,
             "at": _time(call.decided_at),
+            "edited": call.edited,
         }
     result = None
     if call.status == Status.SUCCEEDED:
@@ -111,8 +112,9 @@ def call_json(call):
         "status": call.status,
         "server": call.server_name,
         "tool": call.tool_name,
-        "arguments": call.arguments,
+        "arguments": call.arguments,  # those that ran, when an approver edited them
         "decision": decision,
+        "reasons": call.reasons,
         "result": result,
         "warnings": call.warnings,
         "error": error_,
@@ -218,7 +220,7 @@ def _parse(request):
         raise ValueError("The body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise ValueError("The body must be a JSON object.")
-    problem = _unstorable(body)
+    problem = unstorable(body)
     if problem:
         raise ValueError(f"The body is valid JSON, but {problem}.")
     unknown = set(body) - {"server", "tool", "arguments", "idempotency_key"}
@@ -246,7 +248,7 @@ MAX_BODY_DEPTH = 256  # far below the recursion limit that json.dumps meets when
 _UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
-def _unstorable(value):
+def unstorable(value):
     """Why the database or a JSON encoder would refuse part of a parsed body, or None: JSON
     lets through numbers too large for a double (1e999 parses as inf), \\u0000 and unpaired
     surrogates (\\ud800), and nesting deep enough to exhaust the stack when it is saved."""

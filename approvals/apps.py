@@ -21,3 +21,4 @@ class ApprovalsConfig(AppConfig):
     def ready(self):
         # Connected for this app only, so it runs after auth has created the permissions.
         post_migrate.connect(ensure_approvers_group, sender=self)
+        from approvals import signals  # noqa: F401 - connects the receivers

@@ -14,8 +14,11 @@ from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
 
+from approvals import policy
+from approvals.rules import PolicyRule
 from integrations import mcp_client, scanner
-from integrations.models import Agent, McpServer, Tool, ToolApproval
+from integrations.fields import EncryptedJSONField
+from integrations.models import Agent, McpServer, Tool
 from integrations.queueing import enqueue_on_commit
 
 logger = logging.getLogger(__name__)
@@ -63,7 +66,12 @@ class ToolCall(models.Model):
     server_name = models.CharField(max_length=100)
     tool_name = models.CharField(max_length=200)
     tool_fingerprint = models.CharField(max_length=64, blank=True)
-    arguments = models.JSONField(default=dict)
+    arguments = models.JSONField(default=dict, help_text="The arguments the call runs with.")
+    requested_arguments = EncryptedJSONField(
+        null=True,
+        blank=True,
+        help_text="What the agent asked for, when an approver edited the arguments.",
+    )
     idempotency_key = models.CharField(max_length=200, blank=True)
 
     status = models.CharField(max_length=20, choices=Status, db_index=True)
@@ -73,6 +81,11 @@ class ToolCall(models.Model):
     )
     decided_at = models.DateTimeField(null=True, blank=True)
     note = models.TextField(blank=True)
+    reasons = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Why the policy decided as it did: {code, message} pairs (approvals/policy.py).",
+    )
 
     result_content = models.JSONField(null=True, blank=True)
     structured_content = models.JSONField(null=True, blank=True)
@@ -134,8 +147,18 @@ class ToolCall(models.Model):
             self.refresh_from_db()
         return changed == 1
 
-    def approve(self, user, note=""):
-        """A human approves. False when someone else decided first, or it expired."""
+    @property
+    def edited(self):
+        """Whether an approver changed the arguments before approving."""
+        return self.requested_arguments is not None
+
+    def approve(self, user, note="", arguments=None):
+        """A human approves, optionally with edited `arguments`. False when it can't be: someone
+        else decided first, it expired, or the policy now refuses it (it is then cancelled,
+        with the reason). Edited arguments the policy refuses (schema, deny rules) raise
+        `Refused` and leave the call pending."""
+        if self.cancel_if_refused():
+            return False
         now = timezone.now()
         approved = self._transition(
             [Status.PENDING_APPROVAL],
@@ -145,6 +168,7 @@ class ToolCall(models.Model):
             decided_at=now,
             note=note,
             where={"expires_at__gt": now},
+            **self._edit(arguments),
         )
         if approved:
             self.enqueue()
@@ -152,20 +176,81 @@ class ToolCall(models.Model):
             self.expire_if_due()
         return approved
 
-    def approve_and_always_allow(self, user, note=""):
-        """Approve, and from now on let the tool run without asking (Fine-Grained mode)."""
-        approved = self.approve(user, note)
-        if approved and self.tool_id:
-            Tool.objects.filter(pk=self.tool_id).update(approval=ToolApproval.AUTO_APPROVED)
-        return approved
+    def _edit(self, arguments):
+        """The fields that record an approver's edit of the arguments ({} for no edit), once
+        the policy has accepted the edited arguments."""
+        if arguments is None or arguments == self.arguments:
+            return {}
+        decision = policy.decide(
+            self.agent, self.tool, arguments,
+            fingerprint=self.tool_fingerprint, requested_at=self.requested_at,
+        )  # fmt: skip
+        if decision.outcome == policy.Outcome.REFUSE:
+            details = list(decision.details) or None
+            raise Refused(decision.status, decision.code, decision.message, details)
+        new = [r for r in decision.reasons_json() if r not in self.reasons]
+        if decision.outcome == policy.Outcome.RUN:
+            new = []  # the edit asks nothing of a human beyond this approval
+        return {
+            "arguments": arguments,
+            "requested_arguments": self.arguments,
+            "reasons": [*self.reasons, *new],
+        }
+
+    def approve_and_always_allow(self, user, scope, note="", arguments=None):
+        """Approve, and create the allow rule of `scope` ({"agent": "this" | "every",
+        "arguments": "any" | "same", "duration": a key of ALWAYS_ALLOW_DURATIONS}) for the
+        next calls. Returns (approved, rule); no rule when the approval failed."""
+        with transaction.atomic():
+            if not self.approve(user, note, arguments):
+                return False, None
+            rule = PolicyRule.always_allow(self, user, **scope)
+        return True, rule
+
+    def refusal_now(self):
+        """The policy again, with everything as it is now (the agent, its servers, the server,
+        the tool, the rules): the refusing Decision if the call must not go ahead, else None.
+        Checked when an approver decides and just before the worker runs the call."""
+        self.agent = Agent.objects.get(pk=self.agent_id)
+        self.tool = Tool.objects.select_related("server").filter(pk=self.tool_id).first()
+        self.server = self.tool.server if self.tool else None
+        decision = policy.decide(
+            self.agent, self.tool, self.arguments, validate=False,
+            fingerprint=self.tool_fingerprint, requested_at=self.requested_at,
+        )  # fmt: skip
+        return decision if decision.outcome == policy.Outcome.REFUSE else None
+
+    def cancel_if_refused(self):
+        """Cancel the pending call, with the reason, if the policy now refuses it."""
+        decision = self.refusal_now()
+        return bool(decision) and self.cancel_by_policy(decision.reasons[0])
+
+    def cancel_by_policy(self, reason):
+        """Cancel the pending call because of `reason` (a policy Reason), e.g. its agent was
+        deactivated. True if this cancelled it."""
+        now = timezone.now()
+        return self._transition(
+            [Status.PENDING_APPROVAL],
+            Status.CANCELLED,
+            decided_by=DecidedBy.POLICY,
+            decided_at=now,
+            finished_at=now,
+            error_code=reason.code,
+            error_message=reason.message,
+            reasons=[*self.reasons, reason.as_json()],
+        )
 
     def why_not_pending(self):
         """For an approver whose decision came too late: what happened instead."""
         who = self.decided_by_user.get_username() if self.decided_by_user else None
         if self.status == Status.EXPIRED:
             return "This request expired before a decision; nothing was run."
+        if self.status == Status.CANCELLED and self.decided_by == DecidedBy.POLICY:
+            return f"Cancelled by the policy: {self.error_message}"
         if self.status == Status.CANCELLED:
             return "The agent cancelled this request."
+        if self.status == Status.BLOCKED:
+            return f"Blocked by the policy: {self.error_message}"
         if self.decided_by == DecidedBy.HUMAN and self.status == Status.DENIED:
             return f"Already denied by {who}."
         if self.decided_by == DecidedBy.HUMAN:
@@ -217,9 +302,15 @@ class ToolCall(models.Model):
         """
         if not self._transition([Status.APPROVED], Status.RUNNING, started_at=timezone.now()):
             return False  # someone else has it, or it is no longer approved
-        problem = self._refuse_reason()
-        if problem:
-            self._finish(Status.FAILED, error_code=problem[0], error_message=problem[1])
+        refusal = self.refusal_now()
+        if refusal:
+            reasons = [*self.reasons, *refusal.reasons_json()]
+            self._finish(
+                Status.FAILED,
+                error_code=refusal.code,
+                error_message=refusal.message,
+                reasons=reasons,
+            )
             return False
         try:
             result = mcp_client.call_tool(
@@ -242,23 +333,6 @@ class ToolCall(models.Model):
             warnings=_result_warnings(result),
         )
         return False
-
-    def _refuse_reason(self):
-        """Why an approved call must not run now, or None. Checked by the worker at run time."""
-        tool = self.tool and Tool.objects.select_related("server").filter(pk=self.tool.pk).first()
-        if tool is None or tool.removed:
-            return ("tool_removed", "The tool is no longer offered by the server.")
-        if not tool.server.enabled:
-            return ("server_disabled", "The MCP server has been disabled.")
-        if tool.approval == "disabled":
-            return ("tool_disabled", "The tool has been disabled.")
-        if tool.fingerprint != self.tool_fingerprint:
-            return (
-                "tool_changed",
-                "The tool's definition changed after this call was requested; it was not run.",
-            )
-        self.tool, self.server = tool, tool.server
-        return None
 
     def _failed(self, exc):
         retryable = not exc.reached_server and self.attempts + 1 < settings.TOOL_CALL_MAX_ATTEMPTS
@@ -287,6 +361,7 @@ class ToolCall(models.Model):
         cutoff = timezone.now() - timedelta(days=days)
         return cls.objects.filter(finished_at__lt=cutoff, purged_at__isnull=True).update(
             arguments={},
+            requested_arguments=None,
             result_content=None,
             structured_content=None,
             warnings=[],
@@ -346,22 +421,21 @@ class Refused(Exception):
 
     def __init__(self, status, code, message, details=None):
         super().__init__(message)
-        self.status, self.code, self.message, self.details = status, code, message, details
+        self.status, self.code, self.message = status, code, message
+        self.details = details or None
 
 
 def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key=""):
-    """Decide a new request by the policy and store it. Returns (call, created).
+    """Decide a new request by the policy and store it, with the policy's reasons. Returns
+    (call, created). The one request path of every entry point (JSON API, MCP endpoint).
 
     A refused request raises `Refused` and leaves only a `blocked` call behind, for the audit.
     """
-    from approvals.validation import InvalidArguments, validate_arguments
-
     if idempotency_key:
         existing = ToolCall.objects.filter(agent=agent, idempotency_key=idempotency_key).first()
         if existing:
             return existing, False
-    server = McpServer.objects.filter(name=server_name).first()
-    tool = server and Tool.objects.listed().filter(server=server, name=tool_name).first()
+    server, tool, decision = policy.find_tool(agent, server_name, tool_name)
     call = ToolCall(
         agent=agent,
         server=server,
@@ -372,43 +446,13 @@ def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key=
         arguments=arguments,
         idempotency_key=idempotency_key,
     )
-    try:
-        refusal = _refusal(agent, server, tool, server_name, tool_name)
-        if refusal:
-            raise refusal
-        try:
-            validate_arguments(arguments, tool.input_schema)
-        except InvalidArguments as exc:
-            raise Refused(
-                422, "invalid_arguments", "The arguments do not match the tool's input schema.",
-                exc.messages,
-            ) from None  # fmt: skip
-    except Refused as refused:
+    decision = decision or policy.decide(agent, tool, arguments)
+    call.reasons = decision.reasons_json()
+    if decision.outcome == policy.Outcome.REFUSE:
+        refused = Refused(decision.status, decision.code, decision.message, list(decision.details))
         _block(call, refused)
-        raise
-    return _store(call, tool)
-
-
-def _refusal(agent, server, tool, server_name, tool_name):
-    if server is None:
-        return Refused(404, "unknown_server", f"There is no MCP server named {server_name!r}.")
-    if not agent.servers.filter(pk=server.pk).exists():
-        return Refused(
-            403, "server_not_allowed", f"This agent may not use the MCP server {server_name!r}."
-        )
-    if not server.enabled:
-        return Refused(403, "server_disabled", f"The MCP server {server_name!r} is disabled.")
-    if tool is None:
-        return Refused(404, "unknown_tool", f"{server_name!r} has no tool named {tool_name!r}.")
-    if tool.effective_approval == "blocked":
-        return Refused(403, "tool_disabled", f"The tool {tool_name!r} is disabled.")
-    return None
-
-
-def _personal_data_needs_a_human(call, tool):
-    from approvals.pii import find_personal_data
-
-    return tool.server.personal_data_needs_approval and bool(find_personal_data(call.arguments))
+        raise refused
+    return _store(call, decision)
 
 
 def _block(call, refused):
@@ -418,14 +462,14 @@ def _block(call, refused):
     )  # fmt: skip
     call.error_code, call.error_message = refused.code, refused.message
     call.idempotency_key = ""  # a refused request must not claim the key
-    if refused.code == "invalid_arguments":
+    if refused.code == policy.Code.INVALID_ARGUMENTS:
         call.arguments = {}  # may be huge or malformed; the error says what was wrong
     call.save()
 
 
-def _store(call, tool):
+def _store(call, decision):
     now = timezone.now()
-    if tool.effective_approval == "auto" and not _personal_data_needs_a_human(call, tool):
+    if decision.outcome == policy.Outcome.RUN:
         call.status, call.decided_by, call.decided_at = Status.APPROVED, DecidedBy.AUTO, now
     else:
         call.status = Status.PENDING_APPROVAL

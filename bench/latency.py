@@ -178,11 +178,13 @@ def run(argv=()):
     with harness.Toolgate(
         "no_approval", keep=args.keep, mcp_tests_helper=args.tests_helper
     ) as toolgate:
+        from approvals import policy
         from integrations.models import Tool
 
         echo = Tool.objects.select_related("server").get(server=toolgate.server, name="echo")
-        if echo.effective_approval != "auto":
-            raise harness.BenchError(f"echo is {echo.effective_approval!r}, not auto-approved")
+        decision = policy.decide(None, echo)
+        if decision.outcome != policy.Outcome.RUN:
+            raise harness.BenchError(f"echo is not auto-approved: {decision.message}")
         url = toolgate.mcp_url
         print(f"Latency: {args.calls} sequential echo calls per case, {args.warmup} warm-up.")
 

@@ -1,5 +1,5 @@
 from django.contrib import admin, messages
-from django.db.models import Count, F, Q
+from django.db.models import Count, Q
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -10,6 +10,8 @@ from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
 from django.views.decorators.debug import sensitive_post_parameters
 
+from approvals import policy
+from integrations.audit import describe_form
 from integrations.forms import McpServerForm
 from integrations.models import HINTS, Agent, McpServer, SyncState, Tool, ToolApproval
 
@@ -27,10 +29,39 @@ def sync_status(server):
     return "OK"
 
 
+class LogsPolicyChanges:
+    """Admin-log messages that say what changed, from what to what (`describe_form`), so the
+    object's History tells who loosened or tightened the policy. Secret fields are named only."""
+
+    secret_fields = ()
+
+    def construct_change_message(self, request, form, formsets, add=False):
+        parts = [describe_form(form, self.secret_fields, add)]
+        for formset in formsets or ():
+            for inline in formset.forms:
+                if inline.has_changed() and inline.instance.pk:
+                    parts.append(f"{inline.instance}: {describe_form(inline)}")
+        return " ".join(part for part in parts if part) or "No fields changed."
+
+
+def review_label(tool):
+    """The tool's review state in words, from the policy's own review reasons."""
+    if tool.removed:
+        return "Removed from server"
+    reasons = policy.review_reasons(tool)
+    return " · ".join(str(policy.Code(r.code).label) for r in reasons) or "—"
+
+
+def policy_label(tool):
+    """What the policy does with a call to the tool (any allowed agent, before arguments)."""
+    decision = policy.decide(None, tool, rules=policy.applicable_rules(None, tool))
+    return f"{policy.Outcome(decision.outcome).label}: {decision.message}"
+
+
 class ToolInline(admin.TabularInline):
     model = Tool
-    fields = ["name", "title", "hint_badges", "review_state", "approval"]
-    readonly_fields = ["name", "title", "hint_badges", "review_state"]
+    fields = ["name", "title", "hint_badges", "review_state", "approval", "policy"]
+    readonly_fields = ["name", "title", "hint_badges", "review_state", "policy"]
     extra = 0
     can_delete = False
     show_change_link = True
@@ -42,18 +73,22 @@ class ToolInline(admin.TabularInline):
     def hint_badges(self, tool):
         return ", ".join(tool.hints) or "—"
 
+    def get_queryset(self, request):
+        return policy.with_active_rules(super().get_queryset(request))
+
     @admin.display(description="Review")
     def review_state(self, tool):
-        if tool.removed:
-            return "Removed from server"
-        if tool.needs_review:
-            return "Needs review"
-        return "—"
+        return review_label(tool)
+
+    @admin.display(description="Policy")
+    def policy(self, tool):
+        return policy_label(tool)
 
 
 @admin.register(McpServer)
-class McpServerAdmin(admin.ModelAdmin):
+class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
     form = McpServerForm
+    secret_fields = McpServerForm.secret_fields
     list_display = [
         "name",
         "origin",
@@ -214,12 +249,11 @@ class NeedsReviewFilter(admin.SimpleListFilter):
         return [("needed", "Needs review"), ("ok", "Reviewed")]
 
     def queryset(self, request, queryset):
-        flagged = ~Q(warnings=[]) & Q(reviewed_by__isnull=True)
-        needs = ~Q(fingerprint=F("reviewed_fingerprint")) | flagged
+        needing = Tool.objects.needing_review().values("pk")
         if self.value() == "needed":
-            return queryset.filter(needs)
+            return queryset.filter(pk__in=needing)
         if self.value() == "ok":
-            return queryset.exclude(needs)
+            return queryset.exclude(pk__in=needing)
         return queryset
 
 
@@ -237,8 +271,10 @@ class RemovedFilter(admin.SimpleListFilter):
 
 
 @admin.register(Tool)
-class ToolAdmin(admin.ModelAdmin):
-    list_display = ["name", "server", "title", "hint_badges", "approval", "review", "last_seen_at"]
+class ToolAdmin(LogsPolicyChanges, admin.ModelAdmin):
+    list_display = [
+        "name", "server", "title", "hint_badges", "approval", "review", "policy", "last_seen_at"
+    ]  # fmt: skip
     list_editable = ["approval"]
     list_filter = ["server", "approval", HintFilter, NeedsReviewFilter, RemovedFilter]
     list_select_related = ["server"]
@@ -252,6 +288,7 @@ class ToolAdmin(admin.ModelAdmin):
         "hint_badges",
         "approval",
         "review",
+        "policy",
         "warning_list",
         "changes",
         "input_schema",
@@ -269,6 +306,9 @@ class ToolAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # tools come from syncing their server
+
+    def get_queryset(self, request):
+        return policy.with_active_rules(super().get_queryset(request))
 
     @admin.display(description="Scanner warnings")
     def warning_list(self, tool):
@@ -289,16 +329,14 @@ class ToolAdmin(admin.ModelAdmin):
 
     @admin.display(description="Review")
     def review(self, tool):
-        if tool.removed:
-            return "Removed from server"
-        if tool.changed_since_review:
-            return "Changed since review"
-        if tool.warnings:
-            return "Flagged by scanner"
-        return "—"
+        return review_label(tool)
+
+    @admin.display(description="Policy")
+    def policy(self, tool):
+        return policy_label(tool)
 
     def _set_approval(self, request, queryset, approval):
-        count = queryset.update(approval=approval)
+        count = sum(tool.set_approval(request.user, approval) for tool in queryset)
         self.message_user(request, f"{count} tool(s) set to {ToolApproval(approval).label}.")
 
     @admin.action(description="Set to Auto-approved", permissions=["change"])
@@ -317,13 +355,14 @@ class ToolAdmin(admin.ModelAdmin):
         description="Mark reviewed (accept the current definition)", permissions=["change"]
     )
     def mark_reviewed(self, request, queryset):
-        for tool in queryset:
+        tools = list(queryset)
+        for tool in tools:
             tool.mark_reviewed(request.user)
-        self.message_user(request, f"{queryset.count()} tool(s) marked reviewed.")
+        self.message_user(request, f"{len(tools)} tool(s) marked reviewed.")
 
 
 @admin.register(Agent)
-class AgentAdmin(admin.ModelAdmin):
+class AgentAdmin(LogsPolicyChanges, admin.ModelAdmin):
     list_display = ["name", "is_active", "token_hint", "server_list", "last_used_at", "created_at"]
     list_filter = ["is_active", "servers"]
     search_fields = ["name", "description"]

@@ -83,6 +83,9 @@ class SecretTextarea(forms.Textarea):
 
 
 class McpServerForm(forms.ModelForm):
+    # Never shown anywhere, not even in the admin log's messages (integrations/audit.py).
+    secret_fields = ["url", "secret_token", "clear_secret_token", "headers_text", "clear_headers"]
+
     url = forms.CharField(
         label="Server URL",
         required=False,

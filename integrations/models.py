@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import models, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from integrations import mcp_client, scanner
@@ -265,18 +265,29 @@ class ToolQuerySet(models.QuerySet):
     def listed(self):
         return self.filter(removed_at__isnull=True)
 
+    def needing_review(self):
+        """The tools whose `needs_review` is true, as one filter (the admin's review filter)."""
+        never = Q(reviewed_fingerprint="")
+        changed = ~never & ~Q(fingerprint=F("reviewed_fingerprint"))
+        flagged = ~Q(warnings=[]) & (
+            Q(reviewed_by__isnull=True) | ~Q(fingerprint=F("reviewed_fingerprint"))
+        )
+        return self.filter(never | changed | flagged)
+
 
 class ToolManager(models.Manager):
     def create_from_definition(self, server, definition, now, warnings=()):
         fp = fingerprint(definition)
-        # The definition first seen is the baseline a later change is compared against: adding
-        # the server is the admin's review of what it offered at that moment.
+        # What the server offers at its first successful sync is the baseline, reviewed: adding
+        # the server is the admin's review of what it offered then. A tool that appears later,
+        # or one the scanner flags, has no reviewed definition until a human marks it reviewed.
+        baseline = server.last_synced_at is None and not warnings
         tool = self.create(
             server=server,
             name=definition["name"],
             approval=ToolApproval.REQUIRES_APPROVAL,
-            reviewed_fingerprint=fp,
-            reviewed_definition=definition,
+            reviewed_fingerprint=fp if baseline else "",
+            reviewed_definition=definition if baseline else None,
             first_seen_at=now,
             last_seen_at=now,
             warnings=list(warnings),
@@ -344,37 +355,30 @@ class Tool(models.Model):
         return self.removed_at is not None
 
     @property
+    def ever_reviewed(self):
+        """Whether some definition of the tool was reviewed (the first sync's, or a human's)."""
+        return bool(self.reviewed_fingerprint)
+
+    @property
     def changed_since_review(self):
-        return self.fingerprint != self.reviewed_fingerprint
+        return self.ever_reviewed and self.fingerprint != self.reviewed_fingerprint
+
+    @property
+    def flagged(self):
+        """Scanner warnings no human has looked at in this definition."""
+        reviewed_by_human = self.reviewed_by_id is not None and not self.changed_since_review
+        return bool(self.warnings) and not (reviewed_by_human and self.ever_reviewed)
 
     @property
     def needs_review(self):
-        """Changed since review, or flagged by the scanner and not yet looked at by a human."""
-        return self.changed_since_review or (bool(self.warnings) and self.reviewed_by_id is None)
+        """New and never reviewed, changed since review, or flagged: a human must look before
+        it runs on its own. (`ToolQuerySet.needing_review` is the same test in SQL.)"""
+        return not self.ever_reviewed or self.changed_since_review or self.flagged
 
     @property
     def hints(self):
         """The annotation hints the server claims, as labels. Claims, never guarantees."""
         return [label for key, label in HINTS.items() if self.annotations.get(key) is True]
-
-    @property
-    def effective_approval(self):
-        """What the policy does with a call to this tool: "blocked", "requires_approval" or "auto".
-
-        Disabled blocks in every mode; a tool changed since review or flagged by a scanner needs a
-        human in every mode; otherwise the server's approval mode decides, and in Fine-Grained mode
-        the tool's own setting.
-        """
-        if self.approval == ToolApproval.DISABLED:
-            return "blocked"
-        if self.needs_review:
-            return "requires_approval"
-        mode = self.server.approval_mode
-        if mode == ApprovalMode.NO_APPROVAL:
-            return "auto"
-        if mode == ApprovalMode.FINE_GRAINED and self.approval == ToolApproval.AUTO_APPROVED:
-            return "auto"
-        return "requires_approval"
 
     def update_definition(self, definition, now, warnings=()):
         """Record the definition from a sync; True when it differs from the last one seen.
@@ -397,19 +401,26 @@ class Tool(models.Model):
         return changed
 
     def changes_since_review(self):
-        """A unified diff from the reviewed definition to the current one ("" when none)."""
-        if not self.changed_since_review:
+        """A unified diff from the reviewed definition to the current one ("" when none; the
+        whole definition for a tool never reviewed)."""
+        if self.ever_reviewed and not self.changed_since_review:
             return ""
 
         def lines(definition):
             text = json.dumps(definition or {}, indent=2, sort_keys=True, ensure_ascii=False)
             return text.splitlines()
 
-        before, after = lines(self.reviewed_definition), lines(self.definition)
+        before = lines(self.reviewed_definition) if self.ever_reviewed else []
+        after = lines(self.definition)
         diff = difflib.unified_diff(before, after, "reviewed", "current", lineterm="")
         return "\n".join(diff)
 
     def mark_reviewed(self, user):
+        """Accept the current definition as reviewed by `user` (in the admin log); returns the
+        diff accepted ("" when nothing changed since the last review)."""
+        from integrations.audit import log_change
+
+        diff = self.changes_since_review()
         self.reviewed_fingerprint = self.fingerprint
         self.reviewed_definition = self.definition
         self.reviewed_at, self.reviewed_by = timezone.now(), user
@@ -421,6 +432,21 @@ class Tool(models.Model):
                 "reviewed_by",
             ]
         )
+        flags = f", with {len(self.warnings)} scanner warning(s)" if self.warnings else ""
+        log_change(user, self, f"Marked reviewed (definition {self.fingerprint[:12]}{flags}).")
+        return diff
+
+    def set_approval(self, user, setting):
+        """Change the Fine-Grained approval setting, in the admin log as `user`'s change."""
+        from integrations.audit import log_change
+
+        before = self.get_approval_display()
+        if Tool.objects.filter(pk=self.pk).exclude(approval=setting).update(approval=setting):
+            self.approval = setting
+            message = f"Changed approval setting: {before} → {self.get_approval_display()}."
+            log_change(user, self, message)
+            return True
+        return False
 
 
 class ToolRevision(models.Model):

@@ -105,9 +105,12 @@ def test_a_call_needing_approval_is_pending(client, agent_token):
     assert call["decision"] is None and call["result"] is None and call["error"] is None
     assert call["expires_at"] is not None
     assert set(call) == {
-        "id", "status", "server", "tool", "arguments", "decision", "result", "warnings", "error",
-        "created_at", "started_at", "finished_at", "expires_at",
+        "id", "status", "server", "tool", "arguments", "decision", "reasons", "result",
+        "warnings", "error", "created_at", "started_at", "finished_at", "expires_at",
     }  # fmt: skip
+    assert call["reasons"] == [
+        {"code": "always_ask", "message": "The server's mode is Always Ask."}
+    ]
 
 
 def test_no_approval_mode_approves_at_once(client, django_capture_on_commit_callbacks):
@@ -183,7 +186,8 @@ def test_a_deny_note_reaches_the_agent(client, agent_token, admin_user):
     call = get(client, agent_token, f"/api/v1/tool-calls/{call_id}").json()
     assert call["status"] == "denied"
     assert call["decision"] == {
-        "by": "human", "user": "boss", "note": "not today", "at": call["decision"]["at"]
+        "by": "human", "user": "boss", "note": "not today", "at": call["decision"]["at"],
+        "edited": False,
     }  # fmt: skip
 
 
@@ -291,11 +295,19 @@ def test_a_disabled_tool_is_403_in_every_mode(client):
         assert response.json()["error"]["code"] == "tool_disabled"
 
 
-def test_a_server_not_assigned_to_the_agent_is_403(client, agent_token):
-    make_server("other")
-    response = post(client, agent_token, call_body(server="other"))
-    assert response.json()["error"]["code"] == "server_not_allowed"
-    assert response.status_code == 403
+def test_a_server_not_assigned_to_the_agent_is_answered_like_one_that_does_not_exist(
+    client, agent_token
+):
+    before = post(client, agent_token, call_body(server="other"))
+    make_server("other")  # exists now, but is not this agent's
+    after = post(client, agent_token, call_body(server="other"))
+    assert (after.status_code, after.content) == (before.status_code, before.content)
+    assert before.status_code == 404
+    assert before.json()["error"] == {
+        "code": "unknown_server", "message": "This agent has no MCP server named 'other'."
+    }  # fmt: skip
+    first, second = ToolCall.objects.order_by("pk")  # the audit records are alike too
+    assert (first.server, first.reasons) == (second.server, second.reasons) == (None, first.reasons)
 
 
 def test_a_disabled_server_is_403(client, server, agent_token):

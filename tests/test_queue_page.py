@@ -8,6 +8,7 @@ from django.test import TestCase
 from django.utils import timezone
 
 from approvals.models import DecidedBy, Status, ToolCall
+from approvals.rules import PolicyRule
 from integrations.models import Agent, ApprovalMode, McpServer, Tool
 
 pytestmark = pytest.mark.django_db
@@ -140,7 +141,9 @@ def test_a_deny_note_is_kept(client, approver):
         f"/approvals/{call.pk}/decide", {"decision": "deny", "note": "wrong customer"},
         headers={"Accept": "application/json"},
     )  # fmt: skip
-    assert response.json() == {"ok": True, "status": "denied", "final": True, "message": "Denied."}
+    assert response.json() == {
+        "ok": True, "status": "denied", "final": True, "message": "Denied.", "diff": ""
+    }  # fmt: skip
     call.refresh_from_db()
     assert call.note == "wrong customer"
 
@@ -169,25 +172,37 @@ def test_a_decision_after_expiry_is_refused_with_a_clear_message(client, approve
     assert ToolCall.objects.get(pk=call.pk).status == Status.EXPIRED
 
 
-def test_approve_and_always_allow_needs_fine_grained_mode_and_tool_permission(client, approver):
+def test_approve_and_always_allow_needs_the_permission_to_add_rules(client, approver):
     server, tool, agent = make_world(mode=ApprovalMode.FINE_GRAINED)
     call = pending(agent, server, tool)
-    assert "always allow" not in client.get("/approvals/").content.decode()  # no tool permission
+    assert "always allow" not in client.get("/approvals/").content.decode()  # no permission
     assert (
         client.post(f"/approvals/{call.pk}/decide", {"decision": "approve_always"}).status_code
         == 403
     )
-    approver.user_permissions.add(Permission.objects.get(codename="change_tool"))
-    assert "Approve and always allow this tool" in client.get("/approvals/").content.decode()
+    approver.user_permissions.add(Permission.objects.get(codename="add_policyrule"))
+    assert "Approve and always allow" in client.get("/approvals/").content.decode()
     client.post(f"/approvals/{call.pk}/decide", {"decision": "approve_always"})
-    assert Tool.objects.get(pk=tool.pk).approval == "auto_approved"
+    rule = PolicyRule.objects.get()
+    assert (rule.tool, rule.agent, rule.condition, rule.action) == (tool, agent, "true", "allow")
+    assert rule.created_by == approver and rule.created_from_call_id == call.pk
     assert ToolCall.objects.get(pk=call.pk).status == Status.APPROVED
+    assert Tool.objects.get(pk=tool.pk).approval == "requires_approval"  # the rule, not the tool
 
 
-def test_always_allow_is_not_offered_in_always_ask_mode(admin_client):
+def test_always_allow_is_not_offered_where_it_would_change_nothing(admin_client):
     server, tool, agent = make_world(mode=ApprovalMode.ALWAYS_ASK)
-    pending(agent, server, tool)
+    Tool.objects.filter(pk=tool.pk).update(fingerprint="changed")  # needs review: asks anyway
+    call = pending(agent, server, Tool.objects.get(pk=tool.pk))
     assert "always allow" not in admin_client.get("/approvals/").content.decode()
+    response = admin_client.post(
+        f"/approvals/{call.pk}/decide", {"decision": "approve_always"},
+        headers={"Accept": "application/json"},
+    )  # fmt: skip
+    assert response.status_code == 422
+    assert "would not change" in response.json()["message"]
+    assert ToolCall.objects.get(pk=call.pk).status == Status.PENDING_APPROVAL
+    assert not PolicyRule.objects.exists()
 
 
 def test_the_page_is_csrf_protected(approver):
@@ -258,12 +273,21 @@ class QueueQueriesTest(TestCase):
         self.client.force_login(user)
         server, tool, agent = make_world()
         pending(agent, server, tool)
-        with self.assertNumQueries(6) as first:
+        PolicyRule.objects.create(server=server, condition="args.to != 'x'", action="ask")
+        with self.assertNumQueries(8) as first:
             self.client.get("/approvals/")
-        for _ in range(30):
-            pending(agent, server, tool)
+        for i in range(10):  # other servers, tools, agents and rules: still the same queries
+            other = McpServer.objects.create(name=f"s{i}", url="https://s.example/mcp")
+            other_tool = Tool.objects.create_from_definition(
+                other, {"name": f"t{i}", "inputSchema": {}}, timezone.now()
+            )
+            other_agent, _ = Agent.create_with_token(f"a{i}", [other])
+            PolicyRule.objects.create(server=other, tool=other_tool, action="allow")
+            for _ in range(3):
+                pending(other_agent, other, other_tool, {"to": "jane@example.com"})
         with self.assertNumQueries(len(first.captured_queries)):
-            self.client.get("/approvals/")
+            html = self.client.get("/approvals/").content.decode()
+        assert html.count('class="card"') == 31
 
     def test_the_history_query_count_does_not_grow_with_rows(self):
         user = User.objects.create_superuser("root", password="pw")

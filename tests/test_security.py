@@ -18,6 +18,7 @@ from cryptography.fernet import Fernet
 from django.core.management import call_command
 from django.utils import timezone
 
+from approvals import policy
 from approvals.models import Status, ToolCall, request_tool_call
 from integrations import netguard
 from integrations.mcp_client import Endpoint, McpError, list_tools
@@ -158,7 +159,9 @@ def test_a_tool_shadowing_another_servers_tool_is_flagged(mcp_factory):
     twin = server.tools.get(name="send_email")
     assert "shadowing" in {w["code"] for w in shadow.warnings}
     assert "name_collision" in {w["code"] for w in twin.warnings}
-    assert shadow.effective_approval == twin.effective_approval == "requires_approval"
+    for tool in (shadow, twin):
+        assert policy.decide(None, tool).outcome == policy.Outcome.ASK
+        assert policy.Code.FLAGGED in {reason.code for reason in policy.decide(None, tool).reasons}
 
 
 @pytest.mark.django_db

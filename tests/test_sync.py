@@ -3,6 +3,7 @@
 import pytest
 from django.utils import timezone
 
+from approvals import policy
 from integrations.models import McpServer, Tool, ToolApproval, ToolRevision
 from tests.mcp_servers import demo_server, mutable_server, paginated_server, protected_server
 
@@ -190,7 +191,7 @@ def test_a_poisoned_tool_is_flagged_at_sync_until_a_human_reviews_it(mcp_factory
     server.sync_tools()
     tool = server.tools.get(name="add")
     assert {w["code"] for w in tool.warnings} >= {"hidden_instructions", "exfiltration"}
-    assert tool.needs_review and tool.effective_approval == "requires_approval"
+    assert tool.needs_review and policy.decide(None, tool).outcome == policy.Outcome.ASK
     assert not server.tools.get(name="lookup").needs_review
     tool.mark_reviewed(admin_user)
     server.sync_tools()

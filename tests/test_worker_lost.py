@@ -40,7 +40,7 @@ def test_a_worker_killed_mid_call_leaves_the_call_unknown(mcp_demo_http, own_bro
         approval_mode=ApprovalMode.NO_APPROVAL,
     )  # fmt: skip
     server.sync_tools()
-    agent, _ = Agent.create_with_token("bot")
+    agent, _ = Agent.create_with_token("bot", [server])
     tool = server.tools.get(name="slow")
     call = ToolCall.objects.create(
         agent=agent, server=server, tool=tool, server_name="demo", tool_name="slow",

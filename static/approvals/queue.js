@@ -15,7 +15,7 @@
 
   function close(card, delay) {
     card.classList.add("decided");
-    card.querySelectorAll("button, input").forEach(function (el) { el.disabled = true; });
+    card.querySelectorAll("button, input, textarea, select").forEach(function (el) { el.disabled = true; });
     setTimeout(function () { card.remove(); updateEmpty(); }, delay);
   }
 
@@ -37,14 +37,27 @@
     card.querySelectorAll("button").forEach(function (el) { el.disabled = true; });
     setOutcome(card, "Sending…");
     json(form.action, { method: "POST", body: body }).then(function (reply) {
+      if (reply.data.retry) { return reopen(card, [reply.data.message].concat(reply.data.details || []).join(" ")); }
       setOutcome(card, reply.data.message || reply.data.error);
+      showDiff(card, reply.data.diff);
       if (reply.ok && !reply.data.final) { follow(card); } else { close(card, reply.ok ? 8000 : 15000); }
       focusNext(card);
-    }).catch(function () {
-      setOutcome(card, "Could not reach Toolgate; try again.");
-      card.querySelectorAll("button").forEach(function (el) { el.disabled = false; });
-      delete card.dataset.decided;
-    });
+    }).catch(function () { reopen(card, "Could not reach Toolgate; try again."); });
+  }
+
+  // What the approver sent was refused (e.g. edited arguments failing the schema): the call
+  // is still pending, so let them correct it.
+  function reopen(card, text) {
+    setOutcome(card, text);
+    card.querySelectorAll("button").forEach(function (el) { el.disabled = false; });
+    delete card.dataset.decided;
+  }
+
+  function showDiff(card, diff) {
+    var pre = card.querySelector(".edited-diff");
+    if (!pre || !diff) return;
+    pre.textContent = diff;
+    pre.hidden = false;
   }
 
   function focusNext(card) {

@@ -3,6 +3,7 @@ import os
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count, Q
 
+from integrations.audit import ADDITION, command_user, describe_form, log_change
 from integrations.forms import McpServerForm, describe_errors
 from integrations.models import ApprovalMode, McpServer, Transport
 
@@ -29,8 +30,15 @@ class Command(BaseCommand):
         add.add_argument(
             "--approval-mode", choices=ApprovalMode.values, default=ApprovalMode.ALWAYS_ASK
         )
+        add.add_argument(
+            "--no-personal-data-approval",
+            action="store_true",
+            help="Let calls whose arguments look like personal data run without a human "
+            "(on by default, as in the admin).",
+        )
         add.add_argument("--allow-private-network", action="store_true")
         add.add_argument("--allow-http", action="store_true")
+        add.add_argument("--user", help="Whom the admin log names (default: manage.py).")
         sync = sub.add_parser("sync", help="Sync servers now (all enabled ones by default).")
         sync.add_argument("names", nargs="*", metavar="NAME")
         sub.add_parser("list", help="List servers.")
@@ -39,6 +47,7 @@ class Command(BaseCommand):
         getattr(self, f"handle_{action}")(**options)
 
     def handle_add(self, **options):
+        user = command_user(options["user"])
         token = ""
         if options["token_env"]:
             token = os.environ.get(options["token_env"], "")
@@ -53,6 +62,7 @@ class Command(BaseCommand):
                 "secret_token": token,
                 "headers_text": "\n".join(options["headers"]),
                 "approval_mode": options["approval_mode"],
+                "personal_data_needs_approval": not options["no_personal_data_approval"],
                 "enabled": True,
                 "allow_private_network": options["allow_private_network"],
                 "allow_http": options["allow_http"],
@@ -61,6 +71,7 @@ class Command(BaseCommand):
         if not form.is_valid():
             raise CommandError("Server not added:\n  " + "\n  ".join(describe_errors(form)))
         server = form.save()
+        log_change(user, server, describe_form(form, form.secret_fields, add=True), ADDITION)
         self.stdout.write(f"Added MCP server {server.name} ({server.origin}).")
         self._sync(server)
         for tool in server.tools.filter(removed_at__isnull=True):
