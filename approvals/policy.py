@@ -143,10 +143,10 @@ def decide(
     asks += [reason for action, reason in verdicts if action == RuleAction.ASK]
     outcome, mode_reason = _mode(tool)
     allowed = [reason for action, reason in verdicts if action == RuleAction.ALLOW]
+    if outcome == Outcome.ASK and allowed:
+        outcome, mode_reason = Outcome.RUN, allowed[0]  # an allow rule loosens step 5 only
     if asks:
         return Decision(Outcome.ASK, (*asks, *([mode_reason] if outcome == Outcome.ASK else [])))
-    if outcome == Outcome.ASK and allowed:
-        return Decision(Outcome.RUN, tuple(allowed))
     return Decision(outcome, (mode_reason,))
 
 

@@ -36,11 +36,11 @@ class Command(BaseCommand):
     def handle_add(self, server, tool, agent, when, rule_action, expires, note, user, **options):
         user = command_user(user)
         rule = PolicyRule(
-            server=_get(McpServer, "an MCP server", name=server),
-            tool=_get(Tool, f"a tool of {server}", server__name=server, name=tool)
+            server=_get(McpServer, "MCP server", name=server),
+            tool=_get(Tool, f"tool on {server}", server__name=server, name=tool)
             if tool
             else None,
-            agent=_get(Agent, "an agent", name=agent) if agent else None,
+            agent=_get(Agent, "agent", name=agent) if agent else None,
             condition=when,
             action=rule_action,
             expires_at=_when(expires) if expires else None,
@@ -81,7 +81,7 @@ class Command(BaseCommand):
 def _get(model, what, **lookup):
     found = model.objects.filter(**lookup).first()
     if found is None:
-        raise CommandError(f"There is no {what} named {list(lookup.values())[-1]!r}.")
+        raise CommandError(f"No {what} named {list(lookup.values())[-1]!r}.")
     return found
 
 
