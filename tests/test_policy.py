@@ -343,7 +343,7 @@ def test_the_review_filter_and_the_review_state_agree():
 
 def test_the_queue_card_says_why_this_needs_you(client):
     server = make_server()
-    agent, token = Agent.create_with_token("bot", [server])
+    _, token = Agent.create_with_token("bot", [server])
     call(client, token, arguments={"query": "ring +44 20 7946 0958"})
     approver = User.objects.create_user("alice")
     approver.groups.add(Group.objects.get(name="Approvers"))
@@ -358,7 +358,7 @@ def test_the_history_shows_the_real_reason_a_call_was_blocked_or_denied(client, 
     server = make_server()
     Tool.objects.create_from_definition(server, {**LOOKUP, "name": "wipe"}, timezone.now())
     Tool.objects.filter(name="wipe").update(approval=ToolApproval.DISABLED)
-    agent, token = Agent.create_with_token("bot", [server])
+    _, token = Agent.create_with_token("bot", [server])
     call(client, token, tool="wipe")
     denied_id = call(client, token).json()["id"]
     ToolCall.objects.get(pk=denied_id).deny(admin_user, "wrong customer")
