@@ -37,9 +37,7 @@ class Command(BaseCommand):
         user = command_user(user)
         rule = PolicyRule(
             server=_get(McpServer, "MCP server", name=server),
-            tool=_get(Tool, f"tool on {server}", server__name=server, name=tool)
-            if tool
-            else None,
+            tool=_get(Tool, f"tool on {server}", server__name=server, name=tool) if tool else None,
             agent=_get(Agent, "agent", name=agent) if agent else None,
             condition=when,
             action=rule_action,
