@@ -99,3 +99,68 @@ def test_tool_approval_sets_the_setting(mcp_demo_http):
 def test_tool_approval_of_an_unknown_tool_is_an_error():
     with pytest.raises(CommandError, match="No tool 'x'"):
         run("mcp_tool", "approval", "demo", "x", "disabled")
+
+
+@pytest.mark.django_db
+def test_add_makes_personal_data_need_a_human_by_default_like_the_admin(mcp_demo_http):
+    from approvals.models import Status, request_tool_call
+    from integrations.models import Agent
+
+    run(
+        "mcp_server", "add", "--name", "demo", "--url", mcp_demo_http.url,
+        "--allow-private-network", "--allow-http", "--approval-mode", "no_approval",
+    )  # fmt: skip
+    server = McpServer.objects.get(name="demo")
+    assert server.personal_data_needs_approval
+    agent, _ = Agent.create_with_token("bot", [server])
+    card_number, _ = request_tool_call(agent, "demo", "echo", {"text": "4111 1111 1111 1111"})
+    assert card_number.status == Status.PENDING_APPROVAL
+    assert card_number.reasons[0]["code"] == "personal_data"
+
+
+@pytest.mark.django_db
+def test_add_can_turn_the_personal_data_check_off(mcp_demo_http):
+    run(
+        "mcp_server", "add", "--name", "demo", "--url", mcp_demo_http.url,
+        "--allow-private-network", "--allow-http", "--no-personal-data-approval",
+    )  # fmt: skip
+    assert not McpServer.objects.get(name="demo").personal_data_needs_approval
+
+
+@pytest.mark.django_db
+def test_review_prints_the_diff_it_accepts_and_marks_the_tool_reviewed(mcp_factory):
+    from tests.mcp_servers import mutable_server
+
+    remote = mutable_server()
+    server = McpServer.objects.create(
+        name="m", url=mcp_factory(remote).url, allow_private_network=True
+    )
+    server.sync_tools()
+    remote.change_tool("lookup", description="Look something up, differently.")
+    server.sync_tools()
+    output = run("mcp_tool", "review", "m", "lookup")
+    assert '-  "description": "Look something up.",' in output
+    assert '+  "description": "Look something up, differently.",' in output
+    assert "marked reviewed" in output
+    assert not Tool.objects.get(name="lookup").needs_review
+    assert "already reviewed" in run("mcp_tool", "review", "m", "lookup")
+
+
+@pytest.mark.django_db
+def test_approval_warns_when_the_tool_still_needs_review(mcp_demo_http):
+    McpServer.objects.create(name="demo", url=mcp_demo_http.url, allow_private_network=True)
+    run("mcp_server", "sync", "demo")
+    assert "Warning" not in run("mcp_tool", "approval", "demo", "echo", "auto_approved")
+    Tool.objects.filter(name="echo").update(fingerprint="changed")
+    output = run("mcp_tool", "approval", "demo", "echo", "auto_approved")
+    assert "still needs review" in output and "mcp_tool review demo echo" in output
+
+
+@pytest.mark.django_db
+def test_agent_commands_refuse_unknown_agents_and_missing_servers():
+    with pytest.raises(CommandError, match="No agent named 'ghost'"):
+        run("agent", "deactivate", "ghost")
+    McpServer.objects.create(name="s", url="https://s.example/mcp")
+    run("agent", "create", "bot")
+    with pytest.raises(CommandError, match="at least one --server"):
+        run("agent", "grant", "bot")
