@@ -92,6 +92,9 @@ def test_an_approver_approves_a_request_and_the_agent_gets_the_result(
     card = page.locator(f'[data-call-id="{call["id"]}"]')
     expect(card).to_be_visible()  # appeared without a reload
     expect(card).to_contain_text("E-mail address")
+    expect(card.get_by_role("region", name="Why this needs you")).to_contain_text(
+        "Personal data in $.text (e-mail address)."
+    )
     expect(card).to_contain_text("read-only")
     expect(page).to_have_title("(1) Pending approvals · Toolgate")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -186,3 +189,37 @@ def test_pages_run_under_the_strict_csp_without_violations(chromium, live_server
         page.goto(f"{live_server.url}{path}")
         expect(page.locator("body")).to_be_visible()
     assert [v for v in violations if "Content Security Policy" in v] == []
+
+
+def test_an_approver_corrects_the_arguments_before_approving(
+    chromium, live_server, world, celery_worker
+):
+    approver("erin")
+    call = post_call(live_server, world, arguments={"text": "helo wrold"})
+    page = log_in(chromium, live_server, "erin")
+    card = page.locator(f'[data-call-id="{call["id"]}"]')
+    card.get_by_text("Edit the arguments before approving").click()
+    editor = card.get_by_label("Arguments to run with (JSON)")
+    expect(editor).to_have_value('{\n  "text": "helo wrold"\n}')
+
+    editor.fill('{"text": "hello world"')  # a typo first: refused, the card stays
+    card.get_by_role("button", name="Approve", exact=True).click()
+    expect(card.locator(".outcome")).to_contain_text("not valid JSON")
+    expect(card.get_by_role("button", name="Approve", exact=True)).to_be_enabled()
+    assert ToolCall.objects.get(pk=call["id"]).status == Status.PENDING_APPROVAL
+
+    editor.fill('{"text": "hello world"}')
+    card.get_by_role("button", name="Approve", exact=True).click()
+    expect(card.locator(".edited-diff")).to_contain_text('+  "text": "hello world"')
+    expect(card.locator(".edited-diff")).to_contain_text('-  "text": "helo wrold"')
+    expect(card.locator(".outcome")).to_contain_text("Succeeded: hello world", timeout=30_000)
+    page.screenshot(path=SCREENSHOTS / "approve-with-edits.png", full_page=True)
+
+    result = api(live_server, world, "GET", f"/api/v1/tool-calls/{call['id']}?wait=30")
+    assert result["arguments"] == {"text": "hello world"}
+    assert result["decision"]["edited"] is True
+    assert result["result"]["content"] == [{"type": "text", "text": "hello world"}]
+    page.goto(f"{live_server.url}/approvals/history/")
+    row = page.locator(f'tr[data-call-id="{call["id"]}"]')
+    row.get_by_text("Arguments edited by the approver").click()
+    expect(row.locator("pre.diff")).to_contain_text('+  "text": "hello world"')
