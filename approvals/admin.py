@@ -14,7 +14,6 @@ from integrations.admin import LogsPolicyChanges
 from integrations.models import Agent, McpServer, Tool
 
 
-
 @admin.register(ToolCall)
 class ToolCallAdmin(admin.ModelAdmin):
     """The audit trail: read-only, except deciding pending calls."""

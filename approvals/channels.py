@@ -35,7 +35,6 @@ from django.utils.timesince import timesince
 from approvals.notifications import TEST_EVENT, ChannelKind, Delivery, DeliveryStatus
 from integrations import netguard
 from integrations.logging import redact as redact_urls
-from integrations.models import ApprovalMode
 
 logger = logging.getLogger(__name__)
 
@@ -98,23 +97,9 @@ def subject_of(event, obj):
 
 
 def call_reasons(call):
-    """Why the call needs a human, as {code, message}. Derived from the facts the queue card
-    shows until the policy stores its own reasons on the call (`ToolCall.reasons`)."""
-    stored = getattr(call, "reasons", None)
-    if stored:
-        return list(stored)
-    tool, server, reasons = call.tool, call.server, []
-    if tool is not None and tool.changed_since_review:
-        reasons.append(("tool_changed", "The tool's definition changed since it was reviewed."))
-    if tool is not None and tool.warnings and tool.needs_review:
-        reasons.append(("tool_flagged", "The scanner flagged the tool's definition."))
-    if server is not None and server.personal_data_needs_approval and personal_data_kinds(call):
-        reasons.append(("personal_data", "The arguments look like personal data or secrets."))
-    if server is not None and server.approval_mode == ApprovalMode.ALWAYS_ASK:
-        reasons.append(("always_ask", "The server is in Always Ask mode."))
-    elif not reasons:
-        reasons.append(("requires_approval", "The tool requires approval."))
-    return [{"code": code, "message": message} for code, message in reasons]
+    """Why the call needs a human, as {code, message}: the reasons the policy stored on the
+    call when it decided it (approvals/policy.py)."""
+    return list(call.reasons)
 
 
 def personal_data_kinds(call):

@@ -131,7 +131,7 @@ def test_a_call_that_needs_a_human_reaches_email_slack_and_webhook(
     assert item["event"] == "call.pending" and item["url"] == link
     assert item["data"]["call_id"] == call.pk
     assert item["data"]["reasons"] == [
-        {"code": "always_ask", "message": "The server is in Always Ask mode."}
+        {"code": "always_ask", "message": "The server's mode is Always Ask."}
     ]
     assert Delivery.objects.get(channel=hook).delivery_id.hex == payload["id"].replace("-", "")
     wait_until(lambda: set(Delivery.objects.values_list("status", flat=True)) == {"sent"})

@@ -2,54 +2,143 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-import integrations.fields
 from django.conf import settings
 from django.db import migrations, models
 
+import integrations.fields
+
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('approvals', '0005_notifications'),
-        ('integrations', '0004_mcpserver_sync_failures'),
+        ("approvals", "0005_notifications"),
+        ("integrations", "0004_mcpserver_sync_failures"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='toolcall',
-            name='reasons',
-            field=models.JSONField(blank=True, default=list, help_text='Why the policy decided as it did: {code, message} pairs (approvals/policy.py).'),
+            model_name="toolcall",
+            name="reasons",
+            field=models.JSONField(
+                blank=True,
+                default=list,
+                help_text="Why the policy decided as it did: {code, message} pairs (approvals/policy.py).",
+            ),
         ),
         migrations.AddField(
-            model_name='toolcall',
-            name='requested_arguments',
-            field=integrations.fields.EncryptedJSONField(blank=True, help_text='What the agent asked for, when an approver edited the arguments.', null=True),
+            model_name="toolcall",
+            name="requested_arguments",
+            field=integrations.fields.EncryptedJSONField(
+                blank=True,
+                help_text="What the agent asked for, when an approver edited the arguments.",
+                null=True,
+            ),
         ),
         migrations.AlterField(
-            model_name='toolcall',
-            name='arguments',
-            field=models.JSONField(default=dict, help_text='The arguments the call runs with.'),
+            model_name="toolcall",
+            name="arguments",
+            field=models.JSONField(default=dict, help_text="The arguments the call runs with."),
         ),
         migrations.CreateModel(
-            name='PolicyRule',
+            name="PolicyRule",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('condition', models.TextField(default='true', help_text='A CEL expression over args, agent, server, tool and now, e.g. args.amount <= 50 && args.currency == "EUR". `true` matches every call.')),
-                ('action', models.CharField(choices=[('allow', 'Allow (run without asking)'), ('ask', 'Ask a human'), ('deny', 'Deny (never run)')], max_length=10)),
-                ('expires_at', models.DateTimeField(blank=True, help_text='After this the rule is ignored (and shown as expired).', null=True)),
-                ('note', models.CharField(blank=True, max_length=500)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
-                ('agent', models.ForeignKey(blank=True, help_text='Leave empty for every agent.', null=True, on_delete=django.db.models.deletion.CASCADE, related_name='policy_rules', to='integrations.agent')),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('created_from_call', models.ForeignKey(blank=True, help_text='The call whose "approve and always allow" created this rule.', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='approvals.toolcall')),
-                ('server', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='policy_rules', to='integrations.mcpserver')),
-                ('tool', models.ForeignKey(blank=True, help_text='Leave empty for every tool of the server.', null=True, on_delete=django.db.models.deletion.CASCADE, related_name='policy_rules', to='integrations.tool')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "condition",
+                    models.TextField(
+                        default="true",
+                        help_text='A CEL expression over args, agent, server, tool and now, e.g. args.amount <= 50 && args.currency == "EUR". `true` matches every call.',
+                    ),
+                ),
+                (
+                    "action",
+                    models.CharField(
+                        choices=[
+                            ("allow", "Allow (run without asking)"),
+                            ("ask", "Ask a human"),
+                            ("deny", "Deny (never run)"),
+                        ],
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "expires_at",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="After this the rule is ignored (and shown as expired).",
+                        null=True,
+                    ),
+                ),
+                ("note", models.CharField(blank=True, max_length=500)),
+                (
+                    "created_at",
+                    models.DateTimeField(default=django.utils.timezone.now, editable=False),
+                ),
+                (
+                    "agent",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="Leave empty for every agent.",
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="policy_rules",
+                        to="integrations.agent",
+                    ),
+                ),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "created_from_call",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text='The call whose "approve and always allow" created this rule.',
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="approvals.toolcall",
+                    ),
+                ),
+                (
+                    "server",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="policy_rules",
+                        to="integrations.mcpserver",
+                    ),
+                ),
+                (
+                    "tool",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="Leave empty for every tool of the server.",
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="policy_rules",
+                        to="integrations.tool",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'policy rule',
-                'ordering': ['server__name', 'id'],
-                'indexes': [models.Index(fields=['server', 'expires_at'], name='approvals_p_server__5243a9_idx')],
+                "verbose_name": "policy rule",
+                "ordering": ["server__name", "id"],
+                "indexes": [
+                    models.Index(
+                        fields=["server", "expires_at"], name="approvals_p_server__5243a9_idx"
+                    )
+                ],
             },
         ),
     ]
