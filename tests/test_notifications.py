@@ -104,7 +104,7 @@ def test_a_call_that_needs_a_human_reaches_email_slack_and_webhook(
     assert mail["To"] == "ops@example.com"
     assert "support-bot asks to run crm / send_email" in mail["Subject"]
     assert link in mail.get_content()
-    assert "The server is in Always Ask mode." in mail.get_content()
+    assert "The server's mode is Always Ask." in mail.get_content()
 
     by_path = {request.path: request for request in receiver.requests}
     blocks = json.loads(by_path["/services/T0/B0/slack"].body)["blocks"]
