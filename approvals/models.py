@@ -298,7 +298,8 @@ class ToolCall(models.Model):
         """Claim the call and run it once. Returns True when it should be retried later.
 
         Only errors that prove the request never reached the server put the call back to
-        `approved` for a retry; anything else is final, so a call is never run twice.
+        `approved` for a retry (and not those only a human can fix, such as a server that
+        needs reconnecting); anything else is final, so a call is never run twice.
         """
         if not self._transition([Status.APPROVED], Status.RUNNING, started_at=timezone.now()):
             return False  # someone else has it, or it is no longer approved
@@ -335,7 +336,7 @@ class ToolCall(models.Model):
         return False
 
     def _failed(self, exc):
-        retryable = not exc.reached_server and self.attempts + 1 < settings.TOOL_CALL_MAX_ATTEMPTS
+        retryable = exc.retryable and self.attempts + 1 < settings.TOOL_CALL_MAX_ATTEMPTS
         if retryable:
             moved = self._transition(
                 [Status.RUNNING], Status.APPROVED, attempts=self.attempts + 1, started_at=None

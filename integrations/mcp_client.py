@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
@@ -42,14 +42,17 @@ class McpError(Exception):
     """A conversation with an MCP server failed.
 
     `code` is one of: refused, unreachable, timeout, unauthorized, not_mcp, redirect,
-    server_error, protocol, too_large.
+    server_error, protocol, too_large, and for OAuth servers (`integrations.oauth`)
+    needs_reconnect, insufficient_scope, oauth (the authorization server failed).
+    `retryable` defaults to `not reached_server`; an error only a human can fix is not.
     """
 
-    def __init__(self, code, message, *, reached_server=True):
+    def __init__(self, code, message, *, reached_server=True, retryable=None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.reached_server = reached_server
+        self.retryable = (not reached_server) if retryable is None else retryable
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ class Endpoint:
     transport: str = AUTO
     headers: dict = field(default_factory=dict)
     allow_private_network: bool = False
+    # An httpx2 auth for every request (OAuth's `integrations.oauth.BearerAuth`), and what
+    # identifies the credential it carries without being it ("" when there is none).
+    auth: httpx2.Auth | None = field(default=None, compare=False)
+    credential: str = ""
 
     @property
     def origin(self):
@@ -76,6 +83,7 @@ class Endpoint:
         secrets += [parts.password or ""]
         for value in self.headers.values():
             secrets += [value, value.rpartition(" ")[2]]
+        secrets += list(getattr(self.auth, "secrets", ()))
         secrets += [unquote(secret) for secret in secrets]
         for secret in sorted({s for s in secrets if s and len(s) > 3}, key=len, reverse=True):
             text = text.replace(secret, "[redacted]")
@@ -169,9 +177,7 @@ async def _call_tool(endpoint, name, arguments, transport, timeout):
         )
 
     if transport in (STREAMABLE_HTTP, SSE):
-        endpoint = Endpoint(
-            endpoint.url, transport, endpoint.headers, endpoint.allow_private_network
-        )
+        endpoint = replace(endpoint, transport=transport)
     return await _with_fallback(endpoint, call, timeout)
 
 
@@ -249,9 +255,12 @@ def _client(endpoint, transport, trace):
             timeout=settings.MCP_CONNECT_TIMEOUT,
             sse_read_timeout=settings.MCP_READ_TIMEOUT,
             httpx_client_factory=_traced(netguard.guarded_client_factory(**guard), trace),
+            auth=endpoint.auth,
         )
     else:
-        http_client = netguard.guarded_client(headers=endpoint.headers, timeout=timeout, **guard)
+        http_client = netguard.guarded_client(
+            headers=endpoint.headers, timeout=timeout, auth=endpoint.auth, **guard
+        )
         http_client.event_hooks = {"request": [trace.on_request], "response": [trace.on_response]}
         connection = streamable_http_client(endpoint.url, http_client=http_client)
         connection = _closing(http_client, connection)
@@ -315,7 +324,7 @@ def _explain(exc, endpoint, transport, trace):
     """Turn whatever the SDK or HTTP stack raised into an McpError, or None to re-raise."""
     where = f"{endpoint.origin} over {_label(transport)}"
     status = trace.worst_status()
-    exc = trace.guard_error or exc
+    exc = trace.guard_error or getattr(endpoint.auth, "failure", None) or exc
     if isinstance(exc, McpError):
         return exc
     if isinstance(exc, netguard.AddressRefused):
