@@ -266,6 +266,12 @@ MCP_MAX_TOOLS = _read("MCP_MAX_TOOLS", _positive(int), 1000)
 MCP_EXTRA_BLOCKED_NETWORKS = _read("MCP_EXTRA_BLOCKED_NETWORKS", _list, [])
 MCP_EXTRA_ALLOWED_NETWORKS = _read("MCP_EXTRA_ALLOWED_NETWORKS", _list, [])
 
+# OAuth 2.1 to upstream MCP servers (integrations/oauth.py). Toolgate's redirect URI and its
+# Client ID Metadata Document live under SITE_URL: /oauth/callback/, /oauth/client-metadata.json.
+OAUTH_REFRESH_MARGIN = _read("OAUTH_REFRESH_MARGIN", _positive(int), 120)  # renew this early (s)
+OAUTH_SIGN_IN_TIMEOUT = _read("OAUTH_SIGN_IN_TIMEOUT", _positive(int), 600)  # a browser sign-in (s)
+OAUTH_MAX_RESPONSE_BYTES = 1024 * 1024  # metadata, registration and token responses
+
 # Tool calls.
 APPROVAL_TIMEOUT = _read("APPROVAL_TIMEOUT", _positive(int), 600)  # seconds a request may wait
 TOOL_CALL_MAX_ATTEMPTS = _read("TOOL_CALL_MAX_ATTEMPTS", _positive(int), 4)

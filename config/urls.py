@@ -10,6 +10,7 @@ admin.site.index_title = "MCP servers, tools and agents"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("oauth/", include("integrations.urls")),
     path("", include("approvals.urls")),
     path("", include(auth_urlpatterns)),
     path("", RedirectView.as_view(url="/approvals/", permanent=False)),

@@ -1,23 +1,42 @@
 from django.contrib import admin, messages
 from django.db.models import Count, Q
 from django.http import JsonResponse
-from django.shortcuts import get_object_or_404
+from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 from django.utils.text import Truncator
+from django.utils.timesince import timesince, timeuntil
 from django.views.decorators.debug import sensitive_post_parameters
+from django.views.decorators.http import require_POST
 
 from approvals import policy
+from integrations import oauth, oauth_http
 from integrations.audit import describe_form
 from integrations.forms import McpServerForm
 from integrations.models import HINTS, Agent, McpServer, SyncState, Tool, ToolApproval
 
+SECRET_POST_FIELDS = ("url", "secret_token", "headers_text", "oauth_client_secret")
+
+
+def _credential(server):
+    """The server's OAuth credential when it uses OAuth (select_related'ed on list pages)."""
+    if not server.uses_oauth:
+        return None
+    try:
+        return server.oauth
+    except oauth.OAuthCredential.DoesNotExist:
+        return None
+
 
 def sync_status(server):
     """One line saying where the server's tool sync stands."""
+    credential = _credential(server)
+    if credential is not None and (credential.needs_reconnect or credential.needs_sign_in):
+        return credential.state_label
     if server.sync_state == SyncState.SYNCING:
         return "Syncing…"
     if server.sync_state == SyncState.QUEUED:
@@ -104,7 +123,10 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
     search_fields = ["name", "description"]
     actions = ["sync_now"]
     inlines = [ToolInline]
-    readonly_fields = ["sync_progress", "last_synced_at", "last_error", "server_details"]
+    readonly_fields = [
+        "sync_progress", "last_synced_at", "last_error", "server_details", "oauth_status",
+        "oauth_state",
+    ]  # fmt: skip
     fieldsets = [
         (None, {"fields": ["name", "description"]}),
         (
@@ -113,12 +135,27 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
                 "fields": [
                     "url",
                     "transport",
-                    "secret_token",
-                    "clear_secret_token",
                     "headers_text",
                     "clear_headers",
                     "allow_private_network",
                     "allow_http",
+                ]
+            },
+        ),
+        (
+            "Authentication",
+            {
+                "fields": [
+                    "auth_kind",
+                    "secret_token",
+                    "clear_secret_token",
+                    "oauth_grant",
+                    "oauth_client_id",
+                    "oauth_client_secret",
+                    "clear_oauth_client_secret",
+                    "oauth_scope",
+                    "oauth_issuer",
+                    "oauth_status",
                 ]
             },
         ),
@@ -132,20 +169,34 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
         ),
     ]
 
-    @method_decorator(sensitive_post_parameters("url", "secret_token", "headers_text"))
+    @method_decorator(sensitive_post_parameters(*SECRET_POST_FIELDS))
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        if object_id and self._connectable(request, object_id):
+            url = reverse("admin:integrations_mcpserver_oauth_connect", args=[object_id])
+            extra_context = {**(extra_context or {}), "oauth_connect_url": url}
         return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def _connectable(self, request, object_id):
+        server = McpServer.objects.filter(pk=object_id).first()
+        return server is not None and server.uses_oauth and self.has_change_permission(request)
 
     def get_queryset(self, request):
         return (
             super()
             .get_queryset(request)
+            .select_related("oauth")
             .annotate(live_tools=Count("tools", filter=Q(tools__removed_at__isnull=True)))
         )
 
     def get_fieldsets(self, request, obj=None):
+        authentication = self.fieldsets[2][1]["fields"][:-1]
         if obj is None:  # nothing to report before the first save
-            return self.fieldsets[:-1]
+            return [*self.fieldsets[:2], ("Authentication", {"fields": authentication}),
+                    self.fieldsets[3]]  # fmt: skip
+        if not self.has_change_permission(request, obj):  # the state, without the button
+            authentication = [*authentication, "oauth_state"]
+            return [*self.fieldsets[:2], ("Authentication", {"fields": authentication}),
+                    *self.fieldsets[3:]]  # fmt: skip
         return self.fieldsets
 
     def get_urls(self):
@@ -154,7 +205,42 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
             self.admin_site.admin_view(self.sync_status_view),
             name="integrations_mcpserver_sync_status",
         )
-        return [status, *super().get_urls()]
+        connect = path(
+            "<int:server_id>/oauth-connect/",
+            self.admin_site.admin_view(self.oauth_connect_view),
+            name="integrations_mcpserver_oauth_connect",
+        )
+        return [status, connect, *super().get_urls()]
+
+    @method_decorator(require_POST)
+    def oauth_connect_view(self, request, server_id):
+        """Connect / Reconnect: off to the authorization server (or, for client credentials,
+        a token right away)."""
+        server = get_object_or_404(McpServer, pk=server_id)
+        credential = oauth.credential_for(server)
+        back = reverse("admin:integrations_mcpserver_change", args=[server.pk])
+        if not self.has_change_permission(request, server):
+            return JsonResponse({"error": "forbidden"}, status=403)
+        if credential is None:
+            messages.error(request, "This server does not use OAuth 2.1; save it with OAuth first.")
+            return redirect(back)
+        return self._connect(request, credential, back)
+
+    def _connect(self, request, credential, back):
+        try:
+            if credential.grant == oauth.Grant.CLIENT_CREDENTIALS:
+                credential.connect_client_credentials(request.user)
+            else:
+                authorization = credential.start_sign_in(
+                    user=request.user, session_key=request.session.session_key
+                )
+                return self._to_authorization_server(request, credential, authorization)
+        except oauth_http.OAuthProblem as problem:
+            messages.error(request, f"Could not connect {credential.server.name}: {problem}")
+            return redirect(back)
+        credential.server.request_sync()
+        messages.success(request, f"Connected {credential.server.name}. Syncing its tools.")
+        return redirect(back)
 
     def sync_status_view(self, request, server_id):
         """Polled by the change page while a sync runs."""
@@ -208,15 +294,69 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
         rows = [(label, value) for label, value in rows if value]
         return format_html_join(mark_safe("<br>"), "{}: {}", rows) or "—"
 
+    @admin.display(description="OAuth connection")
+    def oauth_state(self, server):
+        return self.oauth_status(server, button=False)
+
+    @admin.display(description="OAuth connection")
+    def oauth_status(self, server, button=True):
+        credential = _credential(server)
+        if credential is None:
+            return "—"
+        rows = [(label, value) for label, value in _oauth_rows(credential) if value]
+        reason = step_up = ""
+        if credential.needs_reconnect:
+            reason = format_html(
+                "<p><strong>Needs reconnecting:</strong> {}</p>", credential.reconnect_reason
+            )
+        if credential.step_up_scope:
+            step_up = format_html(
+                "<p><strong>The server asks for a wider scope</strong> ({}): reconnect to grant "
+                "it.</p>", credential.step_up_scope,
+            )  # fmt: skip
+        label = "Reconnect" if credential.access_token or credential.needs_reconnect else "Connect"
+        action = format_html(
+            '<p><button type="submit" form="oauth-connect" class="button">{}</button></p>', label
+        ) if button else ""  # fmt: skip
+        return format_html(
+            '<div id="oauth-status"><strong>{}</strong>{}{}{}{}</div>',
+            credential.state_label, format_html_join("", "<div>{}: {}</div>", rows), reason,
+            step_up, action,
+        )  # fmt: skip
+
+    def _to_authorization_server(self, request, credential, authorization):
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Connecting {credential.server.name}",
+            "server": credential.server,
+            "issuer": credential.issuer,
+            "authorization_url": authorization.url,
+        }
+        template = "admin/integrations/mcpserver/oauth_redirect.html"
+        response = TemplateResponse(request, template, context)
+        response["Cache-Control"] = "no-store"
+        return response
+
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
-        if obj.enabled:
+        credential = oauth.credential_for(obj) if obj.uses_oauth else None
+        if credential is not None and credential.needs_sign_in:
+            messages.info(request, f"Connect {obj.name} to its authorization server to sync it.")
+        elif obj.enabled:
             obj.request_sync()
             messages.info(
                 request,
                 f"Testing the connection to {obj.origin} and listing its tools in the "
                 "background. The server's page shows the outcome.",
             )
+
+    def response_add(self, request, obj, post_url_continue=None):
+        """A new OAuth server goes straight to its sign-in: saving is the one click."""
+        credential = oauth.credential_for(obj) if obj.uses_oauth else None
+        if credential is None or not credential.needs_sign_in:
+            return super().response_add(request, obj, post_url_continue)
+        back = reverse("admin:integrations_mcpserver_change", args=[obj.pk])
+        return self._connect(request, credential, back)
 
     @admin.action(description="Sync tools now")
     def sync_now(self, request, queryset):
@@ -226,6 +366,41 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
 
     class Media:
         js = ["integrations/sync-status.js"]
+
+
+def _oauth_rows(credential):
+    connected = None
+    if credential.connected_at:
+        who = credential.connected_by.get_username() if credential.connected_by else None
+        connected = f"{_when(credential.connected_at)}" + (f" by {who}" if who else "")
+    expires = None
+    if credential.access_token and credential.expires_at:
+        expires = _when(credential.expires_at)
+    elif credential.access_token:
+        expires = "not said by the server"
+    return [
+        ("Connected", connected),
+        ("Scopes granted", credential.granted_scope if credential.access_token else None),
+        ("Access token expires", expires),
+        (
+            "Last refresh",
+            _when(credential.last_refreshed_at) if credential.last_refreshed_at else None,
+        ),
+        ("Authorization server", credential.issuer),
+        ("Client", credential.get_client_source_display() if credential.client_source else None),
+        ("Grant", credential.get_grant_display()),
+    ]
+
+
+def _when(moment):
+    if moment is None:
+        return None
+    local = timezone.localtime(moment).strftime("%Y-%m-%d %H:%M:%S %Z")
+    if -60 < (moment - timezone.now()).total_seconds() <= 0:
+        return f"{local} (just now)"
+    if moment >= timezone.now():
+        return f"{local} (in {timeuntil(moment)})"
+    return f"{local} ({timesince(moment)} ago)"
 
 
 class HintFilter(admin.SimpleListFilter):

@@ -7,8 +7,10 @@ from django import forms
 from django.core.exceptions import ValidationError
 
 from integrations import netguard
-from integrations.models import McpServer
+from integrations.models import AuthKind, McpServer
+from integrations.oauth import ClientSource, Grant, OAuthCredential, redirect_uri
 
+SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+( [\x21\x23-\x5b\x5d-\x7e]+)*$")  # RFC 6749 §3.3
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an HTTP token (RFC 9110)
 
 # Headers Toolgate itself controls: letting a server's settings override them would break the
@@ -84,7 +86,10 @@ class SecretTextarea(forms.Textarea):
 
 class McpServerForm(forms.ModelForm):
     # Never shown anywhere, not even in the admin log's messages (integrations/audit.py).
-    secret_fields = ["url", "secret_token", "clear_secret_token", "headers_text", "clear_headers"]
+    secret_fields = [
+        "url", "secret_token", "clear_secret_token", "headers_text", "clear_headers",
+        "oauth_client_secret", "clear_oauth_client_secret",
+    ]  # fmt: skip
 
     url = forms.CharField(
         label="Server URL",
@@ -108,6 +113,43 @@ class McpServerForm(forms.ModelForm):
         "leave blank to keep the stored headers.",
     )
     clear_headers = forms.BooleanField(label="Remove the stored headers", required=False)
+    oauth_grant = forms.ChoiceField(
+        label="OAuth grant", choices=Grant.choices, initial=Grant.AUTHORIZATION_CODE,
+        required=False, widget=forms.RadioSelect,
+    )  # fmt: skip
+    oauth_client_id = forms.CharField(
+        label="Client ID (optional)",
+        required=False,
+        max_length=500,
+        widget=forms.TextInput(attrs={"size": 60, "autocomplete": "off"}),
+        help_text="A client registered for Toolgate at the authorization server. Leave blank to "
+        "let Toolgate identify itself (its client metadata document, or dynamic registration).",
+    )
+    oauth_client_secret = forms.CharField(
+        label="Client secret (optional)",
+        required=False,
+        widget=SecretWidget(attrs={"size": 60}),
+        help_text="Of that client. Stored encrypted, sent only to the token endpoint; leave "
+        "blank to keep the stored one.",
+    )
+    clear_oauth_client_secret = forms.BooleanField(
+        label="Remove the stored client secret", required=False
+    )
+    oauth_scope = forms.CharField(
+        label="Scopes (optional)",
+        required=False,
+        max_length=1000,
+        widget=forms.TextInput(attrs={"size": 60}),
+        help_text="Space-separated. Leave blank to ask for what the server says it needs.",
+    )
+    oauth_issuer = forms.CharField(
+        label="Authorization server (optional)",
+        required=False,
+        max_length=500,
+        widget=forms.TextInput(attrs={"size": 60}),
+        help_text="Its issuer URL. When set, Toolgate signs in only there, whatever the MCP "
+        "server names; recommended with a client secret.",
+    )
 
     class Meta:
         model = McpServer
@@ -116,6 +158,7 @@ class McpServerForm(forms.ModelForm):
             "description",
             "url",
             "transport",
+            "auth_kind",
             "secret_token",
             "clear_secret_token",
             "headers_text",
@@ -126,13 +169,23 @@ class McpServerForm(forms.ModelForm):
             "allow_private_network",
             "allow_http",
         ]
-        widgets = {"approval_mode": forms.RadioSelect}
+        widgets = {"approval_mode": forms.RadioSelect, "auth_kind": forms.RadioSelect}
+        help_texts = {
+            "auth_kind": "OAuth 2.1: Toolgate signs in at the server's authorization server "
+            "(Connect, on this page once saved) and keeps the token fresh.",
+        }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Unbound form fields must never carry the decrypted values into the page.
         for name in ("url", "secret_token", "headers_text"):
             self.initial.pop(name, None)
+        if "auth_kind" in self.fields:  # not when the admin shows the form read-only
+            self.fields["auth_kind"].required = False  # older scripts: inferred from the token
+        self.fields["oauth_client_id"].help_text += f" Its redirect URI: {redirect_uri()}"
+        self.credential = self._stored_credential()
+        if self.credential is not None:
+            self._initial_from_credential(self.credential)
         if self.instance.pk:
             self.fields["url"].help_text = (
                 f"Stored: {self.instance.origin}/… (the rest is hidden). "
@@ -156,6 +209,23 @@ class McpServerForm(forms.ModelForm):
                 "url"
             ].help_text = "May contain a secret key. Stored encrypted, never shown."
 
+    def _stored_credential(self):
+        if not self.instance.pk:
+            return None
+        return OAuthCredential.objects.filter(server=self.instance).first()
+
+    def _initial_from_credential(self, credential):
+        pre_registered = credential.client_source == ClientSource.PRE_REGISTERED
+        self.initial.update(
+            oauth_grant=credential.grant,
+            oauth_client_id=credential.client_id if pre_registered else "",
+            oauth_scope=credential.scope,
+            oauth_issuer=credential.expected_issuer,
+        )
+        if pre_registered and credential.client_secret:
+            field = self.fields["oauth_client_secret"]
+            field.help_text = "A client secret is stored. " + field.help_text
+
     def clean_url(self):
         url = self.cleaned_data["url"].strip()
         if not url:
@@ -175,6 +245,27 @@ class McpServerForm(forms.ModelForm):
     def clean_headers_text(self):
         return parse_headers(self.cleaned_data["headers_text"])
 
+    def clean_oauth_client_id(self):
+        value = self.cleaned_data["oauth_client_id"].strip()
+        if any(not ch.isprintable() for ch in value):
+            raise ValidationError("The client ID can't contain control characters.")
+        return value
+
+    def clean_oauth_client_secret(self):
+        secret = self.cleaned_data["oauth_client_secret"].strip()
+        if any(ord(c) < 32 or ord(c) == 127 for c in secret) or not secret.isascii():
+            raise ValidationError("The client secret must be plain ASCII, no control characters.")
+        return secret
+
+    def clean_oauth_scope(self):
+        scope = " ".join(self.cleaned_data["oauth_scope"].split())
+        if scope and not SCOPE.match(scope):
+            raise ValidationError("Scopes are words of printable ASCII (no quotes or backslashes).")
+        return scope
+
+    def clean_oauth_grant(self):
+        return self.cleaned_data["oauth_grant"] or Grant.AUTHORIZATION_CODE
+
     def clean(self):
         cleaned = super().clean()
         url = cleaned.get("url")
@@ -185,12 +276,64 @@ class McpServerForm(forms.ModelForm):
                 # Keep the reason, not what it quotes: Python's URL parser quotes the port, or
                 # the whole netloc with any password in it.
                 self.add_error("url", re.sub(r"""(['"]).*\1""", "…", str(exc), flags=re.DOTALL))
+        cleaned["auth_kind"] = self._auth_kind()
         headers = cleaned.get("headers_text") or {}
-        if "authorization" in {name.lower() for name in headers} and self._token_after_save():
-            self.add_error(
-                "headers_text", "Authorization is set by the secret token; remove one of them."
-            )
+        if "authorization" in {name.lower() for name in headers}:
+            if cleaned["auth_kind"] == AuthKind.OAUTH:
+                self.add_error("headers_text", "Authorization is set by OAuth; remove it here.")
+            elif self._token_after_save():
+                self.add_error(
+                    "headers_text", "Authorization is set by the secret token; remove one of them."
+                )
+        if cleaned["auth_kind"] == AuthKind.OAUTH:
+            self._clean_oauth(cleaned)
+        elif cleaned["auth_kind"] == AuthKind.SECRET_TOKEN and not self._token_after_save():
+            self.add_error("secret_token", "Enter the secret token, or choose no authentication.")
         return cleaned
+
+    def _auth_kind(self):
+        """The chosen authentication. Typing a token chooses the secret token; a form posted
+        without the choice (scripts older than OAuth) keeps OAuth or follows the token."""
+        chosen = self.cleaned_data.get("auth_kind")
+        if not chosen and self.instance.pk and self.instance.uses_oauth:
+            return AuthKind.OAUTH
+        if chosen == AuthKind.OAUTH:
+            return chosen
+        if self.cleaned_data.get("secret_token") or (not chosen and self._token_after_save()):
+            return AuthKind.SECRET_TOKEN
+        return chosen or AuthKind.NONE
+
+    def _clean_oauth(self, cleaned):
+        if cleaned.get("secret_token"):
+            self.add_error(
+                "secret_token", "An OAuth server gets its token by signing in; remove this one."
+            )
+        client_id = cleaned.get("oauth_client_id")
+        if (cleaned.get("oauth_client_secret") or "") and not client_id:
+            self.add_error("oauth_client_secret", "A client secret needs its client ID.")
+        if cleaned.get("oauth_grant") == Grant.CLIENT_CREDENTIALS and not (
+            client_id and self._client_secret_after_save()
+        ):
+            self.add_error(
+                "oauth_client_id",
+                "Client credentials need a client ID and secret registered at the "
+                "authorization server.",
+            )
+        issuer = cleaned.get("oauth_issuer")
+        if issuer:
+            try:
+                netguard.validate_url(issuer, allow_http=cleaned.get("allow_http", False))
+            except netguard.UrlRefused as exc:
+                self.add_error("oauth_issuer", str(exc))
+
+    def _client_secret_after_save(self):
+        data = self.cleaned_data
+        if data.get("oauth_client_secret"):
+            return True
+        stored = self.credential
+        same_client = stored is not None and stored.client_id == data.get("oauth_client_id")
+        kept = same_client and stored.client_source == ClientSource.PRE_REGISTERED
+        return kept and bool(stored.client_secret) and not data.get("clear_oauth_client_secret")
 
     def _token_after_save(self):
         if self.cleaned_data.get("clear_secret_token"):
@@ -200,7 +343,10 @@ class McpServerForm(forms.ModelForm):
     def save(self, commit=True):
         server = super().save(commit=False)
         data = self.cleaned_data
-        if data.get("secret_token"):
+        server.auth_kind = data["auth_kind"]
+        if server.auth_kind != AuthKind.SECRET_TOKEN:
+            server.secret_token = ""
+        elif data.get("secret_token"):
             server.secret_token = data["secret_token"]
         elif data.get("clear_secret_token"):
             server.secret_token = ""
@@ -210,7 +356,39 @@ class McpServerForm(forms.ModelForm):
             server.headers = {}
         if commit:
             server.save()
+            self._save_m2m()
         return server
+
+    def _save_m2m(self):
+        super()._save_m2m()
+        self._save_credential()
+
+    def _save_credential(self):
+        """After the server: its OAuth credential follows the chosen authentication."""
+        server, data = self.instance, self.cleaned_data
+        if not server.uses_oauth:
+            OAuthCredential.objects.filter(server=server).delete()  # its tokens go with it
+            return
+        credential = self.credential or OAuthCredential(server=server)
+        before = (credential.grant, credential.client_id, credential.expected_issuer)
+        credential.grant, credential.scope = data["oauth_grant"], data["oauth_scope"]
+        credential.expected_issuer = data["oauth_issuer"]
+        self._apply_client(credential, data)
+        credential.save()
+        changed = before != (credential.grant, credential.client_id, credential.expected_issuer)
+        if self.credential is not None and changed and credential.access_token:
+            credential.mark_needs_reconnect("its OAuth settings changed.")
+
+    def _apply_client(self, credential, data):
+        client_id = data["oauth_client_id"]
+        if client_id:
+            typed = data["oauth_client_secret"]
+            keep = self._client_secret_after_save() and not typed
+            credential.client_secret = credential.client_secret if keep else typed
+            credential.client_source, credential.client_id = ClientSource.PRE_REGISTERED, client_id
+            credential.client_registration = None
+        elif credential.client_source == ClientSource.PRE_REGISTERED:
+            credential.client_source, credential.client_id, credential.client_secret = "", "", ""
 
     def _post_clean(self):
         # ModelForm would copy the blank secret_token into the instance before save() decides

@@ -15,7 +15,7 @@ from django.db import models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from integrations import mcp_client, scanner
+from integrations import mcp_client, oauth, scanner
 from integrations.fields import EncryptedJSONField, EncryptedTextField
 from integrations.queueing import enqueue_on_commit
 
@@ -32,6 +32,12 @@ class ApprovalMode(models.TextChoices):
     ALWAYS_ASK = "always_ask", "Always Ask (Recommended)"
     FINE_GRAINED = "fine_grained", "Fine-Grained Tool Approval"
     NO_APPROVAL = "no_approval", "No Approval"
+
+
+class AuthKind(models.TextChoices):
+    NONE = "none", "None"
+    SECRET_TOKEN = "secret_token", "Secret token"
+    OAUTH = "oauth", "OAuth 2.1"
 
 
 class SyncState(models.TextChoices):
@@ -69,6 +75,9 @@ class McpServer(models.Model):
         "server URL", help_text="May contain a secret key: it is stored encrypted and never shown."
     )
     transport = models.CharField(max_length=20, choices=Transport, default=Transport.AUTO)
+    auth_kind = models.CharField(
+        "authentication", max_length=20, choices=AuthKind, default=AuthKind.NONE
+    )
     secret_token = EncryptedTextField(
         blank=True, help_text="Sent as “Authorization: Bearer …”. Stored encrypted, never shown."
     )
@@ -112,21 +121,42 @@ class McpServer(models.Model):
     def __str__(self):
         return self.name
 
+    def save(self, *args, **kwargs):
+        if self.auth_kind == AuthKind.NONE and self.secret_token:
+            self.auth_kind = AuthKind.SECRET_TOKEN  # a stored token is what authenticates it
+        super().save(*args, **kwargs)
+
     @property
     def origin(self):
         """Scheme and host of the URL: the only part of it that is safe to show."""
         parts = urlsplit(self.url)
         return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
 
+    @property
+    def uses_oauth(self):
+        return self.auth_kind == AuthKind.OAUTH
+
     def endpoint(self):
+        """How to reach the server now. For OAuth, renews the access token first when it is
+        about to expire; raises `mcp_client.McpError` (`NeedsReconnect`) when it can't be
+        used. Synchronous: from async code, `await sync_to_async(server.endpoint,
+        thread_sensitive=False)()` (a renewal may wait on the authorization server)."""
         headers = dict(self.headers or {})
-        if self.secret_token:
+        auth = None
+        if self.uses_oauth:
+            credential = oauth.credential_for(self)
+            if credential is None:
+                raise oauth.NeedsReconnect(self.name)
+            auth = credential.bearer()
+        elif self.secret_token:
             headers["Authorization"] = f"Bearer {self.secret_token}"
         return mcp_client.Endpoint(
             url=self.url,
             transport=self.transport,
             headers=headers,
             allow_private_network=self.allow_private_network,
+            auth=auth,
+            credential=auth.identity if auth else "",
         )
 
     def request_sync(self):

@@ -22,7 +22,9 @@ from urllib.parse import urlsplit
 
 from django.views import debug
 
-SENSITIVE_POST_PARAMETERS = {"url", "secret_token", "headers_text", "password", "token"}
+SENSITIVE_POST_PARAMETERS = {
+    "url", "secret_token", "headers_text", "oauth_client_secret", "password", "token"
+}  # fmt: skip
 
 
 class SafeExceptionReporterFilter(debug.SafeExceptionReporterFilter):

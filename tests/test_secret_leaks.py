@@ -314,7 +314,9 @@ def test_an_error_inside_the_server_form_reports_no_secrets(
         got_request_exception.disconnect(keep)
     assert response.status_code == 500
     ((request, exc_info),) = raised
-    assert request.sensitive_post_parameters == ("url", "secret_token", "headers_text")
+    assert request.sensitive_post_parameters == (
+        "url", "secret_token", "headers_text", "oauth_client_secret"
+    )  # fmt: skip
     text = report(request, exc_info)
     assert "something broke" in text
     # The frame is reported, with its variables listed and their values hidden.
