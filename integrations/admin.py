@@ -119,7 +119,7 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
         "last_synced_at",
         "short_error",
     ]
-    list_filter = ["enabled", "approval_mode", "transport"]
+    list_filter = ["enabled", "approval_mode", "transport", "auth_kind"]
     search_fields = ["name", "description"]
     actions = ["sync_now"]
     inlines = [ToolInline]
@@ -365,7 +365,7 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
         self.message_user(request, f"Sync queued for {queryset.count()} server(s).")
 
     class Media:
-        js = ["integrations/sync-status.js"]
+        js = ["integrations/sync-status.js", "integrations/auth-fields.js"]
 
 
 def _oauth_rows(credential):
