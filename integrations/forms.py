@@ -183,6 +183,7 @@ class McpServerForm(forms.ModelForm):
         if "auth_kind" in self.fields:  # not when the admin shows the form read-only
             self.fields["auth_kind"].required = False  # older scripts: inferred from the token
         self.fields["oauth_client_id"].help_text += f" Its redirect URI: {redirect_uri()}"
+        self.stored_url = self.instance.url if self.instance.pk else ""
         self.credential = self._stored_credential()
         if self.credential is not None:
             self._initial_from_credential(self.credential)
@@ -376,8 +377,11 @@ class McpServerForm(forms.ModelForm):
         self._apply_client(credential, data)
         credential.save()
         changed = before != (credential.grant, credential.client_id, credential.expected_issuer)
-        if self.credential is not None and changed and credential.access_token:
-            credential.mark_needs_reconnect("its OAuth settings changed.")
+        moved = self.stored_url and self.stored_url != server.url
+        if self.credential is not None and credential.access_token and (changed or moved):
+            # Its tokens were issued for the old URL or client: never send them elsewhere.
+            what = "URL" if moved else "OAuth settings"
+            credential.forget_grant(f"its {what} changed.")
 
     def _apply_client(self, credential, data):
         client_id = data["oauth_client_id"]

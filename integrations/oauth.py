@@ -357,6 +357,15 @@ class OAuthCredential(models.Model):
         self.reconnect_reason = reason
         logger.warning("MCP server %s needs reconnecting: %s", self.server.name, reason)
 
+    def forget_grant(self, reason):
+        """Drop the tokens (they belong to another URL or client now) until a reconnect."""
+        OAuthCredential.objects.filter(pk=self.pk).update(
+            access_token="", refresh_token="", expires_at=None, version=F("version") + 1,
+            renewal_claim="", renewal_claimed_at=None,
+        )  # fmt: skip
+        self.refresh_from_db()
+        self.mark_needs_reconnect(reason)
+
     def record_step_up(self, challenged_scope):
         """A 403 insufficient_scope asked for more: remember it so the page asks for a reconnect
         with the wider scope (the union of what was granted and what was asked, SEP-2350)."""

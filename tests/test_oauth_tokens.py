@@ -233,20 +233,25 @@ def test_no_token_or_secret_reaches_a_page_or_a_log_line(admin_client, mcp_facto
 
 
 @pytest.mark.django_db
-def test_changing_the_client_asks_for_a_reconnect(admin_client, mcp_factory):
+@pytest.mark.parametrize("change", ["client", "url"])
+def test_a_new_client_or_url_drops_the_tokens_until_a_reconnect(admin_client, mcp_factory, change):
     from tests.oauth_servers import add_form
 
-    auth, _mcp, server = connected(admin_client, mcp_factory)
+    auth, mcp, server = connected(admin_client, mcp_factory)
     auth.preregister("new-client", "s3cr3t-value")
-    data = add_form(
-        "", approval_mode=ApprovalMode.NO_APPROVAL, oauth_client_id="new-client",
-        oauth_client_secret="s3cr3t-value",
-    )  # fmt: skip
+    url, overrides = "", {"oauth_client_id": "new-client", "oauth_client_secret": "s3cr3t-value"}
+    if change == "url":
+        url, overrides = mcp.url.replace("127.0.0.1", "localhost"), {}
+    data = add_form(url, approval_mode=ApprovalMode.NO_APPROVAL, **overrides)
     response = admin_client.post(f"/admin/integrations/mcpserver/{server.pk}/change/", data)
     assert response.status_code == 302
     credential = OAuthCredential.objects.get(server=server)
-    assert credential.needs_reconnect and "settings changed" in credential.reconnect_reason
-    assert credential.client_id == "new-client"
+    what = "URL" if change == "url" else "OAuth settings"
+    assert credential.reconnect_reason == f"Its {what} changed."
+    assert not credential.access_token and not credential.refresh_token
+    seen = len(mcp.tokens_seen)
+    assert not McpServer.objects.get(pk=server.pk).sync_tools().ok
+    assert len(mcp.tokens_seen) == seen  # the old token went nowhere
 
 
 @pytest.mark.integration
