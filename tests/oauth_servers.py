@@ -243,6 +243,7 @@ class AuthServer:
     issuer: str = ""
     token_delay: float = 0.0  # seconds each token request takes (to make workers overlap)
     tamper_tokens: Any = None  # dict -> dict, applied to successful token responses
+    openid_only: bool = False  # metadata only at /.well-known/openid-configuration
 
     authorize_requests: list[AuthorizationParams] = field(default_factory=list)
     token_requests: list[TokenRequest] = field(default_factory=list)
@@ -301,8 +302,11 @@ class AuthServer:
         options = ClientRegistrationOptions(
             enabled=True, valid_scopes=list(self.scopes), default_scopes=list(self.scopes)
         )
+        metadata_path = "/.well-known/oauth-authorization-server"
+        if self.openid_only:
+            metadata_path = "/.well-known/openid-configuration"
         routes = [
-            Route("/.well-known/oauth-authorization-server", self._metadata),
+            Route(metadata_path, self._metadata),
             Route("/authorize", AuthorizationHandler(provider).handle, methods=["GET", "POST"]),
             Route("/consent", self._consent, methods=["GET", "POST"]),
             Route("/token", self._token(token, authenticator), methods=["POST"]),
@@ -390,6 +394,7 @@ class ProtectedMcp:
 
     auth: AuthServer
     base_scope: str = READ
+    hint_metadata: bool = True  # name the resource metadata URL in the 401 challenge
     tool_scopes: dict[str, str] = field(default_factory=lambda: {"delete_file": WRITE})
     url: str = ""
     tokens_seen: list[str] = field(default_factory=list)
@@ -456,7 +461,9 @@ class ProtectedMcp:
         return [self.tool_scopes[name]] if name in self.tool_scopes else []
 
     def _challenge(self, status: int, error: str, scope: str) -> Response:
-        value = f'Bearer error="{error}", scope="{scope}", resource_metadata="{self.metadata_url}"'
+        value = f'Bearer error="{error}", scope="{scope}"'
+        if self.hint_metadata:
+            value += f', resource_metadata="{self.metadata_url}"'
         body = {"error": error}
         return JSONResponse(body, status_code=status, headers={"WWW-Authenticate": value})
 
@@ -482,11 +489,13 @@ async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
     return body, replay
 
 
-def start_oauth_world(factory, transport: Transport = "streamable_http", **auth_options):
+def start_oauth_world(
+    factory, transport: Transport = "streamable_http", hint_metadata=True, **auth_options
+):
     """An `AuthServer` and a `ProtectedMcp` behind it, both running. Returns (auth, mcp)."""
     auth = AuthServer(**auth_options)
     auth.issuer = factory(auth).base_url
-    protected = ProtectedMcp(auth)
+    protected = ProtectedMcp(auth, hint_metadata=hint_metadata)
     running = factory(protected, transport)
     protected.url = running.url
     protected.running = running

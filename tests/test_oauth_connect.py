@@ -304,3 +304,21 @@ def test_someone_who_may_only_view_sees_the_state_without_the_button(
     )
     for secret in auth.all_secrets():
         assert secret not in page
+
+
+def test_it_finds_the_metadata_at_the_well_known_paths(admin_client, mcp_factory):
+    # No resource_metadata in the challenge: RFC 9728's path-based URL, then OpenID discovery
+    # for an authorization server that publishes only that.
+    auth, mcp = start_oauth_world(mcp_factory, hint_metadata=False, openid_only=True)
+    server, _ = connect(admin_client, mcp)
+    assert OAuthCredential.objects.get(server=server).is_connected
+    paths = [request.path for request in mcp.running.requests]
+    assert "/.well-known/oauth-protected-resource/mcp" in paths
+    assert auth.grants("authorization_code")
+
+
+def test_a_server_without_oauth_metadata_gets_a_clear_error(admin_client, mcp_demo_http):
+    response = admin_client.post("/admin/integrations/mcpserver/add/", add_form(mcp_demo_http.url))
+    page = admin_client.get(response["Location"]).content.decode()
+    assert "No OAuth authorization server metadata found for http://127.0.0.1:" in page
+    assert "does not seem to support OAuth" in page
