@@ -35,6 +35,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, models
 from django.db.models import F, Q
+from django.db.models.functions import Greatest
 from django.utils import timezone
 from mcp.client.auth import OAuthFlowError, PKCEParameters
 from mcp.client.auth.utils import (
@@ -348,14 +349,33 @@ class OAuthCredential(models.Model):
             logger.warning("OAuth tokens of server %s changed while renewing", self.server_id)
 
     def mark_needs_reconnect(self, reason):
-        """Only an admin can fix this credential now: record why, and tell people."""
+        """Only an admin can fix this credential now: record why, and tell people (once: the
+        conditional UPDATE lets only the first of several workers announce it)."""
         reason = reason.strip()
         reason = reason[:1].upper() + reason[1:]
-        OAuthCredential.objects.filter(pk=self.pk).update(
-            reconnect_reason=reason, renewal_claim="", renewal_claimed_at=None
-        )
+        fields = {"reconnect_reason": reason, "renewal_claim": "", "renewal_claimed_at": None}
+        first = OAuthCredential.objects.filter(pk=self.pk, reconnect_reason="").update(**fields)
+        if not first:
+            OAuthCredential.objects.filter(pk=self.pk).update(**fields)
         self.reconnect_reason = reason
         logger.warning("MCP server %s needs reconnecting: %s", self.server.name, reason)
+        if first:
+            self._announce_needs_reconnect()
+
+    def _announce_needs_reconnect(self):
+        from approvals.notifications import notify
+        from integrations.models import McpServer
+
+        server = self.server
+        # The server's page and the notice show `last_error`. Counting this as reaching the
+        # failed-syncs threshold keeps the syncs that fail until a reconnect from announcing
+        # the same thing again; the next successful sync resets the count.
+        McpServer.objects.filter(pk=server.pk).update(
+            last_error=NeedsReconnect(server.name, self.reconnect_reason).message,
+            sync_failures=Greatest("sync_failures", settings.NOTIFY_SYNC_FAILURES),
+        )
+        server.refresh_from_db(fields=["last_error", "sync_failures"])
+        notify("server.sync_failing", server)
 
     def forget_grant(self, reason):
         """Drop the tokens (they belong to another URL or client now) until a reconnect."""

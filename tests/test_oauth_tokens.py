@@ -15,6 +15,7 @@ from django.db import connection
 from approvals.models import ToolCall
 from integrations.models import Agent, ApprovalMode, McpServer
 from integrations.oauth import OAuthCredential, credential_for
+from tests.conftest import wait_until
 from tests.oauth_servers import (
     READ,
     WRITE,
@@ -35,7 +36,11 @@ def _toolgate_site(settings):
 def connected(admin_client, mcp_factory, **auth_options):
     auth, mcp = start_oauth_world(mcp_factory, **auth_options)
     server, _ = connect(admin_client, mcp, approval_mode="no_approval")
-    assert server.sync_tools().ok
+    result = server.sync_tools()
+    if result.skipped:  # a worker is running the sync the callback asked for
+        wait_until(lambda: McpServer.objects.get(pk=server.pk).last_synced_at, 60)
+    else:
+        assert result.ok
     return auth, mcp, McpServer.objects.get(pk=server.pk)
 
 
@@ -260,7 +265,6 @@ def test_the_worker_runs_calls_with_fresh_tokens_until_the_grant_is_revoked(
     celery_worker, admin_client, mcp_factory
 ):
     from approvals.models import request_tool_call
-    from tests.conftest import wait_until
 
     # Tokens live 60 s, the worker renews 120 s ahead: each of its calls renews first.
     auth, mcp, server = connected(admin_client, mcp_factory, access_lifetime=60)
@@ -284,3 +288,26 @@ def test_the_worker_runs_calls_with_fresh_tokens_until_the_grant_is_revoked(
     assert call.status == "failed" and call.error_code == "needs_reconnect"
     assert call.attempts == 1  # not retried
     assert OAuthCredential.objects.get(server=server).needs_reconnect
+
+
+@pytest.mark.django_db(transaction=True)
+def test_needing_a_reconnect_is_announced_once(admin_client, mcp_factory):
+    from approvals.notifications import Delivery, NotificationChannel
+
+    hook = NotificationChannel.objects.create(
+        name="ops", kind="webhook", url="https://hooks.example/x", secret="s" * 20
+    )
+    auth, _mcp, server = connected(admin_client, mcp_factory)
+    auth.revoke_everything()
+    for _ in range(2):
+        approved_call(server).run()
+    for _ in range(4):
+        assert not server.sync_tools().ok
+    (delivery,) = Delivery.objects.filter(channel=hook)
+    assert delivery.event == "server.sync_failing" and delivery.summary == "files"
+    server.refresh_from_db()
+    assert server.last_error.startswith("files needs reconnecting: The token endpoint refused")
+
+    response = admin_client.post(f"/admin/integrations/mcpserver/{server.pk}/oauth-connect/")
+    come_back(admin_client, sign_in(authorization_url(response)))
+    assert server.sync_tools().ok and McpServer.objects.get(pk=server.pk).sync_failures == 0
