@@ -337,8 +337,11 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
         response["Cache-Control"] = "no-store"
         return response
 
-    def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
+    def save_related(self, request, form, formsets, change):
+        # After the form's own related save, which writes the OAuth credential: a server that
+        # still needs a sign-in is not synced (it could only fail, and race the sign-in).
+        super().save_related(request, form, formsets, change)
+        obj = form.instance
         credential = oauth.credential_for(obj) if obj.uses_oauth else None
         if credential is not None and credential.needs_sign_in:
             messages.info(request, f"Connect {obj.name} to its authorization server to sync it.")

@@ -39,6 +39,7 @@ def _toolgate_site(settings):
 def test_it_connects_with_dynamic_registration_and_syncs_with_the_token(admin_client, mcp_factory):
     auth, mcp = start_oauth_world(mcp_factory)
     authorization_url = add_server(admin_client, mcp.url)
+    assert McpServer.objects.get().sync_state == "idle"  # no sync before the sign-in
 
     query = dict(parse_qsl(urlsplit(authorization_url).query))
     assert authorization_url.startswith(f"{auth.issuer}/authorize?")
