@@ -323,3 +323,17 @@ def test_a_server_without_oauth_metadata_gets_a_clear_error(admin_client, mcp_de
     page = admin_client.get(response["Location"]).content.decode()
     assert "No OAuth authorization server metadata found for http://127.0.0.1:" in page
     assert "does not seem to support OAuth" in page
+
+
+def test_the_admin_log_names_the_client_secret_without_showing_it(admin_client, mcp_factory):
+    from django.contrib.admin.models import LogEntry
+
+    auth, mcp = start_oauth_world(mcp_factory)
+    auth.preregister("toolgate-prod", "pre-secret-123", redirect_uri=CALLBACK)
+    connect(
+        admin_client, mcp, oauth_client_id="toolgate-prod", oauth_client_secret="pre-secret-123"
+    )
+    (entry,) = LogEntry.objects.all()
+    assert "client secret (optional) (not shown)" in entry.change_message.lower()
+    assert "toolgate-prod" in entry.change_message
+    assert "pre-secret-123" not in entry.change_message
