@@ -12,16 +12,14 @@ from functools import wraps
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.cache import cache
 from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
-from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
+from approvals.agent_auth import agent_for, rate_limited, touch
 from approvals.models import Refused, Status, ToolCall, request_tool_call
 from approvals.policy import tools_for_agent
 from approvals.waiting import wait_until_final
-from integrations.models import Agent
 
 
 def error(status, code, message, **extra):
@@ -36,44 +34,25 @@ def api(*methods):
         @wraps(view)
         async def wrapper(request, *args, **kwargs):
             header = request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            agent = None
-            if scheme.lower() == "bearer":
-                agent = await sync_to_async(Agent.authenticate)(token.strip())
+            agent = await sync_to_async(agent_for)(header)
             if agent is None:
                 response = error(401, "unauthorized", "Missing or invalid agent token.")
                 response["WWW-Authenticate"] = 'Bearer realm="toolgate"'
                 return response
             if request.method not in methods:
                 return error(405, "method_not_allowed", f"Use {' or '.join(methods)}.")
-            retry_after = _rate_limited(agent)
+            retry_after = rate_limited(agent)
             if retry_after:
                 response = error(429, "rate_limited", "Too many requests; slow down.")
                 response["Retry-After"] = str(retry_after)
                 return response
-            await sync_to_async(_touch)(agent)
+            await sync_to_async(touch)(agent)
             request.agent = agent
             return await view(request, *args, **kwargs)
 
         return wrapper
 
     return decorator
-
-
-def _rate_limited(agent):
-    """Seconds to wait if the agent used up this minute's requests, else 0."""
-    now = timezone.now()
-    key = f"rate:{agent.pk}:{now:%Y%m%d%H%M}"
-    cache.add(key, 0, timeout=90)
-    if cache.incr(key) > settings.AGENT_RATE_LIMIT:
-        return 60 - now.second
-    return 0
-
-
-def _touch(agent):
-    now = timezone.now()
-    if agent.last_used_at is None or (now - agent.last_used_at).total_seconds() > 60:
-        Agent.objects.filter(pk=agent.pk).update(last_used_at=now)
 
 
 def _wait_seconds(request):

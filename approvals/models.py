@@ -10,6 +10,7 @@ import json
 import logging
 from datetime import timedelta
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
@@ -96,6 +97,12 @@ class ToolCall(models.Model):
     purged_at = models.DateTimeField(
         null=True, blank=True, help_text="When arguments and result were removed (retention)."
     )
+    declined_requests = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Requests the server made during the call (sampling, elicitation) that "
+        "Toolgate declined.",
+    )
     error_code = models.CharField(max_length=40, blank=True)
     error_message = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
@@ -146,6 +153,22 @@ class ToolCall(models.Model):
         else:
             self.refresh_from_db()
         return changed == 1
+
+    @classmethod
+    def pending_twin(cls, agent, server_name, tool_name, arguments):
+        """The agent's call of this tool with exactly these arguments that went to a human and
+        is not final yet, if any: an MCP client that timed out and retries re-attaches to it
+        instead of queueing a second request for the approvers. (Only calls that waited for a
+        human have an expiry.)"""
+        wanted = _canonical(arguments)
+        candidates = cls.objects.filter(
+            agent=agent,
+            server_name=server_name,
+            tool_name=tool_name,
+            status__in=[Status.PENDING_APPROVAL, Status.APPROVED, Status.RUNNING],
+            expires_at__isnull=False,
+        ).order_by("-id")[:50]
+        return next((call for call in candidates if _canonical(call.arguments) == wanted), None)
 
     @property
     def edited(self):
@@ -295,14 +318,61 @@ class ToolCall(models.Model):
         enqueue_on_commit(run_tool_call, self.pk)
 
     def run(self):
-        """Claim the call and run it once. Returns True when it should be retried later.
+        """Claim the call and run it once (in a worker). Returns True when it should be retried
+        later.
 
         Only errors that prove the request never reached the server put the call back to
         `approved` for a retry (and not those only a human can fix, such as a server that
         needs reconnecting); anything else is final, so a call is never run twice.
         """
+        if not self._claim():
+            return False
+        declined = []
+        try:
+            result = mcp_client.call_tool(
+                self.server.endpoint(),
+                self.tool_name,
+                self.arguments,
+                transport=self.server.server_info.get("transport"),
+                on_declined=declined.append,
+            )
+        except Exception as exc:
+            return self._record_failure(exc, declined)
+        self._record(result, declined)
+        return False
+
+    async def arun(self, *, on_progress=None, on_log=None):
+        """`run()` in the caller's event loop, for an agent waiting in the web process: the same
+        claim (`approved → running`) and finish transitions, so exactly-once holds. A web
+        process lost mid-call leaves the call `running`, and the sweeper makes it `unknown`.
+        A call that must be retried (it never reached the server) goes to a worker.
+        """
+        if not await sync_to_async(self._claim)():
+            return
+        declined = []
+        try:
+            result = await mcp_client.acall_tool(
+                self.server.endpoint(),
+                self.tool_name,
+                self.arguments,
+                transport=self.server.server_info.get("transport"),
+                on_progress=on_progress,
+                on_log=on_log,
+                on_declined=declined.append,
+            )
+        except Exception as exc:
+            retry = await sync_to_async(self._record_failure)(exc, declined)
+            if retry:
+                await sync_to_async(self.enqueue)()
+            return
+        await sync_to_async(self._record)(result, declined)
+
+    def _claim(self):
+        """Take the call from `approved` to `running` and ask the policy again; False when
+        someone else has it, it is no longer approved, or the policy now refuses it (then it
+        failed, with the reason)."""
         if not self._transition([Status.APPROVED], Status.RUNNING, started_at=timezone.now()):
-            return False  # someone else has it, or it is no longer approved
+            return False
         refusal = self.refusal_now()
         if refusal:
             reasons = [*self.reasons, *refusal.reasons_json()]
@@ -313,27 +383,27 @@ class ToolCall(models.Model):
                 reasons=reasons,
             )
             return False
-        try:
-            result = mcp_client.call_tool(
-                self.server.endpoint(),
-                self.tool_name,
-                self.arguments,
-                transport=self.server.server_info.get("transport"),
-            )
-        except mcp_client.McpError as exc:
-            return self._failed(exc)
-        except Exception:
-            logger.exception("Tool call %s failed unexpectedly", self.pk)
-            self._finish(Status.FAILED, error_code="internal", error_message="Internal error.")
-            return False
+        return True
+
+    def _record(self, result, declined=()):
         self._finish(
             Status.SUCCEEDED,
             result_content=result.content,
             structured_content=result.structured_content,
             is_error=result.is_error,
             warnings=_result_warnings(result),
+            declined_requests=list(declined),
         )
-        return False
+
+    def _record_failure(self, exc, declined=()):
+        """Write a failed run onto the row; True when it never reached the server and may be
+        retried."""
+        if not isinstance(exc, mcp_client.McpError):
+            logger.error("Tool call %s failed unexpectedly", self.pk, exc_info=exc)
+            exc = mcp_client.McpError("internal", "Internal error.")
+        if declined:
+            ToolCall.objects.filter(pk=self.pk).update(declined_requests=list(declined))
+        return self._failed(exc)
 
     def _failed(self, exc):
         retryable = exc.retryable and self.attempts + 1 < settings.TOOL_CALL_MAX_ATTEMPTS
@@ -426,11 +496,14 @@ class Refused(Exception):
         self.details = details or None
 
 
-def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key=""):
+def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key="", run_here=False):
     """Decide a new request by the policy and store it, with the policy's reasons. Returns
     (call, created). The one request path of every entry point (JSON API, MCP endpoint).
 
     A refused request raises `Refused` and leaves only a `blocked` call behind, for the audit.
+    An auto-approved call is enqueued for a worker after commit, unless `run_here`: then the
+    caller runs it itself (`await call.arun()`), and the sweeper enqueues it should the caller
+    never claim it.
     """
     if idempotency_key:
         existing = ToolCall.objects.filter(agent=agent, idempotency_key=idempotency_key).first()
@@ -453,7 +526,11 @@ def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key=
         refused = Refused(decision.status, decision.code, decision.message, list(decision.details))
         _block(call, refused)
         raise refused
-    return _store(call, decision)
+    return _store(call, decision, run_here)
+
+
+def _canonical(value):
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _block(call, refused):
@@ -468,7 +545,7 @@ def _block(call, refused):
     call.save()
 
 
-def _store(call, decision):
+def _store(call, decision, run_here):
     now = timezone.now()
     if decision.outcome == policy.Outcome.RUN:
         call.status, call.decided_by, call.decided_at = Status.APPROVED, DecidedBy.AUTO, now
@@ -487,10 +564,10 @@ def _store(call, decision):
             if existing:
                 return existing, False
         raise
-    if call.status == Status.APPROVED:
-        call.enqueue()
-    else:
+    if call.status == Status.PENDING_APPROVAL:
         notify("call.pending", call)
+    elif not run_here:
+        call.enqueue()
     return call, True
 
 

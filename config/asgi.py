@@ -1,4 +1,5 @@
-"""ASGI entry point, served by uvicorn.
+"""ASGI entry point, served by uvicorn: Django, static files, and the agent MCP endpoint
+(`/mcp/`, approvals/mcp/app.py; its session manager runs in the lifespan).
 
 Two things keep a waiting agent (`?wait=`) down to a coroutine instead of a thread:
 - every middleware is async-capable, and static files are served here by Starlette's async
@@ -18,6 +19,9 @@ from django.conf import settings  # noqa: E402 - after setup
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from starlette.staticfiles import StaticFiles  # noqa: E402
 
+from approvals.mcp.app import PREFIX as MCP_PREFIX  # noqa: E402
+from approvals.mcp.app import McpApp  # noqa: E402
+
 
 class ToolgateASGIHandler(ASGIHandler):
     async def __call__(self, scope, receive, send):
@@ -30,10 +34,13 @@ class ToolgateASGIHandler(ASGIHandler):
 django_application = ToolgateASGIHandler()
 static_files = StaticFiles(directory=settings.STATIC_ROOT, check_dir=False)
 STATIC_PREFIX = "/" + settings.STATIC_URL.strip("/") + "/"
+mcp_application = McpApp()
 
 
 async def application(scope, receive, send):
-    if scope["type"] == "http" and scope["path"].startswith(STATIC_PREFIX):
+    if scope["type"] == "http" and _is_mcp(scope["path"]):
+        await mcp_application(scope, receive, send)
+    elif scope["type"] == "http" and scope["path"].startswith(STATIC_PREFIX):
         scope = {**scope, "path": scope["path"][len(STATIC_PREFIX) - 1 :], "root_path": ""}
         await static_files(scope, receive, send)
     elif scope["type"] == "lifespan":
@@ -42,11 +49,18 @@ async def application(scope, receive, send):
         await django_application(scope, receive, send)
 
 
+def _is_mcp(path):
+    return path == MCP_PREFIX or path.startswith(MCP_PREFIX + "/")
+
+
 async def _lifespan(receive, send):
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+    """The MCP endpoint's session manager runs from start-up to shut-down (uvicorn's default
+    `--lifespan auto` runs this), and has stopped before shut-down is reported complete."""
+    message = await receive()
+    if message["type"] != "lifespan.startup":
+        return
+    async with mcp_application.running():
+        await send({"type": "lifespan.startup.complete"})
+        while message["type"] != "lifespan.shutdown":
+            message = await receive()
+    await send({"type": "lifespan.shutdown.complete"})

@@ -287,6 +287,21 @@ QUEUE_POLL_SECONDS = _read("QUEUE_POLL_SECONDS", _positive(int), 3)
 HISTORY_PAGE_SIZE = 50
 AGENT_RATE_LIMIT = _read("AGENT_RATE_LIMIT", _positive(int), 600)  # requests a minute per agent
 
+# The MCP endpoint for agents (/mcp/).
+# A held tools/call (a client without tasks, waiting for a human) is answered "still pending"
+# after this many seconds: below the usual clients' 60 s request timeout.
+MCP_APPROVAL_HOLD = _read("MCP_APPROVAL_HOLD", _positive(float), 50.0)
+MCP_PROGRESS_INTERVAL = _read("MCP_PROGRESS_INTERVAL", _positive(float), 5.0)
+MCP_LIST_CHANGED_INTERVAL = _read("MCP_LIST_CHANGED_INTERVAL", _positive(float), 5.0)
+# Browser origins allowed to call the endpoint (DNS-rebinding protection); requests without an
+# Origin header (every non-browser client) are allowed. Entries may end in ":*" (any port).
+MCP_ALLOWED_ORIGINS = _read(
+    "MCP_ALLOWED_ORIGINS",
+    _list,
+    [SITE_URL.rstrip("/"), *CSRF_TRUSTED_ORIGINS]
+    + (["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"] if DEBUG else []),
+)
+
 # Notifications to approvers (approvals/notifications.py, approvals/channels.py).
 APPROVAL_REMINDER_AFTER = _read("APPROVAL_REMINDER_AFTER", _positive(int), 300)  # seconds pending
 NOTIFY_BATCH_SECONDS = _read("NOTIFY_BATCH_SECONDS", _positive(int), 10)  # one message per window

@@ -1,9 +1,9 @@
 """The one seam between Toolgate and the network: speaking MCP to remote servers.
 
-Everything that leaves the machine for an MCP server goes through `list_tools` and `call_tool`
-here. Both open a fresh session over the server's transport (Streamable HTTP or the older SSE
-transport; "auto" tries Streamable HTTP and falls back to SSE), with the connection guard of
-`netguard`, timeouts, and a cap on response size. The SDK negotiates the protocol era itself:
+Everything that leaves the machine for an MCP server goes through `list_tools`, `call_tool`
+and its async twin `acall_tool` here. Each opens a fresh session over the server's transport
+(Streamable HTTP or the older SSE transport; "auto" tries Streamable HTTP and falls back to
+SSE), with the connection guard of `netguard`, timeouts, and a cap on response size. The SDK negotiates the protocol era itself:
 it probes the 2026-07-28 `server/discover` and falls back to the `initialize` handshake.
 
 Every failure comes out as `McpError` with a short code, a message fit for an admin page
@@ -13,9 +13,12 @@ request provably never got to the server, which is what makes a retry safe.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import partial
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
@@ -25,6 +28,7 @@ from django.conf import settings
 from mcp import Client, MCPError
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
 from integrations import netguard
@@ -145,10 +149,42 @@ def list_tools(endpoint):
     return anyio.run(_list_tools, endpoint)
 
 
-def call_tool(endpoint, name, arguments, *, transport=None, timeout=None):
+def call_tool(endpoint, name, arguments, *, transport=None, timeout=None, on_declined=None):
     """Call one tool and return its result. `transport` pins the transport a sync found."""
+    call = partial(
+        acall_tool,
+        endpoint,
+        name,
+        arguments,
+        transport=transport,
+        timeout=timeout,
+        on_declined=on_declined,
+    )
+    return anyio.run(call)
+
+
+async def acall_tool(
+    endpoint,
+    name,
+    arguments,
+    *,
+    transport=None,
+    timeout=None,
+    on_progress=None,
+    on_log=None,
+    on_declined=None,
+):
+    """`call_tool` in the caller's event loop, for a call whose agent waits in the web process.
+
+    `on_progress(progress, total, message)` and `on_log(level, data, logger)` (both async)
+    receive the server's progress and log notifications while the call runs; without them
+    none is asked for. The server's requests to sample the agent's model or to elicit input
+    are declined (a sampling error, an elicitation "decline"), and `on_declined(entry)` is
+    told of each for the audit.
+    """
     timeout = timeout or settings.MCP_CALL_TIMEOUT
-    return anyio.run(_call_tool, endpoint, name, arguments, transport, timeout)
+    upstream = _UpstreamRequests(endpoint, on_progress, on_log, on_declined)
+    return await _call_tool(endpoint, name, arguments, transport, timeout, upstream)
 
 
 async def _list_tools(endpoint):
@@ -162,12 +198,15 @@ async def _list_tools(endpoint):
             transport=transport,
         )
 
-    return await _with_fallback(endpoint, listing, settings.MCP_SYNC_TIMEOUT)
+    return await _with_fallback(endpoint, listing, settings.MCP_SYNC_TIMEOUT, {})
 
 
-async def _call_tool(endpoint, name, arguments, transport, timeout):
+async def _call_tool(endpoint, name, arguments, transport, timeout, upstream):
     async def call(client, _transport):
-        result = await client.call_tool(name, arguments)
+        if upstream.on_log and client.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            with contextlib.suppress(MCPError):  # a server without logging still runs the call
+                await client.set_logging_level("debug")
+        result = await client.call_tool(name, arguments, progress_callback=upstream.progress)
         if not isinstance(result, mcp_types.CallToolResult):
             raise McpError("protocol", "The server answered the tool call with an unknown result.")
         return ToolResult(
@@ -178,7 +217,54 @@ async def _call_tool(endpoint, name, arguments, transport, timeout):
 
     if transport in (STREAMABLE_HTTP, SSE):
         endpoint = replace(endpoint, transport=transport)
-    return await _with_fallback(endpoint, call, timeout)
+    return await _with_fallback(endpoint, call, timeout, upstream.client_options())
+
+
+class _UpstreamRequests:
+    """What a server may send Toolgate during a call, besides the result: progress and log
+    notifications (passed on when someone listens), sampling and elicitation requests
+    (declined: Toolgate has no model or user to lend a server)."""
+
+    def __init__(self, endpoint, on_progress, on_log, on_declined):
+        self.endpoint = endpoint
+        self.on_progress, self.on_log, self.on_declined = on_progress, on_log, on_declined
+
+    def client_options(self):
+        options = {
+            "sampling_callback": self.decline_sampling,
+            "elicitation_callback": self.decline_elicitation,
+        }
+        if self.on_log:
+            options.update(logging_callback=self.log, log_level="debug")
+        return options
+
+    @property
+    def progress(self):
+        return self._progress if self.on_progress else None
+
+    async def _progress(self, progress, total, message):
+        await self.on_progress(progress, total, message and self.endpoint.redact(message))
+
+    async def log(self, params):
+        await self.on_log(params.level, params.data, params.logger)
+
+    async def decline_sampling(self, context, params):
+        self._declined("sampling/createMessage", "")
+        return mcp_types.ErrorData(
+            code=-1, message="Declined: Toolgate does not let MCP servers sample the agent's model."
+        )
+
+    async def decline_elicitation(self, context, params):
+        self._declined("elicitation/create", getattr(params, "message", ""))
+        return mcp_types.ElicitResult(action="decline")
+
+    def _declined(self, method, message):
+        logger.info("Declined %s from %s during a tool call", method, self.endpoint.origin)
+        if self.on_declined:
+            entry = {"method": method, "at": datetime.now(UTC).isoformat()}
+            if message:
+                entry["message"] = self.endpoint.redact(str(message))[:500]
+            self.on_declined(entry)
 
 
 async def _all_tools(client):
@@ -202,23 +288,23 @@ def _wire(model):
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-async def _with_fallback(endpoint, operation, timeout):
+async def _with_fallback(endpoint, operation, timeout, client_options):
     """Run `operation` over the endpoint's transport; for "auto", fall back from Streamable
     HTTP to SSE when the first attempt shows the server doesn't speak it."""
     if endpoint.transport != AUTO:
-        return await _run(endpoint, endpoint.transport, operation, timeout)
+        return await _run(endpoint, endpoint.transport, operation, timeout, client_options)
     try:
-        return await _run(endpoint, STREAMABLE_HTTP, operation, timeout)
+        return await _run(endpoint, STREAMABLE_HTTP, operation, timeout, client_options)
     except McpError as first:
         if first.code not in ("not_mcp", "protocol"):
             raise
         try:
-            return await _run(endpoint, SSE, operation, timeout)
+            return await _run(endpoint, SSE, operation, timeout, client_options)
         except McpError:
             raise first from None
 
 
-async def _run(endpoint, transport, operation, timeout):
+async def _run(endpoint, transport, operation, timeout, client_options):
     try:
         url = httpx2.URL(endpoint.url)
     except httpx2.InvalidURL:
@@ -226,7 +312,7 @@ async def _run(endpoint, transport, operation, timeout):
     trace = _HttpTrace(origin=(url.scheme, url.host, url.port))
     try:
         with anyio.fail_after(timeout):
-            async with _client(endpoint, transport, trace) as client:
+            async with _client(endpoint, transport, trace, client_options) as client:
                 return await operation(client, transport)
     except McpError as exc:
         exc.message = endpoint.redact(exc.message)
@@ -239,7 +325,7 @@ async def _run(endpoint, transport, operation, timeout):
         raise error from None
 
 
-def _client(endpoint, transport, trace):
+def _client(endpoint, transport, trace, client_options):
     guard = {
         "allow_private_network": endpoint.allow_private_network,
         "extra_blocked": settings.MCP_EXTRA_BLOCKED_NETWORKS,
@@ -269,6 +355,7 @@ def _client(endpoint, transport, trace):
         read_timeout_seconds=settings.MCP_READ_TIMEOUT,
         client_info=CLIENT_INFO,
         cache=None,  # a sync must see the server's list as it is now
+        **client_options,
     )
 
 

@@ -1,0 +1,169 @@
+"""The ASGI app of the agent MCP endpoint, mounted at `/mcp/` by config/asgi.py.
+
+| path | what |
+|---|---|
+| `/mcp/<server>/` | one server's tools, their own names: Streamable HTTP |
+| `/mcp/<server>/sse` (+ `/mcp/<server>/messages/`) | the same over the legacy SSE transport |
+| `/mcp/` | every server of the agent, tools named `<server>__<tool>` (approvals/mcp/tools.py) |
+| `/mcp/sse` (+ `/mcp/messages/`) | the same over SSE |
+
+Before the SDK sees a request: the agent's token (`Authorization: Bearer …`, 401 with
+`WWW-Authenticate` when missing or wrong, the same for an inactive agent), the server (a
+server that doesn't exist, is disabled or is not the agent's: the same 404), the per-agent
+rate limit of the JSON API (429 with `Retry-After`), and the agent's last use. The SDK's
+transports then check Host and Origin (DNS-rebinding protection, from ALLOWED_HOSTS and
+MCP_ALLOWED_ORIGINS) and serve both protocol eras: Streamable HTTP sessions of the
+`initialize` handshake (owned by the agent and endpoint that opened them: another token or
+endpoint gets "Session not found") and the 2026-07-28 stateless requests.
+"""
+
+import contextlib
+import json
+
+import anyio
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
+from mcp.server.sse import SseServerTransport
+from mcp.server.streamable_http import MCP_SESSION_ID_HEADER
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+
+from approvals.agent_auth import agent_for, rate_limited, touch
+from approvals.mcp import sessions
+from approvals.mcp.server import CALLER, Caller, ToolgateServer
+from approvals.policy import agent_refusal
+
+PREFIX = "/mcp"
+
+
+def transport_security():
+    hosts = [host for host in settings.ALLOWED_HOSTS if host != "*" and not host.startswith(".")]
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=hosts + [f"{host}:*" for host in hosts],
+        allowed_origins=list(settings.MCP_ALLOWED_ORIGINS),
+    )
+
+
+def route(path):
+    """(server name or "" for all, transport: "http" | "sse" | "messages"), or None."""
+    if path not in (PREFIX, PREFIX + "/") and not path.startswith(PREFIX + "/"):
+        return None
+    parts = [part for part in path[len(PREFIX) :].split("/") if part]
+    kind = "http"
+    if parts and parts[-1] in ("sse", "messages"):
+        kind = parts.pop()
+    if len(parts) > 1:
+        return None
+    return (parts[0] if parts else ""), kind
+
+
+def _authenticate(authorization, server_name):
+    """The agent, or an HTTP status to refuse with: 401 (no such active agent), 404 (no such
+    server for this agent, whether it doesn't exist or isn't the agent's)."""
+    close_old_connections()  # this thread is long-lived; drop connections that went stale
+    agent = agent_for(authorization)
+    if agent is None:
+        return None, 401
+    if server_name:
+        server = agent.servers.filter(name=server_name).first()
+        if server is None or agent_refusal(agent, server):
+            return None, 404
+    return agent, None
+
+
+class McpApp:
+    def __init__(self):
+        self.server = ToolgateServer()
+        self.manager = None
+        self.sse = SseServerTransport("/messages/", security_settings=transport_security())
+
+    @contextlib.asynccontextmanager
+    async def running(self):
+        """Run a session manager (one per lifespan: the SDK's can't be restarted) and the
+        tool-list watcher."""
+        self.manager = StreamableHTTPSessionManager(
+            app=self.server, security_settings=transport_security()
+        )
+        # Nested, not one `async with`: the watcher stops before the session manager does.
+        async with self.manager.run():  # noqa: SIM117
+            async with anyio.create_task_group() as group:
+                group.start_soon(sessions.watch)
+                try:
+                    yield
+                finally:
+                    group.cancel_scope.cancel()
+
+    async def __call__(self, scope, receive, send):
+        where = route(scope["path"])
+        if where is None:
+            return await _error(send, 404, "not_found", "There is no MCP endpoint at this URL.")
+        server_name, kind = where
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        agent, status = await sync_to_async(_authenticate)(
+            headers.get("authorization"), server_name
+        )
+        if status == 401:
+            return await _unauthorized(send)
+        if status == 404:
+            return await _error(send, 404, "not_found", "There is no MCP endpoint at this URL.")
+        retry_after = rate_limited(agent)
+        if retry_after:
+            return await _error(send, 429, "rate_limited", "Too many requests; slow down.",
+                                [(b"retry-after", str(retry_after).encode())])  # fmt: skip
+        await sync_to_async(touch)(agent)
+        scope = {**scope, "user": _user(agent, server_name), CALLER: Caller(agent, server_name)}
+        await self._serve(scope, receive, send, server_name, kind, headers)
+
+    async def _serve(self, scope, receive, send, server_name, kind, headers):
+        if kind == "messages":
+            await self.sse.handle_post_message(scope, receive, send)
+        elif kind == "sse":
+            await self._sse(scope, receive, send, server_name)
+        else:
+            if MCP_SESSION_ID_HEADER not in headers and scope["method"] == "POST":
+                sessions.open_session()  # the session's server task inherits the mark
+            await self.manager.handle_request(scope, receive, send)
+
+    async def _sse(self, scope, receive, send, server_name):
+        root = f"{PREFIX}/{server_name}" if server_name else PREFIX
+        scope = {**scope, "root_path": root}  # the `endpoint` event names root + /messages/
+        sessions.open_session()
+        with contextlib.suppress(ValueError):  # refused by the transport's checks: answered
+            async with self.sse.connect_sse(scope, receive, send) as (read, write):
+                await self.server.run(read, write, self.server.create_initialization_options())
+
+
+def _user(agent, server_name):
+    """Who owns the SDK sessions this request opens: the agent, on this endpoint only."""
+    token = AccessToken(
+        token="agent",  # noqa: S106 - a label: the SDK compares client_id and claims
+        client_id=f"agent-{agent.pk}",
+        scopes=[],
+        claims={"iss": f"toolgate:{PREFIX}/{server_name}"},
+    )
+    return AuthenticatedUser(token)
+
+
+async def _error(send, status, code, message, extra_headers=()):
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [*headers, *extra_headers]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _unauthorized(send):
+    challenge = (
+        'Bearer realm="toolgate", error="invalid_token", '
+        'error_description="Missing or invalid agent token: send Authorization: Bearer <token>"'
+    )
+    await _error(
+        send, 401, "unauthorized",
+        "Missing or invalid agent token. Send the agent's token as Authorization: Bearer <token>.",
+        [(b"www-authenticate", challenge.encode())],
+    )  # fmt: skip

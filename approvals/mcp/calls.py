@@ -1,0 +1,133 @@
+"""One `tools/call` from an agent, from request to answer.
+
+The request goes through the one request path (`request_tool_call`: the policy, one
+`ToolCall` row, its audit). Then, by what the policy made of it:
+- auto-approved: run here, in this web process, so the server's progress and log
+  notifications reach the agent while it runs (`ToolCall.arun`, the same claim as a worker's);
+- waiting for a human: a task for clients that support tasks; for the others the request is
+  held open with a progress notification at once and every MCP_PROGRESS_INTERVAL seconds, for
+  at most MCP_APPROVAL_HOLD seconds, then answered with an `isError` result saying the call is
+  still pending. The same agent repeating the same call (same tool, same arguments) while it
+  is not final re-attaches to it instead of queueing a second request. A held request that
+  is cancelled (`notifications/cancelled`) cancels its pending call.
+- refused: `-32602` (invalid params) for an unknown, disabled or unavailable tool and for
+  arguments that fail the tool's schema; an `isError` result with the reason for anything
+  else the policy refuses.
+"""
+
+import asyncio
+import contextlib
+import time
+
+import anyio
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
+
+from approvals.mcp import tasks, tools
+from approvals.models import Refused, Status, ToolCall, request_tool_call
+from approvals.waiting import wait_until_final
+
+# Refusals that mean "no such tool for you": answered alike, so they reveal nothing.
+UNKNOWN = {
+    "unknown_server", "server_not_allowed", "server_disabled",
+    "unknown_tool", "tool_disabled", "tool_removed",
+}  # fmt: skip
+_running = set()  # runs started here outlive the request that started them
+
+
+async def call_tool(ctx, caller, params):
+    server_name, tool_name = await _target(caller, params.name)
+    arguments = params.arguments or {}
+    try:
+        call, created = await sync_to_async(_request)(
+            caller.agent, server_name, tool_name, arguments
+        )
+    except Refused as refused:
+        return _refusal(refused, params.name)
+    if created and call.status == Status.APPROVED:
+        await _run_here(ctx, caller, call)
+    call = await _reload(call)
+    wants_task, modern = tasks.wants_task(ctx, params)
+    if wants_task and not modern:
+        return tasks.created(call, modern=False)  # a 2025-11-25 task request gets a task
+    if call.is_final:
+        return tools.call_result(call)
+    if wants_task:
+        return tasks.created(call, modern=True)
+    return await _hold(ctx, call)
+
+
+async def _target(caller, name):
+    """(server, tool) for a tool name on this endpoint."""
+    if caller.scope:
+        return caller.scope, name
+    served = await sync_to_async(tools.served_tools)(caller.agent, "")
+    if name not in served:
+        raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
+    return served[name]["server"], served[name]["name"]
+
+
+def _request(agent, server_name, tool_name, arguments):
+    twin = ToolCall.pending_twin(agent, server_name, tool_name, arguments)
+    if twin:
+        return twin, False
+    return request_tool_call(agent, server_name, tool_name, arguments, run_here=True)
+
+
+def _refusal(refused, name):
+    if refused.code in UNKNOWN:
+        raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
+    if refused.code == "invalid_arguments":
+        raise MCPError(
+            code=INVALID_PARAMS, message=refused.message, data={"details": refused.details}
+        )
+    return {
+        "content": [{"type": "text", "text": f"Refused by Toolgate's policy: {refused.message}"}],
+        "isError": True,
+        "resultType": "complete",
+        "_meta": {tools.META + "refusal": {"code": refused.code, "message": refused.message}},
+    }
+
+
+async def _reload(call):
+    return await ToolCall.objects.select_related("decided_by_user").aget(pk=call.pk)
+
+
+async def _run_here(ctx, caller, call):
+    """Run the auto-approved call in this process. The run is shielded from the agent going
+    away: once claimed, it finishes and records its result whatever the request does."""
+
+    async def progress(value, total, message):
+        with contextlib.suppress(Exception):  # the agent may be gone; the call goes on
+            await ctx.session.report_progress(value, total, message)
+
+    async def log(level, data, logger):
+        with contextlib.suppress(Exception):
+            await caller.log(ctx, level, data, logger)
+
+    run = asyncio.ensure_future(call.arun(on_progress=progress, on_log=log))
+    _running.add(run)
+    run.add_done_callback(_running.discard)
+    await asyncio.shield(run)
+
+
+async def _hold(ctx, call):
+    deadline = time.monotonic() + settings.MCP_APPROVAL_HOLD
+    step = 0
+    try:
+        while True:
+            await ctx.session.report_progress(step, None, tasks.status_message(call))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return tools.call_result(call)
+            await wait_until_final(call.pk, min(settings.MCP_PROGRESS_INTERVAL, remaining))
+            call = await _reload(call)
+            if call.is_final:
+                return tools.call_result(call)
+            step += 1
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True):
+            await sync_to_async(call.cancel)()
+        raise
