@@ -19,6 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 from approvals.agent_auth import agent_for, rate_limited, touch
 from approvals.models import Refused, Status, ToolCall, request_tool_call
 from approvals.policy import tools_for_agent
+from approvals.running import run_here
 from approvals.waiting import wait_until_final
 
 
@@ -141,10 +142,13 @@ async def tool_calls(request):
             body["tool"],
             body["arguments"],
             body["idempotency_key"],
+            run_here=wait > 0,
         )
     except Refused as refused:
         extra = {"details": refused.details} if refused.details else {}
         return error(refused.status, refused.code, refused.message, **extra)
+    if created and call.status == Status.APPROVED and wait > 0:
+        await run_here(call)  # the agent waits: run it here rather than through a worker
     call = await _call_after_wait(request.agent, call.pk, wait)
     return JsonResponse(call_json(call), status=201 if created else 200)
 

@@ -3,7 +3,8 @@
 Everything that leaves the machine for an MCP server goes through `list_tools`, `call_tool`
 and its async twin `acall_tool` here. Each opens a fresh session over the server's transport
 (Streamable HTTP or the older SSE transport; "auto" tries Streamable HTTP and falls back to
-SSE), with the connection guard of `netguard`, timeouts, and a cap on response size. The SDK negotiates the protocol era itself:
+SSE), with the connection guard of `netguard`, timeouts, and a cap on response size. The SDK
+negotiates the protocol era itself:
 it probes the 2026-07-28 `server/discover` and falls back to the `initialize` handshake.
 
 Every failure comes out as `McpError` with a short code, a message fit for an admin page

@@ -15,7 +15,7 @@ from tests.mcp_servers import start
 @pytest.fixture
 def toolgate(transactional_db, settings):
     """Toolgate's ASGI app, listening; `.base_url` is where an agent points its client."""
-    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
     from config.asgi import application
 
     with start(application) as running:

@@ -19,6 +19,7 @@ endpoint gets "Session not found") and the 2026-07-28 stateless requests.
 
 import contextlib
 import json
+from urllib.parse import parse_qs
 
 import anyio
 from asgiref.sync import sync_to_async
@@ -120,21 +121,29 @@ class McpApp:
 
     async def _serve(self, scope, receive, send, server_name, kind, headers):
         if kind == "messages":
-            await self.sse.handle_post_message(scope, receive, send)
+            session_id = "sse:" + (_query(scope, "session_id") or "")
+            with sessions.request(session_id, "POST"):
+                await self.sse.handle_post_message(scope, receive, send)
         elif kind == "sse":
             await self._sse(scope, receive, send, server_name)
+        elif MCP_SESSION_ID_HEADER in headers:
+            with sessions.request(headers[MCP_SESSION_ID_HEADER], scope["method"]):
+                await self.manager.handle_request(scope, receive, send)
         else:
-            if MCP_SESSION_ID_HEADER not in headers and scope["method"] == "POST":
-                sessions.open_session()  # the session's server task inherits the mark
             await self.manager.handle_request(scope, receive, send)
 
     async def _sse(self, scope, receive, send, server_name):
         root = f"{PREFIX}/{server_name}" if server_name else PREFIX
         scope = {**scope, "root_path": root}  # the `endpoint` event names root + /messages/
-        sessions.open_session()
-        with contextlib.suppress(ValueError):  # refused by the transport's checks: answered
-            async with self.sse.connect_sse(scope, receive, send) as (read, write):
+        watch = sessions.SseStream(send)
+        with contextlib.suppress(ValueError), watch:  # ValueError: refused, and answered
+            async with self.sse.connect_sse(scope, receive, watch.send) as (read, write):
                 await self.server.run(read, write, self.server.create_initialization_options())
+
+
+def _query(scope, name):
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    return values[0] if values else None
 
 
 def _user(agent, server_name):

@@ -15,7 +15,6 @@ The request goes through the one request path (`request_tool_call`: the policy, 
   else the policy refuses.
 """
 
-import asyncio
 import contextlib
 import time
 
@@ -27,6 +26,7 @@ from mcp_types import INVALID_PARAMS
 
 from approvals.mcp import tasks, tools
 from approvals.models import Refused, Status, ToolCall, request_tool_call
+from approvals.running import run_here
 from approvals.waiting import wait_until_final
 
 # Refusals that mean "no such tool for you": answered alike, so they reveal nothing.
@@ -34,7 +34,6 @@ UNKNOWN = {
     "unknown_server", "server_not_allowed", "server_disabled",
     "unknown_tool", "tool_disabled", "tool_removed",
 }  # fmt: skip
-_running = set()  # runs started here outlive the request that started them
 
 
 async def call_tool(ctx, caller, params):
@@ -96,8 +95,8 @@ async def _reload(call):
 
 
 async def _run_here(ctx, caller, call):
-    """Run the auto-approved call in this process. The run is shielded from the agent going
-    away: once claimed, it finishes and records its result whatever the request does."""
+    """Run the auto-approved call in this process, passing on the server's progress and log
+    notifications while it runs."""
 
     async def progress(value, total, message):
         with contextlib.suppress(Exception):  # the agent may be gone; the call goes on
@@ -107,10 +106,7 @@ async def _run_here(ctx, caller, call):
         with contextlib.suppress(Exception):
             await caller.log(ctx, level, data, logger)
 
-    run = asyncio.ensure_future(call.arun(on_progress=progress, on_log=log))
-    _running.add(run)
-    run.add_done_callback(_running.discard)
-    await asyncio.shield(run)
+    await run_here(call, on_progress=progress, on_log=log)
 
 
 async def _hold(ctx, call):

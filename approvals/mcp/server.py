@@ -44,7 +44,7 @@ class Caller:
         """Pass on a log message from the upstream server, if the agent asked for that level:
         per request on 2026-07-28 (the SDK applies the request's opt-in), per session before."""
         if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-            mark = sessions.current()
+            mark = sessions.current(ctx)
             wanted = mark and mark.log_level
             if not wanted or LOG_LEVELS.index(level) < LOG_LEVELS.index(wanted):
                 return
@@ -99,7 +99,7 @@ async def call_tool(ctx, params: CallToolRequestParams):
 async def set_level(ctx, params):
     if params.level not in LOG_LEVELS:
         raise MCPError(code=INVALID_PARAMS, message=f"Unknown log level {params.level!r}.")
-    mark = sessions.current()
+    mark = sessions.current(ctx)
     if mark is not None:
         mark.log_level = params.level
     return {}

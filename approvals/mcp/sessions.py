@@ -1,10 +1,10 @@
 """Agents' MCP sessions in this process, to tell them when their tool list changes.
 
-A session of the handshake era (Streamable HTTP with `Mcp-Session-Id`, or SSE) gets a
-`_Session` mark when it opens: the app sets it in a context variable before the SDK starts the
-session's server task, which inherits it, so every handler of that session sees the same mark
-(pinned by tests/test_mcp_endpoint.py). Marks are held weakly: when the SDK ends a session
-(closed, deleted, idle), its task and context go and the mark with them.
+A session of the handshake era has a `_Session` mark, found by the id the client sends with
+every request: `Mcp-Session-Id` (Streamable HTTP) or the `session_id` of the SSE message URL.
+The app wraps each request of a session in `request()`; a session is forgotten on DELETE,
+when its SSE stream ends (`SseStream` reads the id from the stream's `endpoint` event), or by
+`prune()` once no request has been in flight for the SDK's own idle timeout.
 
 `watch()` runs in the web process: every MCP_LIST_CHANGED_INTERVAL seconds it recomputes the
 tool list of each (agent, endpoint) that has a session which listed its tools, one query each,
@@ -15,15 +15,17 @@ their next `tools/list`.
 """
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import logging
-import weakref
+import re
+import time
 
 import anyio
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from mcp.server.streamable_http import MCP_SESSION_ID_HEADER
+from mcp.server.streamable_http_manager import DEFAULT_SESSION_IDLE_TIMEOUT
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from approvals.mcp import tools
@@ -31,35 +33,78 @@ from integrations.models import Agent
 
 logger = logging.getLogger(__name__)
 
-_current = contextvars.ContextVar("toolgate_mcp_session", default=None)
-_open = weakref.WeakSet()
+_by_id = {}  # Mcp-Session-Id, or "sse:" + the SSE session id -> _Session
+_SSE_ID = re.compile(rb"session_id=([0-9a-f]{32})")
 
 
 class _Session:
     def __init__(self):
         self.agent_id = self.scope = self.digest = self.session = None
         self.log_level = None  # what `logging/setLevel` asked for; None: no log messages
+        self.in_flight, self.last_seen = 0, time.monotonic()
 
 
-def open_session():
-    """Mark the session about to be opened in this context."""
-    mark = _Session()
-    _current.set(mark)
-    return mark
+@contextlib.contextmanager
+def request(session_id, method):
+    """Around one HTTP request of the Streamable HTTP session `session_id`."""
+    mark = _by_id.get(session_id) or _by_id.setdefault(session_id, _Session())
+    mark.in_flight += 1
+    try:
+        yield
+    finally:
+        mark.in_flight -= 1
+        mark.last_seen = time.monotonic()
+        if method == "DELETE":
+            _by_id.pop(session_id, None)
 
 
-def current():
-    return _current.get()
+def prune(idle_seconds=DEFAULT_SESSION_IDLE_TIMEOUT):
+    now = time.monotonic()
+    for key, mark in list(_by_id.items()):
+        if mark.in_flight == 0 and now - mark.last_seen > idle_seconds:
+            _by_id.pop(key, None)
+
+
+class SseStream:
+    """Wraps an SSE stream's ASGI `send`: the session is in flight while the stream is open."""
+
+    def __init__(self, send):
+        self._send, self.key = send, None
+
+    async def send(self, message):
+        if self.key is None and message["type"] == "http.response.body":
+            found = _SSE_ID.search(message.get("body", b""))
+            if found:
+                self.key = "sse:" + found.group(1).decode()
+                _by_id.setdefault(self.key, _Session()).in_flight += 1
+        await self._send(message)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.key:
+            _by_id.pop(self.key, None)
+
+
+def current(ctx):
+    """The mark of the session `ctx` belongs to, or None (2026-07-28 requests have none)."""
+    request = ctx.request
+    if request is None:
+        return None
+    session_id = request.headers.get(MCP_SESSION_ID_HEADER)
+    if session_id is None and request.query_params.get("session_id"):
+        session_id = "sse:" + request.query_params["session_id"]
+    return _by_id.get(session_id or "")
 
 
 def listed(ctx, caller, tool_list):
     """A session's client has just been given `tool_list`."""
-    mark = _current.get()
+    mark = current(ctx)
     if mark is None or ctx.protocol_version not in HANDSHAKE_PROTOCOL_VERSIONS:
         return
     mark.agent_id, mark.scope, mark.session = caller.agent.pk, caller.scope, ctx.session
     mark.digest = digest(tool_list)
-    _open.add(mark)
 
 
 def digest(tool_list):
@@ -81,7 +126,8 @@ def _current_digests(keys):
 
 
 async def notify_changes():
-    marks = [mark for mark in list(_open) if mark.digest is not None]
+    prune()
+    marks = [mark for mark in list(_by_id.values()) if mark.digest is not None]
     if not marks:
         return 0
     now = await sync_to_async(_current_digests)({(m.agent_id, m.scope) for m in marks})
