@@ -1,3 +1,6 @@
+from urllib.parse import quote
+
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Count, Q
 from django.http import JsonResponse
@@ -539,14 +542,28 @@ class ToolAdmin(LogsPolicyChanges, admin.ModelAdmin):
         self.message_user(request, f"{len(tools)} tool(s) marked reviewed.")
 
 
+def mcp_url(server_name=""):
+    """The agent MCP endpoint of one server, or of all of them (approvals/mcp/app.py)."""
+    path = f"/mcp/{quote(server_name)}/" if server_name else "/mcp/"
+    return settings.SITE_URL.rstrip("/") + path
+
+
 @admin.register(Agent)
 class AgentAdmin(LogsPolicyChanges, admin.ModelAdmin):
     list_display = ["name", "is_active", "token_hint", "server_list", "last_used_at", "created_at"]
     list_filter = ["is_active", "servers"]
     search_fields = ["name", "description"]
     filter_horizontal = ["servers"]
-    fields = ["name", "description", "servers", "is_active", "token_hint", "last_used_at"]
-    readonly_fields = ["token_hint", "last_used_at"]
+    fields = [
+        "name",
+        "description",
+        "servers",
+        "is_active",
+        "token_hint",
+        "mcp_urls",
+        "last_used_at",
+    ]
+    readonly_fields = ["token_hint", "mcp_urls", "last_used_at"]
     actions = ["rotate_token"]
 
     def get_queryset(self, request):
@@ -555,6 +572,20 @@ class AgentAdmin(LogsPolicyChanges, admin.ModelAdmin):
     @admin.display(description="MCP servers")
     def server_list(self, agent):
         return ", ".join(server.name for server in agent.servers.all()) or "—"
+
+    @admin.display(description="MCP URLs")
+    def mcp_urls(self, agent):
+        """Where the agent's MCP client points (with its token as a Bearer header)."""
+        if agent.pk is None:
+            return "Shown once the agent is saved."
+        rows = [("All its servers, tools named server__tool", mcp_url()), *(
+            (f"{server.name} only", mcp_url(server.name)) for server in agent.servers.all()
+        )]  # fmt: skip
+        return format_html(
+            "<ul>{}</ul><p>Streamable HTTP; for the legacy SSE transport add <code>sse</code> "
+            "to the URL.</p>",
+            format_html_join("", "<li>{}: <code>{}</code></li>", rows),
+        )
 
     def save_model(self, request, obj, form, change):
         if not change:

@@ -581,3 +581,10 @@ def test_a_session_is_tracked_while_open_and_forgotten_after(toolgate, agent, ki
     marks = run(go)
     assert len(marks) == 1 and marks[0].scope == "demo"
     wait_until(lambda: not any(m.agent_id == agent.pk for m in list(sessions._by_id.values())), 10)
+
+
+def test_the_agents_admin_page_shows_its_mcp_urls(admin_client, agent, settings):
+    settings.SITE_URL = "https://toolgate.example.com"
+    page = admin_client.get(f"/admin/integrations/agent/{agent.pk}/change/").content.decode()
+    assert "https://toolgate.example.com/mcp/</code>" in page
+    assert "https://toolgate.example.com/mcp/demo/</code>" in page
