@@ -6,10 +6,11 @@ import asyncio
 _runs = set()  # runs started here, kept referenced until they finish
 
 
-async def run_here(call, **callbacks):
-    """Run `call` (`ToolCall.arun`) and return when it has finished. The run is shielded from
-    the waiting agent going away: once claimed, it finishes and records its result."""
+async def run_here(call, timeout=None, **callbacks):
+    """Run `call` (`ToolCall.arun`) and return when it has finished, or after `timeout`
+    seconds. The run is not tied to the waiting agent: once claimed, it finishes and records
+    its result even if the agent goes away or stops waiting."""
     run = asyncio.ensure_future(call.arun(**callbacks))
     _runs.add(run)
     run.add_done_callback(_runs.discard)
-    await asyncio.shield(run)
+    await asyncio.wait([run], timeout=timeout)

@@ -10,7 +10,10 @@ a short warm-up:
 - API, file broker: ``POST /api/v1/tool-calls?wait=30`` until the call has succeeded, with the
   embedded defaults (SQLite, file broker, whose worker polls the queue every 0.2 s);
 - API, Redis broker: the same with ``CELERY_BROKER_URL=redis://127.0.0.1:6379/14`` for web and
-  worker, when Redis answers there (that database is flushed before and after).
+  worker, when Redis answers there (that database is flushed before and after);
+- MCP endpoint: ``call_tool("echo", …)`` repeated on one ``mcp.Client`` session opened on
+  Toolgate's ``/mcp/demo/`` with the agent's token (embedded defaults; an auto-approved call
+  of a waiting agent runs in the web process, so no broker is involved).
 
 For the API cases the stored timestamps of each call split the time into: accept (request sent
 -> call stored), queue (stored -> a worker claimed it), run (claimed -> result stored: a fresh
@@ -91,6 +94,30 @@ async def _direct_fresh_session(url, calls, warmup):
         _check_direct(result)
         if i >= warmup:
             timings.append(elapsed)
+    return timings
+
+
+# ---- calls through the MCP endpoint ---------------------------------------------------------
+
+
+async def _mcp_open_session(toolgate, calls, warmup):
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    url = f"{toolgate.base_url}/mcp/{harness.SERVER_NAME}/"
+    timings = []
+    http = httpx2.AsyncClient(headers=toolgate.auth, timeout=CALL_TIMEOUT)
+    with anyio.fail_after(CALL_TIMEOUT * (calls + warmup + 1)):
+        async with http, Client(streamable_http_client(url, http_client=http)) as client:
+            for i in range(warmup + calls):
+                harness.check_interrupted()
+                start = time.perf_counter()
+                with anyio.fail_after(CALL_TIMEOUT):
+                    result = await client.call_tool("echo", ARGUMENTS)
+                elapsed = time.perf_counter() - start
+                _check_direct(result)
+                if i >= warmup:
+                    timings.append(elapsed)
     return timings
 
 
@@ -211,6 +238,10 @@ def run(argv=()):
             try:
                 toolgate.start_app(broker)
                 timings, marks = _api_calls(toolgate, args.calls, args.warmup)
+                if name == "api_file":
+                    print("  MCP endpoint, one open session ...", flush=True)
+                    mcp = asyncio.run(_mcp_open_session(toolgate, args.calls, args.warmup))
+                    cases["mcp_open"] = _stats(mcp)
             finally:
                 toolgate.stop_app()
                 if broker.startswith("redis"):
@@ -231,6 +262,7 @@ LABELS = {
     "direct_fresh": "direct SDK, fresh session per call",
     "api_file": "API ?wait=30, file broker",
     "api_redis": "API ?wait=30, Redis broker",
+    "mcp_open": "MCP /mcp/demo/, one open session",
 }
 
 
@@ -246,12 +278,12 @@ def report(results):
             continue
         stats = cases[name]
         row = f"  {label:<36} {stats['median_ms']:8.1f} {stats['p95_ms']:8.1f}"
-        if name.startswith("api"):
+        if name.startswith(("api", "mcp")):
             open_ratio = stats["median_ms"] / cases["direct_open"]["median_ms"]
             fresh_ratio = stats["median_ms"] / cases["direct_fresh"]["median_ms"]
             row += f" {open_ratio:7.1f}x {fresh_ratio:7.1f}x"
         lines.append(row)
-    lines.append("  (ratios: API median / direct median; /fresh is the headline figure)")
+    lines.append("  (ratios: Toolgate median / direct median, for the API and the MCP endpoint)")
     for name, phases in results["breakdown"].items():
         parts = ", ".join(f"{phase} {ms:.1f}" for phase, ms in phases.items())
         lines.append(f"  {LABELS[name]}, median phases (ms): {parts}")

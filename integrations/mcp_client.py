@@ -247,7 +247,16 @@ class _UpstreamRequests:
         await self.on_progress(progress, total, message and self.endpoint.redact(message))
 
     async def log(self, params):
-        await self.on_log(params.level, params.data, params.logger)
+        await self.on_log(params.level, self._redacted(params.data), params.logger)
+
+    def _redacted(self, data):
+        """The server's log data without the server's own secrets (it goes to the agent)."""
+        if isinstance(data, str):
+            return self.endpoint.redact(data)
+        try:
+            return json.loads(self.endpoint.redact(json.dumps(data)))
+        except (TypeError, ValueError):
+            return self.endpoint.redact(str(data))
 
     async def decline_sampling(self, context, params):
         self._declined("sampling/createMessage", "")

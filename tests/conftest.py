@@ -23,7 +23,7 @@ from kombu import Connection
 
 from config.celery import app as celery_app
 
-pytest_plugins = ["tests.mcp_servers", "tests.receivers"]
+pytest_plugins = ["tests.mcp_servers", "tests.receivers", "tests.mcp_live"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,7 @@ import pytest
 from approvals.models import Status, ToolCall
 from integrations.models import Agent
 from tests.conftest import track, wait_until
-from tests.mcp_live import toolgate  # noqa: F401 - fixture
-from tests.test_mcp_endpoint import add_server, approve_when_pending, rich_server
+from tests.mcp_live import add_server, approve_when_pending, rich_server
 from tests.mcp_servers import demo_server
 
 pytestmark = pytest.mark.django_db(transaction=True)

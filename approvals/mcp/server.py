@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from mcp.server import Server
 from mcp.server.caching import CacheHint
 from mcp.server.lowlevel.server import NotificationOptions
@@ -51,6 +52,10 @@ class Caller:
         await ctx.session.send_log_message(level, data, logger, related_request_id=ctx.request_id)
 
 
+def _list_ttl_ms():
+    return int(settings.MCP_LIST_CHANGED_INTERVAL * 1000)
+
+
 def caller(ctx):
     return ctx.request.scope[CALLER]
 
@@ -64,8 +69,8 @@ class ToolgateServer(Server):
             "to approve them.",
             on_list_tools=list_tools,
             on_call_tool=call_tool,
-            # The list changes with syncs, approval settings and reviews: never fresh for long.
-            cache_hints={"tools/list": CacheHint(ttl_ms=0, scope="private")},
+            # 2026-07-28 clients may keep the list as long as sessions wait to hear of a change.
+            cache_hints={"tools/list": CacheHint(ttl_ms=_list_ttl_ms(), scope="private")},
         )
         self.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
         for method, params, handler in TASK_METHODS:
