@@ -511,3 +511,29 @@ def test_the_agents_admin_page_shows_its_mcp_urls(admin_client, agent, settings)
     page = admin_client.get(f"/admin/integrations/agent/{agent.pk}/change/").content.decode()
     assert "https://toolgate.example.com/mcp/</code>" in page
     assert "https://toolgate.example.com/mcp/demo/</code>" in page
+
+
+def test_a_session_belongs_to_its_agent_and_endpoint(toolgate, agent, demo):
+    _, other = Agent.create_with_token("other", servers=[demo])
+    accept = {"Accept": "application/json, text/event-stream"}
+    initialize = {
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "raw", "version": "1"}},
+    }  # fmt: skip
+    with httpx2.Client(base_url=toolgate.base_url, headers=accept) as http:
+        opened = http.post(
+            "/mcp/demo/", json=initialize, headers={"Authorization": f"Bearer {agent.token}"}
+        )
+        session = {
+            "Mcp-Session-Id": opened.headers["mcp-session-id"],
+            "MCP-Protocol-Version": "2025-06-18",
+        }
+        listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+        elsewhere = http.post(
+            "/mcp/", json=listing, headers={**session, "Authorization": f"Bearer {agent.token}"}
+        )
+        stranger = http.post(
+            "/mcp/demo/", json=listing, headers={**session, "Authorization": f"Bearer {other}"}
+        )
+    assert elsewhere.status_code == stranger.status_code == 404
