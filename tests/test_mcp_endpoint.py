@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 
 from approvals.mcp import sessions, tools
 from approvals.models import Status, ToolCall
-from integrations.models import Agent, ToolApproval
+from integrations.models import Agent, McpServer, ToolApproval
 from tests.conftest import wait_until
 from tests.mcp_live import (
     PNG,
@@ -537,3 +537,27 @@ def test_a_session_belongs_to_its_agent_and_endpoint(toolgate, agent, demo):
             "/mcp/demo/", json=listing, headers={**session, "Authorization": f"Bearer {other}"}
         )
     assert elsewhere.status_code == stranger.status_code == 404
+
+
+def test_approvers_hear_of_held_calls_and_not_of_auto_approved_ones(
+    toolgate, agent, demo, settings
+):
+    from approvals.notifications import Delivery, NotificationChannel
+
+    settings.MCP_APPROVAL_HOLD = 0.5
+    NotificationChannel.objects.create(
+        name="hook", kind="webhook", secret="s" * 20, url="https://hooks.example/x"
+    )
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token) as client:
+            await client.call_tool("echo", {"text": "auto"})
+            await anyio.to_thread.run_sync(
+                lambda: McpServer.objects.filter(pk=demo.pk).update(approval_mode="always_ask")
+            )
+            await client.call_tool("echo", {"text": "held"})
+
+    run(go)
+    auto, held = ToolCall.objects.order_by("pk")
+    assert (auto.status, held.status) == (Status.SUCCEEDED, Status.PENDING_APPROVAL)
+    assert list(Delivery.objects.values_list("event", "object_id")) == [("call.pending", held.pk)]
