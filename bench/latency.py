@@ -65,18 +65,23 @@ def _check_direct(result):
 async def _direct_open_session(url, calls, warmup):
     from mcp import Client
 
-    timings = []
     with anyio.fail_after(CALL_TIMEOUT * (calls + warmup + 1)):
         async with Client(url) as client:
-            for i in range(warmup + calls):
-                harness.check_interrupted()
-                start = time.perf_counter()
-                with anyio.fail_after(CALL_TIMEOUT):
-                    result = await client.call_tool("echo", ARGUMENTS)
-                elapsed = time.perf_counter() - start
-                _check_direct(result)
-                if i >= warmup:
-                    timings.append(elapsed)
+            return await _on_open_session(client, calls, warmup)
+
+
+async def _on_open_session(client, calls, warmup):
+    """Seconds each of `calls` echo calls took on an open session, after `warmup` calls."""
+    timings = []
+    for i in range(warmup + calls):
+        harness.check_interrupted()
+        start = time.perf_counter()
+        with anyio.fail_after(CALL_TIMEOUT):
+            result = await client.call_tool("echo", ARGUMENTS)
+        elapsed = time.perf_counter() - start
+        _check_direct(result)
+        if i >= warmup:
+            timings.append(elapsed)
     return timings
 
 
@@ -105,20 +110,10 @@ async def _mcp_open_session(toolgate, calls, warmup):
     from mcp.client.streamable_http import streamable_http_client
 
     url = f"{toolgate.base_url}/mcp/{harness.SERVER_NAME}/"
-    timings = []
     http = httpx2.AsyncClient(headers=toolgate.auth, timeout=CALL_TIMEOUT)
     with anyio.fail_after(CALL_TIMEOUT * (calls + warmup + 1)):
         async with http, Client(streamable_http_client(url, http_client=http)) as client:
-            for i in range(warmup + calls):
-                harness.check_interrupted()
-                start = time.perf_counter()
-                with anyio.fail_after(CALL_TIMEOUT):
-                    result = await client.call_tool("echo", ARGUMENTS)
-                elapsed = time.perf_counter() - start
-                _check_direct(result)
-                if i >= warmup:
-                    timings.append(elapsed)
-    return timings
+            return await _on_open_session(client, calls, warmup)
 
 
 # ---- calls through the API -------------------------------------------------------------------

@@ -530,6 +530,8 @@ def test_a_session_belongs_to_its_agent_and_endpoint(toolgate, agent, demo):
             "MCP-Protocol-Version": "2025-06-18",
         }
         listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+        unknown = {**session, "Mcp-Session-Id": "f" * 32, "Authorization": f"Bearer {agent.token}"}
+        assert http.post("/mcp/demo/", json=listing, headers=unknown).status_code == 404
         elsewhere = http.post(
             "/mcp/", json=listing, headers={**session, "Authorization": f"Bearer {agent.token}"}
         )
@@ -537,6 +539,7 @@ def test_a_session_belongs_to_its_agent_and_endpoint(toolgate, agent, demo):
             "/mcp/demo/", json=listing, headers={**session, "Authorization": f"Bearer {other}"}
         )
     assert elsewhere.status_code == stranger.status_code == 404
+    assert "f" * 32 not in sessions._by_id  # an unknown id is not remembered
 
 
 def test_approvers_hear_of_held_calls_and_not_of_auto_approved_ones(

@@ -83,20 +83,32 @@ def test_the_typescript_client_is_refused_a_bad_token(node_client, toolgate, dem
     assert "Missing or invalid agent token" in events[-1]["error"]
 
 
-def test_a_held_typescript_call_gets_progress_and_the_denial(node_client, toolgate, token, demo):
+def decided(node_client, toolgate, token, action, tool, arguments, *decision):
+    """What the client saw of a call that waited for a human, who decided `decision`."""
+    process = start_client(
+        node_client, f"{toolgate.base_url}/mcp/demo/", token, "http", action, tool, arguments
+    )
+    approve_when_pending(*decision)
+    return events_of(process)
+
+
+@pytest.fixture
+def ask(demo):
     demo.approval_mode = "always_ask"
     demo.save()
-    process = start_client(
+
+
+def test_a_held_typescript_call_gets_progress_and_the_denial(node_client, toolgate, token, ask):
+    events = decided(
         node_client,
-        f"{toolgate.base_url}/mcp/demo/",
+        toolgate,
         token,
-        "http",
         "call",
         "delete_file",
         {"path": "/tmp/x"},
+        "deny",
+        "no deleting",
     )
-    approve_when_pending("deny", "no deleting")
-    events = events_of(process)
     assert events[1]["progress"]["message"].startswith("Waiting for approval by a human since")
     result = events[-1]["result"]
     assert result["isError"] is True
@@ -105,21 +117,9 @@ def test_a_held_typescript_call_gets_progress_and_the_denial(node_client, toolga
 
 @pytest.mark.integration
 def test_a_typescript_task_is_approved_and_returns_the_result(
-    node_client, toolgate, token, demo, celery_worker
+    node_client, toolgate, token, ask, celery_worker
 ):
-    demo.approval_mode = "always_ask"
-    demo.save()
-    process = start_client(
-        node_client,
-        f"{toolgate.base_url}/mcp/demo/",
-        token,
-        "http",
-        "task",
-        "echo",
-        {"text": "tasked"},
-    )
-    approve_when_pending()
-    events = events_of(process)
+    events = decided(node_client, toolgate, token, "task", "echo", {"text": "tasked"})
     created = next(event["taskCreated"] for event in events if "taskCreated" in event)
     assert created["status"] == "working" and created["taskId"].startswith("toolcall-")
     assert events[-1]["result"]["content"] == [{"type": "text", "text": "tasked"}]
@@ -127,15 +127,9 @@ def test_a_typescript_task_is_approved_and_returns_the_result(
 
 
 def test_a_typescript_task_that_is_denied_completes_with_the_note(
-    node_client, toolgate, token, demo
+    node_client, toolgate, token, ask
 ):
-    demo.approval_mode = "always_ask"
-    demo.save()
-    process = start_client(
-        node_client, f"{toolgate.base_url}/mcp/demo/", token, "http", "task", "echo", {"text": "no"}
-    )
-    approve_when_pending("deny", "nope")
-    events = events_of(process)
+    events = decided(node_client, toolgate, token, "task", "echo", {"text": "no"}, "deny", "nope")
     assert any("taskCreated" in event for event in events)
     result = events[-1]["result"]
     assert result["isError"] is True and "nope" in result["content"][0]["text"]

@@ -122,12 +122,12 @@ class McpApp:
     async def _serve(self, scope, receive, send, server_name, kind, headers):
         if kind == "messages":
             session_id = "sse:" + (_query(scope, "session_id") or "")
-            with sessions.request(session_id, "POST"):
+            with sessions.request(session_id, "POST", send) as send:
                 await self.sse.handle_post_message(scope, receive, send)
         elif kind == "sse":
             await self._sse(scope, receive, send, server_name)
         elif MCP_SESSION_ID_HEADER in headers:
-            with sessions.request(headers[MCP_SESSION_ID_HEADER], scope["method"]):
+            with sessions.request(headers[MCP_SESSION_ID_HEADER], scope["method"], send) as send:
                 await self.manager.handle_request(scope, receive, send)
         else:
             await self.manager.handle_request(scope, receive, send)

@@ -33,6 +33,7 @@ from integrations.models import Agent
 
 logger = logging.getLogger(__name__)
 
+SEND_TIMEOUT = 2  # seconds for one session to take its notification
 _by_id = {}  # Mcp-Session-Id, or "sse:" + the SSE session id -> _Session
 _SSE_ID = re.compile(rb"session_id=([0-9a-f]{32})")
 
@@ -45,16 +46,26 @@ class _Session:
 
 
 @contextlib.contextmanager
-def request(session_id, method):
-    """Around one HTTP request of the Streamable HTTP session `session_id`."""
+def request(session_id, method, send):
+    """Around one HTTP request of the session `session_id`; yields the `send` to answer with.
+    A session the client ended (DELETE) is forgotten, and so is an id the SDK doesn't know (it
+    answers 404) unless a session of that id listed tools: another agent's request with a
+    session's id is answered 404 too, and must not make the session lose its notifications."""
     mark = _by_id.get(session_id) or _by_id.setdefault(session_id, _Session())
     mark.in_flight += 1
+    status = []
+
+    async def watched(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+        await send(message)
+
     try:
-        yield
+        yield watched
     finally:
         mark.in_flight -= 1
         mark.last_seen = time.monotonic()
-        if method == "DELETE":
+        if method == "DELETE" or (status[:1] == [404] and mark.digest is None):
             _by_id.pop(session_id, None)
 
 
@@ -136,7 +147,9 @@ async def notify_changes():
         new = now[(mark.agent_id, mark.scope)]
         if new != mark.digest:
             mark.digest = new
-            with contextlib.suppress(Exception):  # a session gone since: nothing to tell
+            # A session gone since has nothing to hear; one that doesn't read its stream must
+            # not hold up the others.
+            with contextlib.suppress(Exception), anyio.move_on_after(SEND_TIMEOUT):
                 await mark.session.send_tool_list_changed()
                 told += 1
     return told
