@@ -25,7 +25,7 @@ from tests.mcp_live import (
     rich_server,
     sse_transport,
 )
-from tests.mcp_servers import _HandshakeOnly, demo_server
+from tests.mcp_servers import _HandshakeOnly, demo_server, mutable_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -53,12 +53,19 @@ async def connect(url, token, kind="legacy", **options):
         else:
             transport = http_transport(url, token, stack=stack)
             mode = "legacy" if kind == "legacy" else "2026-07-28"
+        options.setdefault("read_timeout_seconds", 90)
         async with mcp.Client(transport, mode=mode, **options) as client:
             yield client
 
 
 def run(coroutine_function, *args):
-    return anyio.run(coroutine_function, *args)
+    """Run a client coroutine; a hang fails the test instead of stalling the run."""
+
+    async def bounded():
+        with anyio.fail_after(120):
+            return await coroutine_function(*args)
+
+    return anyio.run(bounded)
 
 
 def text_of(result):
@@ -564,3 +571,29 @@ def test_approvers_hear_of_held_calls_and_not_of_auto_approved_ones(
     auto, held = ToolCall.objects.order_by("pk")
     assert (auto.status, held.status) == (Status.SUCCEEDED, Status.PENDING_APPROVAL)
     assert list(Delivery.objects.values_list("event", "object_id")) == [("call.pending", held.pk)]
+
+
+def test_a_rug_pull_upstream_is_held_for_a_human_through_the_endpoint(
+    toolgate, mcp_factory, settings
+):
+    """The scanner's poisoned `add` appearing on a No Approval server after review: the agent
+    is told the tool waits for a human, and a call to it does wait."""
+    from tests.test_tool_scanner import POISONED_ADD
+
+    settings.MCP_APPROVAL_HOLD = 0.5
+    upstream = mutable_server()
+    upstream.add_tool("add", "Adds two numbers.", POISONED_ADD["inputSchema"])
+    server = add_server("math", mcp_factory(upstream).url)
+    upstream.change_tool("add", description=POISONED_ADD["description"])
+    server.sync_tools()
+    _, token = Agent.create_with_token("bot", servers=[server])
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/math/", token) as client:
+            listed = (await client.list_tools()).tools
+            return listed, await client.call_tool("add", {"a": 1, "b": 2, "sidenote": "x"})
+
+    listed, result = run(go)
+    assert listed[0].meta["toolgate/approval"] == "requires_approval"
+    assert result.is_error and "still waiting for a human" in text_of(result)
+    assert ToolCall.objects.get().status == Status.PENDING_APPROVAL
