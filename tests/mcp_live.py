@@ -5,10 +5,13 @@ in a thread of the test process, on the test database (tests using it need
 import base64
 import contextlib
 
+import anyio
 import httpx2
 import mcp_types as types
 import pytest
+from asgiref.sync import SyncToAsync
 from django.contrib.auth.models import User
+from django.db import connections
 from django.test import Client as DjangoClient
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -32,6 +35,9 @@ def toolgate(transactional_db, settings):
 
     with start(application) as running:
         yield running
+    # The app's database work ran on asgiref's one shared thread: close what it opened there,
+    # or the test database can't be dropped at the end of the run.
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=30)
 
 
 def http_transport(url, token, *, headers=None, stack):
@@ -60,8 +66,23 @@ def add_server(name, url, mode="no_approval"):
     return server
 
 
+async def in_thread(function, *args):
+    """Run Django code from a client coroutine, on a worker thread whose database connection is
+    closed afterwards (anyio keeps its threads; an open connection would keep the test
+    database from being dropped)."""
+
+    def run():
+        try:
+            return function(*args)
+        finally:
+            connections.close_all()
+
+    return await anyio.to_thread.run_sync(run)
+
+
 def approve_when_pending(decision="approve", note=""):
-    """Act as an approver on the queue page once a call waits (in a thread)."""
+    """Act as an approver on the queue page once a call waits (call it through `in_thread`,
+    or from another thread than the client's)."""
     call = wait_until(lambda: ToolCall.objects.filter(status=Status.PENDING_APPROVAL).first(), 30)
     approver = User.objects.create_superuser("alice", password="pw-alice-123")
     browser = DjangoClient()

@@ -22,6 +22,7 @@ from tests.mcp_live import (
     add_server,
     approve_when_pending,
     http_transport,
+    in_thread,
     rich_server,
     sse_transport,
 )
@@ -322,7 +323,7 @@ def test_a_session_hears_when_its_tool_list_changes(toolgate, agent, demo, setti
             f"{toolgate.base_url}/mcp/demo/", agent.token, message_handler=on_message
         ) as client:
             before = {tool.name for tool in (await client.list_tools()).tools}
-            await anyio.to_thread.run_sync(
+            await in_thread(
                 lambda: demo.tools.filter(name="echo").update(approval=ToolApproval.DISABLED)
             )
             with anyio.fail_after(20):
@@ -354,7 +355,7 @@ def test_a_held_call_returns_the_result_once_approved(toolgate, agent, ask, cele
     async def go():
         async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token, kind) as client:
             async with anyio.create_task_group() as group:
-                group.start_soon(anyio.to_thread.run_sync, approve_when_pending)
+                group.start_soon(in_thread, approve_when_pending)
                 result = await client.call_tool(
                     "echo", {"text": "hello"}, progress_callback=on_progress
                 )
@@ -371,7 +372,7 @@ def test_a_denied_call_says_so_with_the_note(toolgate, agent, ask):
     async def go():
         url = f"{toolgate.base_url}/mcp/demo/"
         async with connect(url, agent.token) as client, anyio.create_task_group() as group:
-            group.start_soon(anyio.to_thread.run_sync, approve_when_pending, "deny", "not today")
+            group.start_soon(in_thread, approve_when_pending, "deny", "not today")
             return await client.call_tool("delete_file", {"path": "/etc"})
 
     result = run(go)
@@ -455,7 +456,7 @@ def test_a_task_client_gets_a_task_and_then_the_approved_result(
             ) as client,
             anyio.create_task_group() as group,
         ):
-            group.start_soon(anyio.to_thread.run_sync, approve_when_pending)
+            group.start_soon(in_thread, approve_when_pending)
             return await client.call_tool("echo", {"text": "by task"})
 
     result = run(go)
@@ -562,7 +563,7 @@ def test_approvers_hear_of_held_calls_and_not_of_auto_approved_ones(
     async def go():
         async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token) as client:
             await client.call_tool("echo", {"text": "auto"})
-            await anyio.to_thread.run_sync(
+            await in_thread(
                 lambda: McpServer.objects.filter(pk=demo.pk).update(approval_mode="always_ask")
             )
             await client.call_tool("echo", {"text": "held"})
