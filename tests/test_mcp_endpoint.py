@@ -596,5 +596,7 @@ def test_a_rug_pull_upstream_is_held_for_a_human_through_the_endpoint(
 
     listed, result = run(go)
     assert listed[0].meta["toolgate/approval"] == "requires_approval"
+    assert listed[0].meta["toolgate/awaiting_review"] is True
+    assert listed[0].description == "Adds two numbers."  # the reviewed text, not the poison
     assert result.is_error and "still waiting for a human" in text_of(result)
     assert ToolCall.objects.get().status == Status.PENDING_APPROVAL

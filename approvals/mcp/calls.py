@@ -26,13 +26,14 @@ from mcp_types import INVALID_PARAMS
 
 from approvals.mcp import tasks, tools
 from approvals.models import Refused, Status, ToolCall, request_tool_call
+from approvals.policy import Code
 from approvals.running import run_here
 from approvals.waiting import wait_until_final
 
 # Refusals that mean "no such tool for you": answered alike, so they reveal nothing.
 UNKNOWN = {
-    "unknown_server", "server_not_allowed", "server_disabled",
-    "unknown_tool", "tool_disabled", "tool_removed",
+    Code.UNKNOWN_SERVER, Code.SERVER_DISABLED, Code.AGENT_INACTIVE, Code.AGENT_NOT_ALLOWED,
+    Code.UNKNOWN_TOOL, Code.TOOL_REMOVED, Code.TOOL_DISABLED,
 }  # fmt: skip
 
 
@@ -78,7 +79,7 @@ def _request(agent, server_name, tool_name, arguments):
 def _refusal(refused, name):
     if refused.code in UNKNOWN:
         raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
-    if refused.code == "invalid_arguments":
+    if refused.code == Code.INVALID_ARGUMENTS:
         raise MCPError(
             code=INVALID_PARAMS, message=refused.message, data={"details": refused.details}
         )
