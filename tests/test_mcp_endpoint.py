@@ -2,6 +2,7 @@
 against a live Toolgate (tests/mcp_live.py) in front of real upstream servers."""
 
 import contextlib
+import threading
 from typing import Any, Literal
 
 import anyio
@@ -600,3 +601,26 @@ def test_a_rug_pull_upstream_is_held_for_a_human_through_the_endpoint(
     assert listed[0].description == "Adds two numbers."  # the reviewed text, not the poison
     assert result.is_error and "still waiting for a human" in text_of(result)
     assert ToolCall.objects.get().status == Status.PENDING_APPROVAL
+
+
+@pytest.mark.parametrize("kind", ["legacy", "sse"])
+def test_a_restart_of_toolgate_leaves_a_held_call_pending(toolgate, agent, ask, settings, kind):
+    settings.MCP_APPROVAL_HOLD = 60
+    failures = []
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token, kind) as client:
+            await client.call_tool("echo", {"text": "across a restart"})
+
+    def agent_side():
+        try:
+            run(go)
+        except BaseException as exc:  # the server went away under the client
+            failures.append(exc)
+
+    client = threading.Thread(target=agent_side, daemon=True)
+    client.start()
+    wait_until(lambda: ToolCall.objects.filter(status=Status.PENDING_APPROVAL).exists(), 30)
+    toolgate.stop()
+    client.join(60)
+    assert failures and ToolCall.objects.get().status == Status.PENDING_APPROVAL

@@ -33,7 +33,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 
 from approvals.agent_auth import agent_for, rate_limited, touch
-from approvals.mcp import sessions
+from approvals.mcp import calls, sessions
 from approvals.mcp.server import CALLER, Caller, ToolgateServer
 from approvals.policy import agent_refusal
 
@@ -90,12 +90,14 @@ class McpApp:
             app=self.server, security_settings=transport_security()
         )
         # Nested, not one `async with`: the watcher stops before the session manager does.
+        calls.PROCESS.stopping = False
         async with self.manager.run():  # noqa: SIM117
             async with anyio.create_task_group() as group:
                 group.start_soon(sessions.watch)
                 try:
                     yield
                 finally:
+                    calls.PROCESS.stopping = True  # before the manager cancels its sessions
                     group.cancel_scope.cancel()
 
     async def __call__(self, scope, receive, send):

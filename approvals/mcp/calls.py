@@ -9,7 +9,8 @@ The request goes through the one request path (`request_tool_call`: the policy, 
   at most MCP_APPROVAL_HOLD seconds, then answered with an `isError` result saying the call is
   still pending. The same agent repeating the same call (same tool, same arguments) while it
   is not final re-attaches to it instead of queueing a second request. A held request that
-  is cancelled (`notifications/cancelled`) cancels its pending call.
+  is cancelled (`notifications/cancelled`, or the client going away) cancels its pending
+  call; one ended by the web process shutting down doesn't.
 - refused: `-32602` (invalid params) for an unknown, disabled or unavailable tool and for
   arguments that fail the tool's schema; an `isError` result with the reason for anything
   else the policy refuses.
@@ -35,6 +36,13 @@ UNKNOWN = {
     Code.UNKNOWN_SERVER, Code.SERVER_DISABLED, Code.AGENT_INACTIVE, Code.AGENT_NOT_ALLOWED,
     Code.UNKNOWN_TOOL, Code.TOOL_REMOVED, Code.TOOL_DISABLED,
 }  # fmt: skip
+
+
+class PROCESS:
+    """`stopping` is set while the endpoint shuts down (approvals/mcp/app.py): a held request
+    ended by that leaves its call pending, for the agent to re-attach to."""
+
+    stopping = False
 
 
 async def call_tool(ctx, caller, params):
@@ -125,6 +133,7 @@ async def _hold(ctx, call):
                 return tools.call_result(call)
             step += 1
     except anyio.get_cancelled_exc_class():
-        with anyio.CancelScope(shield=True):
-            await sync_to_async(call.cancel)()
+        if not PROCESS.stopping:  # the client cancelled or went away, not a restart
+            with anyio.CancelScope(shield=True):
+                await sync_to_async(call.cancel)()
         raise
