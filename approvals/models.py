@@ -351,8 +351,10 @@ class ToolCall(models.Model):
             return
         declined = []
         try:
+            # endpoint() may renew an OAuth token, which waits on the authorization server.
+            endpoint = await sync_to_async(self.server.endpoint, thread_sensitive=False)()
             result = await mcp_client.acall_tool(
-                self.server.endpoint(),
+                endpoint,
                 self.tool_name,
                 self.arguments,
                 transport=self.server.server_info.get("transport"),

@@ -624,3 +624,24 @@ def test_a_restart_of_toolgate_leaves_a_held_call_pending(toolgate, agent, ask, 
     toolgate.stop()
     client.join(60)
     assert failures and ToolCall.objects.get().status == Status.PENDING_APPROVAL
+
+
+def test_an_oauth_upstream_is_called_with_its_token_through_the_endpoint(
+    toolgate, admin_client, mcp_factory, settings
+):
+    from integrations.oauth import OAuthCredential
+    from tests.oauth_servers import connect as connect_oauth
+    from tests.oauth_servers import start_oauth_world
+
+    settings.SITE_URL = "http://testserver"
+    _, upstream = start_oauth_world(mcp_factory)
+    server, _ = connect_oauth(admin_client, upstream, approval_mode="no_approval")
+    wait_until(lambda: server.sync_tools().ok or McpServer.objects.get(pk=server.pk).last_synced_at)
+    _, token = Agent.create_with_token("bot", servers=[server])
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/{server.name}/", token) as client:
+            return await client.call_tool("echo", {"text": "with oauth"})
+
+    assert text_of(run(go)) == "with oauth"
+    assert upstream.tokens_seen[-1] == OAuthCredential.objects.get(server=server).access_token
