@@ -13,6 +13,7 @@ from datetime import timedelta
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import models, transaction
+from django.urls import reverse
 from django.utils import timezone
 
 from approvals import policy
@@ -132,6 +133,12 @@ class ToolCall(models.Model):
             models.Index(fields=["server_name", "id"]),
             models.Index(fields=["tool_name", "id"]),
             models.Index(fields=["agent", "id"]),
+            # The dashboard and the anomaly scan read time windows; the metrics read what
+            # finished or was decided since their checkpoint; "never called before" is a seek.
+            models.Index(fields=["requested_at"]),
+            models.Index(fields=["finished_at"]),
+            models.Index(fields=["decided_at"]),
+            models.Index(fields=["agent", "server_name", "tool_name", "requested_at"]),
         ]
 
     def __str__(self):
@@ -571,6 +578,100 @@ def _store(call, decision, run_here):
     elif not run_here:
         call.enqueue()
     return call, True
+
+
+class AnomalyKind(models.TextChoices):
+    CALL_RATE = "call_rate", "Calls far above the usual rate"
+    REFUSALS = "refusals", "Burst of refusals"
+    NEW_TOOL = "new_tool", "Tool never called before"
+    PERSONAL_DATA = "personal_data", "Spike of personal-data warnings"
+    OFF_HOURS = "off_hours", "Calls outside usual hours"
+    LARGE_ARGUMENTS = "large_arguments", "Arguments far larger than usual"
+
+
+class Anomaly(models.Model):
+    """An unusual pattern in the audit trail, found by the periodic scan (approvals/anomalies.py).
+
+    `key` names the pattern (kind, subject and window), so a pattern that several scans see is
+    stored, and announced, once; later scans only refresh its numbers.
+    """
+
+    kind = models.CharField(max_length=20, choices=AnomalyKind)
+    key = models.CharField(max_length=64, unique=True, editable=False)
+    agent = models.ForeignKey(
+        Agent, null=True, blank=True, on_delete=models.SET_NULL, related_name="anomalies"
+    )
+    server_name = models.CharField(max_length=100, blank=True)
+    tool_name = models.CharField(max_length=200, blank=True)
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    numbers = models.JSONField(default=dict, help_text="What was seen, against what is usual.")
+    first_seen_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    acknowledged_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-first_seen_at", "-id"]
+        verbose_name_plural = "anomalies"
+        indexes = [models.Index(fields=["first_seen_at"])]
+
+    def __str__(self):
+        return f"{self.get_kind_display()}: {self.subject}"
+
+    def get_absolute_url(self):
+        return reverse("approvals:anomaly", args=[self.pk])
+
+    @property
+    def server_id(self):
+        """The server it concerns, if any, for notification channels filtered by server."""
+        if not self.server_name:
+            return None
+        return McpServer.objects.filter(name=self.server_name).values_list("pk", flat=True).first()
+
+    @property
+    def subject(self):
+        """Who or what behaved unusually, in words."""
+        tool = f"{self.server_name} / {self.tool_name}" if self.tool_name else self.server_name
+        if self.agent_id and tool:
+            return f"{self.agent.name} on {tool}"
+        return self.agent.name if self.agent_id else tool
+
+    @property
+    def summary(self):
+        """One sentence for a person: what was seen, against what is usual."""
+        from approvals.anomalies import summary
+
+        return summary(self)
+
+    def calls(self):
+        """The tool calls behind this anomaly, newest first."""
+        from approvals.anomalies import calls_behind
+
+        return calls_behind(self)
+
+    def acknowledge(self, user):
+        """A human has looked at it. False when someone already had."""
+        now = timezone.now()
+        rows = Anomaly.objects.filter(pk=self.pk, acknowledged_at__isnull=True)
+        if rows.update(acknowledged_by=user, acknowledged_at=now) != 1:
+            self.refresh_from_db()
+            return False
+        self.acknowledged_by, self.acknowledged_at = user, now
+        return True
+
+
+class MetricTotals(models.Model):
+    """Running totals of the audit trail up to `through`, kept by approvals/metrics.py so that a
+    Prometheus scrape only aggregates what happened since (docs/architecture.md, "Metrics")."""
+
+    through = models.DateTimeField()
+    totals = models.JSONField(default=dict)
+
+    def __str__(self):
+        return f"Metric totals through {self.through:%Y-%m-%d %H:%M}"
 
 
 # Last: the notification models live in their own module and register here, with the app.

@@ -9,7 +9,7 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from approvals import notifications
+from approvals import anomalies, metrics, notifications
 from approvals.channels import TransientDeliveryError, send_message
 from approvals.models import ToolCall
 from approvals.notifications import Delivery, DeliveryStatus, NotificationChannel
@@ -83,3 +83,14 @@ def remind_pending_calls():
 @shared_task
 def resend_stalled_notifications():
     return notifications.resend_stalled()
+
+
+@shared_task
+def detect_anomalies():
+    return anomalies.scan()
+
+
+@shared_task
+def update_metric_totals():
+    """Keep /metrics' checkpoint fresh, so a scrape never has to catch up on its own."""
+    metrics.current_totals()

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path, re_path
 
-from approvals import api, views
+from approvals import api, dashboard_views, views
 
 app_name = "approvals"
 
@@ -18,6 +18,17 @@ urlpatterns = [
     path("approvals/<int:call_id>/card", views.card, name="card"),
     path("approvals/<int:call_id>/state", views.call_state, name="call_state"),
     path("approvals/<int:call_id>/decide", views.decide, name="decide"),
+    path("approvals/dashboard/", dashboard_views.dashboard_page, name="dashboard"),
+    path(
+        "approvals/dashboard/anomalies/<int:anomaly_id>/",
+        dashboard_views.anomaly_page,
+        name="anomaly",
+    ),
+    path(
+        "approvals/dashboard/anomalies/<int:anomaly_id>/acknowledge",
+        dashboard_views.acknowledge,
+        name="acknowledge_anomaly",
+    ),
 ]
 
 # Plain login and logout pages for approvers (not only the admin's).

@@ -327,6 +327,31 @@ EMAIL_TIMEOUT = NOTIFY_TIMEOUT
 DEFAULT_FROM_EMAIL = _read("DEFAULT_FROM_EMAIL", str, "Toolgate <toolgate@localhost>")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
 
+
+# Monitoring: the anomaly scan (approvals/anomalies.py) and /metrics (approvals/metrics.py).
+def _divides_an_hour(raw):
+    value = _positive(int)(raw)
+    if 60 % value:
+        raise ValueError("expected a number of minutes that divides 60 (1, 2, 5, 10, 15, 30, 60)")
+    return value
+
+
+ANOMALY_SCAN_INTERVAL = _read("ANOMALY_SCAN_INTERVAL", _positive(int), 300)  # seconds
+ANOMALY_BASELINE_DAYS = _read("ANOMALY_BASELINE_DAYS", _positive(int), 7)
+ANOMALY_MIN_HISTORY_DAYS = _read("ANOMALY_MIN_HISTORY_DAYS", _positive(int), 3)
+ANOMALY_RATE_FACTOR = _read("ANOMALY_RATE_FACTOR", _positive(float), 3.0)
+ANOMALY_RATE_MIN_CALLS = _read("ANOMALY_RATE_MIN_CALLS", _positive(int), 20)
+ANOMALY_USUAL_HOUR_DAYS = _read("ANOMALY_USUAL_HOUR_DAYS", _positive(int), 2)
+ANOMALY_BURST_MINUTES = _read("ANOMALY_BURST_MINUTES", _divides_an_hour, 10)
+ANOMALY_REFUSAL_BURST = _read("ANOMALY_REFUSAL_BURST", _positive(int), 5)
+ANOMALY_PERSONAL_DATA_MIN_CALLS = _read("ANOMALY_PERSONAL_DATA_MIN_CALLS", _positive(int), 5)
+ANOMALY_ARGUMENTS_FACTOR = _read("ANOMALY_ARGUMENTS_FACTOR", _positive(float), 10.0)
+ANOMALY_ARGUMENTS_MIN_BYTES = _read("ANOMALY_ARGUMENTS_MIN_BYTES", _positive(int), 2048)
+ANOMALY_ARGUMENTS_MIN_BASELINE = _read("ANOMALY_ARGUMENTS_MIN_BASELINE", _positive(int), 20)
+METRICS_TOKEN = _read("METRICS_TOKEN", str, "").strip()  # empty: /metrics answers 404
+if METRICS_TOKEN and len(METRICS_TOKEN) < 16:
+    raise ImproperlyConfigured("METRICS_TOKEN must be at least 16 characters (or unset).")
+
 CELERY_BEAT_SCHEDULE = {
     "sync-mcp-servers": {
         "task": "integrations.tasks.sync_all_servers",
@@ -338,6 +363,16 @@ CELERY_BEAT_SCHEDULE = {
         "task": "approvals.tasks.purge_tool_call_data",
         "schedule": timedelta(hours=1),
         "options": {"expires": 3500},
+    },
+    "detect-anomalies": {
+        "task": "approvals.tasks.detect_anomalies",
+        "schedule": timedelta(seconds=ANOMALY_SCAN_INTERVAL),
+        "options": {"expires": max(ANOMALY_SCAN_INTERVAL - 5, 1)},
+    },
+    "update-metric-totals": {
+        "task": "approvals.tasks.update_metric_totals",
+        "schedule": timedelta(minutes=5),
+        "options": {"expires": 290},
     },
     "sweep-tool-calls": {
         "task": "approvals.tasks.sweep_tool_calls",

@@ -46,11 +46,16 @@ AUTO = "auto"
 class McpError(Exception):
     """A conversation with an MCP server failed.
 
-    `code` is one of: refused, unreachable, timeout, unauthorized, not_mcp, redirect,
+    `code` is one of `CODES`: refused, unreachable, timeout, unauthorized, not_mcp, redirect,
     server_error, protocol, too_large, and for OAuth servers (`integrations.oauth`)
     needs_reconnect, insufficient_scope, oauth (the authorization server failed).
     `retryable` defaults to `not reached_server`; an error only a human can fix is not.
     """
+
+    CODES = (
+        "refused", "unreachable", "timeout", "unauthorized", "not_mcp", "redirect",
+        "server_error", "protocol", "too_large", "needs_reconnect", "insufficient_scope", "oauth",
+    )  # fmt: skip
 
     def __init__(self, code, message, *, reached_server=True, retryable=None):
         super().__init__(message)

@@ -110,6 +110,9 @@ class McpServer(models.Model):
     last_synced_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_error = models.TextField(blank=True, editable=False)
     sync_failures = models.PositiveIntegerField("failed syncs in a row", default=0, editable=False)
+    failed_syncs_total = models.PositiveIntegerField(
+        "failed syncs", default=0, editable=False, help_text="Since the server was added."
+    )
     server_info = models.JSONField(default=dict, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -209,7 +212,11 @@ class McpServer(models.Model):
         succeeds (syncs of one server never overlap, so the count is exact)."""
         from approvals.notifications import notify
 
-        self._finish_sync(last_error=error, sync_failures=models.F("sync_failures") + 1)
+        self._finish_sync(
+            last_error=error,
+            sync_failures=models.F("sync_failures") + 1,
+            failed_syncs_total=models.F("failed_syncs_total") + 1,
+        )
         self.refresh_from_db(fields=["sync_failures"])
         if self.sync_failures == settings.NOTIFY_SYNC_FAILURES:
             notify("server.sync_failing", self)
