@@ -217,7 +217,7 @@ class McpServer(models.Model):
             sync_failures=models.F("sync_failures") + 1,
             failed_syncs_total=models.F("failed_syncs_total") + 1,
         )
-        self.refresh_from_db(fields=["sync_failures"])
+        self.refresh_from_db(fields=["sync_failures", "failed_syncs_total"])
         if self.sync_failures == settings.NOTIFY_SYNC_FAILURES:
             notify("server.sync_failing", self)
 

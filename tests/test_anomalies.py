@@ -1,6 +1,7 @@
 """The anomaly scan over seeded audit trails: each kind fires where it must and stays quiet
 where it must not; an anomaly is stored and announced once; the periodic task runs it."""
 
+import json
 import logging
 import threading
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ from django.db import connection
 
 from approvals import anomalies
 from approvals.models import Anomaly, AnomalyKind, DecidedBy, Status
+from approvals.notifications import Delivery, NotificationChannel
 from approvals.tasks import detect_anomalies
 from tests import history
 from tests.conftest import wait_until
@@ -278,9 +280,25 @@ def test_the_scan_is_a_beat_entry_that_expires_before_the_next_run():
 
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
-def test_a_worker_runs_the_scan(celery_worker, crm):
+def test_a_worker_runs_the_scan_and_the_anomaly_reaches_a_channel_once(
+    celery_worker, crm, receiver
+):
+    hook = NotificationChannel.objects.create(
+        name="security", kind="webhook", url=receiver.url("/hooks/toolgate"), secret="s" * 20,
+        events=["anomaly"], allow_private_network=True, allow_http=True,
+    )  # fmt: skip
     agent = history.agent("support-bot", crm)
     calls(6, agent, crm, "refund", history.this_hour(), Status.BLOCKED)
     detect_anomalies.delay()
     anomaly = wait_until(lambda: Anomaly.objects.filter(kind=AnomalyKind.REFUSALS).first(), 60)
     assert anomaly.agent == agent and anomaly.numbers["blocked"] == 6
+    wait_until(lambda: receiver.requests, 60)
+    [item] = json.loads(receiver.requests[0].body)["notifications"]
+    assert item["event"] == "anomaly"
+    assert item["title"].startswith("support-bot had 6 calls refused in 10 minutes")
+    assert item["url"].endswith(f"/approvals/dashboard/anomalies/{anomaly.pk}/")
+
+    detect_anomalies.delay()  # the same pattern, seen again: no second message
+    wait_until(lambda: Anomaly.objects.get().last_seen_at > anomaly.last_seen_at, 60)
+    assert Delivery.objects.filter(channel=hook).count() == 1
+    assert Delivery.objects.get().status == "sent"

@@ -158,6 +158,22 @@ def test_the_figures_after_real_calls_through_a_worker(
     } <= families
 
 
+def test_notifications_are_counted_by_channel_kind_and_final_status(metrics_on):
+    from approvals.notifications import Delivery, NotificationChannel
+
+    hook = NotificationChannel.objects.create(name="hook", kind="webhook", secret="s" * 20)
+    mail = NotificationChannel.objects.create(name="mail", kind="email", recipients=["a@b.c"])
+    for channel, status in [(hook, "sent"), (hook, "sent"), (hook, "failed"), (mail, "sent"),
+                            (mail, "queued")]:  # fmt: skip
+        Delivery.objects.create(channel=channel, event="call.pending", status=status)
+    found = samples(scrape().content.decode())
+    counted = "toolgate_notifications_total"
+    assert value(found, counted, kind="webhook", status="sent") == 2
+    assert value(found, counted, kind="webhook", status="failed") == 1
+    assert value(found, counted, kind="email", status="sent") == 1
+    assert value(found, counted, kind="email", status="queued") == 0  # not final yet
+
+
 @pytest.fixture
 def other_web(tmp_path, transactional_db):
     """Another web process (uvicorn) on the test database; yields its /metrics URL."""
