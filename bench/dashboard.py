@@ -73,8 +73,8 @@ def _insert_sql(vendor, tools, agents, user):
     human = f"({mod} BETWEEN 55 AND 82 OR {mod} BETWEEN 95 AND 97)"
     ran = f"({mod} < 75 OR {mod} BETWEEN 95 AND 98)"
     requested = "(-(p.days * 86400.0 * (p.n - i)) / p.n)"
-    decision = f"({requested} + CASE WHEN {human} THEN 5 + (i * 7919 %% 295) ELSE 0 END)"
-    run = f"({decision} + 0.02 + (i * 104729 %% 1950) / 1000.0)"
+    decision = f"({requested} + CASE WHEN {human} THEN 5 + ((i %% 10007) * 7919 %% 295) ELSE 0 END)"
+    run = f"({decision} + 0.02 + ((i %% 10007) * 104729 %% 1950) / 1000.0)"
     tool_ids = " ".join(f"WHEN {k} THEN {t.pk}" for k, t in enumerate(tools))
     server_ids = " ".join(f"WHEN {k} THEN {t.server_id}" for k, t in enumerate(tools))
     server_names = " ".join(f"WHEN {k} THEN '{t.server.name}'" for k, t in enumerate(tools))
