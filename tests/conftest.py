@@ -66,6 +66,17 @@ def admin_user(django_user_model):
 
 
 @pytest.fixture
+def approver(client):
+    """alice, in the Approvers group, logged in on `client`."""
+    from django.contrib.auth.models import Group, User
+
+    user = User.objects.create_user("alice", password="pw-alice-123")
+    user.groups.add(Group.objects.get(name="Approvers"))
+    client.force_login(user)
+    return user
+
+
+@pytest.fixture
 def admin_client(client, admin_user):
     client.force_login(admin_user)
     return client

@@ -6,7 +6,7 @@ import statistics
 from datetime import timedelta
 
 import pytest
-from django.contrib.auth.models import Group, Permission, User
+from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 
@@ -16,14 +16,6 @@ from tests import history
 from tests.history import call, calls
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def approver(client):
-    user = User.objects.create_user("alice", password="pw-alice-123")
-    user.groups.add(Group.objects.get(name="Approvers"))
-    client.force_login(user)
-    return user
 
 
 @pytest.fixture
