@@ -65,6 +65,10 @@ def dashboard_page(request):
             ("Per tool", figures["tools"], "tools"),
             ("Per agent", figures["agents"], "agents"),
         ],
+        hourly_rows=[
+            (hour, [counts[key] for key, _ in dashboard.OUTCOMES], total)
+            for hour, counts, total in figures["hourly"]
+        ],
         can_acknowledge=request.user.has_perm(DECIDE),
     )
     return render(request, "approvals/dashboard.html", context)

@@ -67,6 +67,12 @@ def test_it_counts_calls_per_hour_by_outcome(client, approver, world):
     html = response.content.decode()
     assert re.search(r'data-outcome="auto">.*?Ran on its own</td><td class="num">3<', html, re.S)
     assert re.search(r'data-outcome="failed">.*?Failed</td><td class="num">1<', html, re.S)
+    # The table under the chart holds the same numbers, hour by hour.
+    hour = (history.this_hour() - timedelta(hours=2)).isoformat()
+    row = re.search(rf'<time datetime="{re.escape(hour)}">.*?</tr>', html)[0]
+    assert re.findall(r'<td class="num">(\d+)</td>', row) == [
+        "3", "2", "1", "0", "0", "1", "0", "0", "0", "7",
+    ]  # fmt: skip
     # Every bar segment has a pattern fill and a title a person can read.
     assert 'fill="url(#pat-denied)"' in html
     assert re.search(r"<title>\w{3} \d\d \w{3} \d\d:00: 3 ran on its own</title>", html)
