@@ -67,7 +67,10 @@ def arguments_size():
 
 
 def has_personal_data(arguments):
-    """Whether a call's arguments carried personal data, as the queue card's warnings say."""
+    """Whether a call's arguments carried personal data, as the queue card's warnings say.
+
+    Not the call's `personal_data` reason: the policy records that only where the server asks
+    a human for personal data, and the warnings are shown for every server."""
     return bool(find_personal_data(arguments))
 
 
