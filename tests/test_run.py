@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +43,18 @@ def manage(env, *args, **kwargs):
     return track(process)
 
 
+def drain(stream):
+    """Keep reading what the processes print from now on: the worker and beat log every task,
+    and once the pipe's buffer is full they (and `run` saying "Stopping…") would block on it
+    and never stop."""
+
+    def read_all():
+        for _line in iter(stream.readline, ""):
+            pass
+
+    threading.Thread(target=read_all, daemon=True).start()
+
+
 def read_until(process, pattern, timeout=90):
     """Read the process's output until a line matches; return everything read."""
     seen, deadline = [], time.monotonic() + timeout
@@ -51,6 +64,7 @@ def read_until(process, pattern, timeout=90):
             break
         seen.append(line)
         if re.search(pattern, line):
+            drain(process.stdout)
             return "".join(seen)
     raise AssertionError(f"never printed {pattern!r}:\n{''.join(seen)}")
 
