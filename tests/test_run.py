@@ -1,6 +1,7 @@
 """`manage.py run` (what `make run` starts): web, worker, beat and the demo MCP server, the first
 superuser, the demo agent's ready-to-paste curl, Ctrl-C."""
 
+import collections
 import json
 import os
 import re
@@ -43,16 +44,12 @@ def manage(env, *args, **kwargs):
     return track(process)
 
 
-def drain(stream):
-    """Keep reading what the processes print from now on: the worker and beat log every task,
-    and once the pipe's buffer is full they (and `run` saying "Stopping…") would block on it
-    and never stop."""
-
-    def read_all():
-        for _line in iter(stream.readline, ""):
-            pass
-
-    threading.Thread(target=read_all, daemon=True).start()
+def drain(process):
+    """Keep reading what the processes print from now on (the last lines are kept for a
+    failure message): the worker and beat log every task, and once the pipe's buffer is full
+    they, and `run` saying "Stopping…", would block on it and never stop."""
+    process.tail = collections.deque(maxlen=40)
+    threading.Thread(target=process.tail.extend, args=[process.stdout], daemon=True).start()
 
 
 def read_until(process, pattern, timeout=90):
@@ -64,7 +61,7 @@ def read_until(process, pattern, timeout=90):
             break
         seen.append(line)
         if re.search(pattern, line):
-            drain(process.stdout)
+            drain(process)
             return "".join(seen)
     raise AssertionError(f"never printed {pattern!r}:\n{''.join(seen)}")
 
@@ -124,7 +121,12 @@ def send_curl(command):
 
 def stop(process):
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) is not None
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        alive = [" ".join(p.cmdline()[:6]) for p in psutil.Process(process.pid).children()]
+        output = "".join(getattr(process, "tail", []))
+        raise AssertionError(f"run did not stop; still running: {alive}\n{output}") from None
 
 
 def test_run_starts_everything_shows_the_demo_and_stops_on_ctrl_c(tmp_path):
