@@ -171,7 +171,8 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # A file, not :memory:, so the Celery worker the integration tests start can share it.
+    # A file, not :memory:, so the Celery worker the integration tests start can share it
+    # (tests/conftest.py moves it into the test run's own folder).
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
     # Wait for the writer lock instead of failing at once when web and worker write together.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("timeout", 20)

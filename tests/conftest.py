@@ -83,8 +83,10 @@ def admin_client(client, admin_user):
 
 
 # This run's own name on the services it shares with other runs and programs (the PostgreSQL
-# server, Redis): its database and broker keys carry it, so two runs never meet.
+# server, Redis): its database and broker keys carry it, so two runs never meet. Its files (the
+# file broker's folder, the SQLite test database) live in a temporary folder named after it.
 RUN_ID = os.environ.get("TOOLGATE_TEST_RUN_ID") or secrets.token_hex(4)
+RUN_DIR = None  # made by pytest_configure, removed by pytest_unconfigure
 _ON_REDIS = settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
 _spawned = []  # every process a test started, stopped at the end whatever happened
 SESSION_BROKER_ENV = {}  # what puts a worker on this run's broker, filled by pytest_configure
@@ -117,17 +119,25 @@ def _forget_redis_keys(prefix):
 def pytest_configure(config):
     """Point this run's Celery at a broker of its own before anything is enqueued: a fresh
     folder for the file transport (not var/broker, which `make run`'s worker reads), or a key
-    prefix of its own in Redis."""
+    prefix of its own in Redis. A SIGTERM (a CI timeout, `kill`) ends the run like Ctrl-C, so
+    fixture finalizers and pytest_unconfigure still stop every process a test started."""
+    global RUN_DIR
+    RUN_DIR = Path(tempfile.mkdtemp(prefix=f"toolgate-test-{RUN_ID}-"))
     if _ON_REDIS:
         options = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS}
         options["global_keyprefix"] = f"toolgate-test-{RUN_ID}:"
         SESSION_BROKER_ENV["CELERY_BROKER_KEY_PREFIX"] = options["global_keyprefix"]
     else:
-        folder = Path(tempfile.mkdtemp(prefix=f"toolgate-test-{RUN_ID}-broker-"))
+        folder = RUN_DIR / "broker"
         options, _ = _file_broker_options(folder)
         SESSION_BROKER_ENV["CELERY_BROKER_DIR"] = str(folder)
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = options
     celery_app.conf.broker_transport_options = options
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def pytest_unconfigure(config):
@@ -135,19 +145,22 @@ def pytest_unconfigure(config):
     if _ON_REDIS:
         with contextlib.suppress(Exception):
             _forget_redis_keys(f"toolgate-test-{RUN_ID}")
-    else:
-        shutil.rmtree(SESSION_BROKER_ENV.get("CELERY_BROKER_DIR", ""), ignore_errors=True)
+    if RUN_DIR is not None:
+        shutil.rmtree(RUN_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
-    """A PostgreSQL test database of this run's own (the SQLite one lives in this checkout)."""
+    """A test database of this run's own: on PostgreSQL named after the run, on SQLite a file
+    in the run's folder (not var/, where another run in this checkout would share it)."""
     from django.db import connections
 
     for alias in connections:
         db = connections[alias].settings_dict
         if db["ENGINE"].endswith("postgresql"):
             db.setdefault("TEST", {})["NAME"] = f"test_{db['NAME']}_{RUN_ID}"
+        elif db["ENGINE"].endswith("sqlite3"):
+            db.setdefault("TEST", {})["NAME"] = str(RUN_DIR / f"test-{alias}.sqlite3")
 
 
 def track(process):
@@ -157,12 +170,18 @@ def track(process):
 
 
 def stop_process_tree(process, timeout=20):
-    """SIGTERM the process, its children and its process group; SIGKILL what is left."""
+    """SIGTERM the process and its children; SIGKILL what is left, and every process group
+    they led (an orphan that left the tree stays in its group), never this run's own group."""
     try:
         tree = psutil.Process(process.pid)
         members = [*tree.children(recursive=True), tree]
     except psutil.NoSuchProcess:
         members = []
+    groups = {process.pid}
+    for member in members:
+        with contextlib.suppress(OSError):
+            groups.add(os.getpgid(member.pid))
+    groups.discard(os.getpgid(0))
     for member in members:
         with contextlib.suppress(psutil.Error):
             member.terminate()
@@ -170,8 +189,9 @@ def stop_process_tree(process, timeout=20):
     for member in alive:
         with contextlib.suppress(psutil.Error):
             member.kill()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # anything that left the tree but not the group
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
 
@@ -319,8 +339,10 @@ def launch_chromium(path):
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+        try:
+            yield browser
+        finally:  # a failing test too: no browser outlives it
+            browser.close()
 
 
 @pytest.fixture(scope="session")
