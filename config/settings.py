@@ -152,10 +152,13 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "approvals.context_processors.approval_queue",
             ],
         },
     },
 ]
+# Error pages in the site's layout (templates/403.html, 404.html, 500.html, 403_csrf.html).
+CSRF_FAILURE_VIEW = "config.views.csrf_failure"
 
 
 def _database(raw):
@@ -194,6 +197,7 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = _read("TIME_ZONE", str, "UTC")
 USE_I18N = True
 USE_TZ = True
+FORMAT_MODULE_PATH = ["config.formats"]  # times with seconds in the admin, like the history
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
