@@ -2,12 +2,14 @@ from urllib.parse import quote
 
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.db.models import Count, Q
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils import timezone
+from django.utils import formats, timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
@@ -51,6 +53,29 @@ def sync_status(server):
     return "OK"
 
 
+def status_badge(label, kind):
+    """A status word that stands out in lists and pages (styled by integrations/admin.css)."""
+    return format_html('<span class="tg-status tg-status-{}">{}</span>', kind, label)
+
+
+def admin_time(value):
+    """A time as the admin shows it (with seconds, like the history), or an em dash."""
+    return formats.localize(timezone.template_localtime(value)) if value else "—"
+
+
+def _server_status_kind(server):
+    if not server.enabled:
+        return "off"
+    credential = _credential(server)
+    if credential is not None and (credential.needs_reconnect or credential.needs_sign_in):
+        return "error"  # someone has to connect it
+    if server.sync_state != SyncState.IDLE:
+        return "busy"
+    if server.last_error:
+        return "error"
+    return "ok" if server.last_synced_at else "never"
+
+
 class LogsPolicyChanges:
     """Admin-log messages that say what changed, from what to what (`describe_form`), so the
     object's History tells who loosened or tightened the policy. Secret fields are named only."""
@@ -67,11 +92,13 @@ class LogsPolicyChanges:
 
 
 def review_label(tool):
-    """The tool's review state in words, from the policy's own review reasons."""
+    """The tool's review state in words, from the policy's own review reasons; what needs a
+    human stands out."""
     if tool.removed:
-        return "Removed from server"
+        return status_badge("Removed from server", "off")
     reasons = policy.review_reasons(tool)
-    return " · ".join(str(policy.Code(r.code).label) for r in reasons) or "—"
+    label = " · ".join(str(policy.Code(r.code).label) for r in reasons)
+    return status_badge(label, "error") if label else "—"
 
 
 def policy_label(tool):
@@ -111,25 +138,27 @@ class ToolInline(admin.TabularInline):
 class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
     form = McpServerForm
     secret_fields = McpServerForm.secret_fields
+    # What matters first, so it stays visible at 1280 px: status, tools, sync time, error.
     list_display = [
         "name",
-        "origin",
-        "transport",
-        "approval_mode",
-        "enabled",
         "status",
         "tool_count",
         "last_synced_at",
         "short_error",
+        "approval_mode",
+        "enabled",
+        "origin",
+        "transport",
     ]
     list_filter = ["enabled", "approval_mode", "transport", "auth_kind"]
     search_fields = ["name", "description"]
     actions = ["sync_now"]
     inlines = [ToolInline]
-    readonly_fields = [
-        "sync_progress", "last_synced_at", "last_error", "server_details", "oauth_status",
-        "oauth_state",
-    ]  # fmt: skip
+    # Shown on the change page and sent again by the sync-status endpoint while a sync runs,
+    # so the page can update them in place (static/integrations/sync-status.js).
+    sync_panel = ["sync_progress", "last_synced_at", "last_error", "server_details"]
+    readonly_fields = [*sync_panel, "oauth_status", "oauth_state"]
+    tools_template = "admin/integrations/mcpserver/tools.html"  # also swapped in by the page
     fieldsets = [
         (None, {"fields": ["name", "description"]}),
         (
@@ -166,10 +195,7 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
             "Tool approval",
             {"fields": ["approval_mode", "personal_data_needs_approval", "enabled"]},
         ),
-        (
-            "Tool sync",
-            {"fields": ["sync_progress", "last_synced_at", "last_error", "server_details"]},
-        ),
+        ("Tool sync", {"fields": sync_panel}),
     ]
 
     @method_decorator(sensitive_post_parameters(*SECRET_POST_FIELDS))
@@ -192,6 +218,19 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
         )
 
     def get_fieldsets(self, request, obj=None):
+        # Only what applies: nothing to report before the first save, no "remove" box for a
+        # token or headers that aren't stored.
+        absent = set()
+        if obj is None or not obj.secret_token:
+            absent.add("clear_secret_token")
+        if obj is None or not obj.headers:
+            absent.add("clear_headers")
+        return [
+            (title, {**options, "fields": [f for f in options["fields"] if f not in absent]})
+            for title, options in self._fieldsets_for(request, obj)
+        ]
+
+    def _fieldsets_for(self, request, obj):
         authentication = self.fieldsets[2][1]["fields"][:-1]
         if obj is None:  # nothing to report before the first save
             return [*self.fieldsets[:2], ("Authentication", {"fields": authentication}),
@@ -201,6 +240,9 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
             return [*self.fieldsets[:2], ("Authentication", {"fields": authentication}),
                     *self.fieldsets[3:]]  # fmt: skip
         return self.fieldsets
+
+    def get_inlines(self, request, obj):
+        return self.inlines if obj is not None else []  # a new server has no tools yet
 
     def get_urls(self):
         status = path(
@@ -246,18 +288,45 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
         return redirect(back)
 
     def sync_status_view(self, request, server_id):
-        """Polled by the change page while a sync runs."""
-        server = get_object_or_404(McpServer, pk=server_id)
+        """Polled by the change page while a sync runs: the sync panel's fields as the page
+        shows them, and once the sync has ended the tools table, for the page to put in place
+        without reloading (which would lose what the admin is typing)."""
+        server = get_object_or_404(self.get_queryset(request), pk=server_id)
         if not self.has_view_permission(request, server):
             return JsonResponse({"error": "forbidden"}, status=403)
-        return JsonResponse(
-            {
-                "state": server.sync_state,
-                "status": sync_status(server),
-                "last_error": server.last_error,
-                "tools": server.tools.filter(removed_at__isnull=True).count(),
-            }
-        )
+        data = {
+            "state": server.sync_state,
+            "status": sync_status(server),
+            "last_error": server.last_error,
+            "tools": server.live_tools,
+            "fields": self._sync_panel_html(request, server),
+        }
+        if server.sync_state == SyncState.IDLE:
+            data["tools_html"] = self._tools_html(request, server)
+        return JsonResponse(data)
+
+    def _sync_panel_html(self, request, server):
+        """Each field of the "Tool sync" panel, rendered by the admin's own read-only field."""
+        form = self.get_form(request, server)(instance=server)
+        return {
+            name: str(helpers.AdminReadonlyField(form, name, False, model_admin=self).contents())
+            for name in self.sync_panel
+        }
+
+    def _tools_html(self, request, server):
+        """The tools table exactly as the change page renders it (same template, formset and
+        permissions), for the page to swap in."""
+        formsets, inlines = [], []
+        for formset_class, inline in self.get_formsets_with_inlines(request, server):
+            prefix = formset_class.get_default_prefix()
+            kwargs = self.get_formset_kwargs(request, server, inline, prefix)
+            formsets.append(formset_class(**kwargs))
+            inlines.append(inline)
+        context = {
+            "inline_admin_formsets": self.get_inline_formsets(request, formsets, inlines, server),
+            "original": server,
+        }
+        return render_to_string(self.tools_template, context, request=request)
 
     @admin.display(description="URL")
     def origin(self, server):
@@ -269,11 +338,18 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
 
     @admin.display(description="Status")
     def status(self, server):
-        return sync_status(server) if server.enabled else "Disabled"
+        label = sync_status(server) if server.enabled else "Disabled"
+        return status_badge(label, _server_status_kind(server))
 
     @admin.display(description="Last error")
     def short_error(self, server):
-        return Truncator(server.last_error).chars(80) or "—"
+        if not server.last_error:
+            return "—"
+        return format_html(
+            '<span class="tg-error" title="{}">{}</span>',
+            server.last_error,
+            Truncator(server.last_error).chars(160),
+        )
 
     @admin.display(description="Sync status")
     def sync_progress(self, server):

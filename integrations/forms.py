@@ -4,6 +4,7 @@ same rules. Secrets are write-only: a stored value is never rendered back."""
 import re
 
 from django import forms
+from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from integrations import netguard
@@ -73,8 +74,15 @@ def describe_errors(form):
 class SecretWidget(forms.PasswordInput):
     """Never renders the stored value; says whether one is stored."""
 
-    def __init__(self, attrs=None):
-        super().__init__(attrs={"autocomplete": "off", **(attrs or {})}, render_value=False)
+    def __init__(self, attrs=None, render_value=False):
+        super().__init__(attrs={"autocomplete": "off", **(attrs or {})}, render_value=render_value)
+
+
+def typed_secret_widget(attrs=None):
+    """A password input that shows back only what was typed into the POST being answered (a
+    refused form keeps the URL the admin typed). The form never holds a stored value to show:
+    `McpServerForm.__init__` drops it from `initial`, and a blank field means "keep it"."""
+    return SecretWidget(attrs, render_value=True)
 
 
 class SecretTextarea(forms.Textarea):
@@ -94,23 +102,21 @@ class McpServerForm(forms.ModelForm):
     url = forms.CharField(
         label="Server URL",
         required=False,
-        widget=SecretWidget(attrs={"size": 60}),
-        help_text="May contain a secret key. Stored encrypted and never shown again; "
-        "leave blank to keep the stored URL.",
+        widget=typed_secret_widget(attrs={"size": 60}),
+        help_text="May contain a secret key. Stored encrypted and never shown again.",
     )
     secret_token = forms.CharField(
         label="Secret token (optional)",
         required=False,
         widget=SecretWidget(attrs={"size": 60}),
-        help_text="Sent as “Authorization: Bearer …”. Leave blank to keep the stored token.",
+        help_text="Sent as “Authorization: Bearer …”. Stored encrypted and never shown.",
     )
     clear_secret_token = forms.BooleanField(label="Remove the stored token", required=False)
     headers_text = forms.CharField(
         label="HTTP headers (optional)",
         required=False,
         widget=SecretTextarea(attrs={"rows": 3, "cols": 60, "autocomplete": "off"}),
-        help_text="One “Name: value” per line. Values are stored encrypted and never shown; "
-        "leave blank to keep the stored headers.",
+        help_text="One “Name: value” per line. Values are stored encrypted and never shown.",
     )
     clear_headers = forms.BooleanField(label="Remove the stored headers", required=False)
     oauth_grant = forms.ChoiceField(
@@ -151,6 +157,13 @@ class McpServerForm(forms.ModelForm):
         "server names; recommended with a client secret.",
     )
 
+    # How an error names the option that would allow what was refused; the `mcp_server add`
+    # command names its flags instead.
+    OPTION_HINTS = {
+        "allow_http": "tick “Allow plain HTTP”",
+        "allow_private_network": "tick “Allow private network”",
+    }
+
     class Meta:
         model = McpServer
         fields = [
@@ -187,28 +200,37 @@ class McpServerForm(forms.ModelForm):
         self.credential = self._stored_credential()
         if self.credential is not None:
             self._initial_from_credential(self.credential)
-        if self.instance.pk:
-            self.fields["url"].help_text = (
-                f"Stored: {self.instance.origin}/… (the rest is hidden). "
-                + self.fields["url"].help_text
+        fields, server = self.fields, self.instance
+        if server.pk:
+            fields["url"].help_text = (
+                f"Stored: {server.origin}/… (the rest is hidden); leave blank to keep it. "
+                + fields["url"].help_text
             )
-            stored_headers = sorted(self.instance.headers or {})
-            if stored_headers:
-                self.fields["headers_text"].help_text = (
-                    "Stored: "
-                    + ", ".join(stored_headers)
-                    + ". "
-                    + self.fields["headers_text"].help_text
-                )
-            if self.instance.secret_token:
-                self.fields["secret_token"].help_text = (
-                    "A token is stored. " + self.fields["secret_token"].help_text
-                )
         else:
-            self.fields["url"].required = True
-            self.fields[
-                "url"
-            ].help_text = "May contain a secret key. Stored encrypted, never shown."
+            fields["url"].required = True
+        stored_headers = sorted(server.headers or {})
+        if stored_headers:
+            fields["headers_text"].help_text = (
+                f"Stored: {', '.join(stored_headers)}; leave blank to keep them. "
+                + fields["headers_text"].help_text
+            )
+        else:
+            del fields["clear_headers"]  # nothing to remove
+        if server.secret_token:
+            fields["secret_token"].help_text = (
+                "A token is stored; leave blank to keep it. " + fields["secret_token"].help_text
+            )
+        else:
+            del fields["clear_secret_token"]
+
+    def full_clean(self):
+        super().full_clean()
+        if self.is_bound and self.errors:
+            # Typed secrets other than the URL are not shown back: say so beside the field.
+            for name in ("secret_token", "headers_text", "oauth_client_secret"):
+                if name in self.fields and str(self.data.get(name, "")).strip():
+                    field = self[name]  # the bound field copied the help text when created
+                    field.help_text = "Not kept after an error: enter it again. " + field.help_text
 
     def _stored_credential(self):
         if not self.instance.pk:
@@ -271,12 +293,9 @@ class McpServerForm(forms.ModelForm):
         cleaned = super().clean()
         url = cleaned.get("url")
         if url:
-            try:
-                netguard.validate_url(url, allow_http=cleaned.get("allow_http", False))
-            except netguard.UrlRefused as exc:
-                # Keep the reason, not what it quotes: Python's URL parser quotes the port, or
-                # the whole netloc with any password in it.
-                self.add_error("url", re.sub(r"""(['"]).*\1""", "…", str(exc), flags=re.DOTALL))
+            problem = self._url_problem(url, cleaned)
+            if problem:
+                self.add_error("url", problem)
         cleaned["auth_kind"] = self._auth_kind()
         headers = cleaned.get("headers_text") or {}
         if "authorization" in {name.lower() for name in headers}:
@@ -335,6 +354,43 @@ class McpServerForm(forms.ModelForm):
         same_client = stored is not None and stored.client_id == data.get("oauth_client_id")
         kept = same_client and stored.client_source == ClientSource.PRE_REGISTERED
         return kept and bool(stored.client_secret) and not data.get("clear_oauth_client_secret")
+
+    def _url_problem(self, url, cleaned):
+        """Why the URL can't be saved with these options, naming the option that would allow
+        it; None when it can."""
+        try:
+            netguard.validate_url(url, allow_http=cleaned.get("allow_http", False))
+        except netguard.PlainHttpRefused:
+            return (
+                "This is a plain http:// URL: the token, headers and tool calls would travel "
+                f"unencrypted. To use it anyway, {self.OPTION_HINTS['allow_http']}."
+            )
+        except netguard.UrlRefused as exc:
+            # Keep the reason, not what it quotes: Python's URL parser quotes the port, or the
+            # whole netloc with any password in it.
+            return re.sub(r"""(['"]).*\1""", "…", str(exc), flags=re.DOTALL)
+        refusal = netguard.refusal_at_save(
+            url,
+            allow_private_network=cleaned.get("allow_private_network", False),
+            extra_blocked=settings.MCP_EXTRA_BLOCKED_NETWORKS,
+            extra_allowed=settings.MCP_EXTRA_ALLOWED_NETWORKS,
+        )
+        return refusal and self._address_problem(refusal)
+
+    def _address_problem(self, refusal):
+        if str(refusal.address) == refusal.host.strip("[]"):
+            where = f"{refusal.address} is"
+        else:
+            where = f"{refusal.host} resolves to {refusal.address},"
+        if refusal.blocked_for_every_server:
+            return (
+                f"{where} {refusal.reason}, which MCP_EXTRA_BLOCKED_NETWORKS blocks for every "
+                "server: Toolgate never connects there."
+            )
+        return (
+            f"{where} an address that is not public ({refusal.reason}). If this server runs on "
+            f"your own machine or network, {self.OPTION_HINTS['allow_private_network']}."
+        )
 
     def _token_after_save(self):
         if self.cleaned_data.get("clear_secret_token"):

@@ -8,6 +8,9 @@ or a LAN address. This module has three layers:
 * ``validate_url`` - save-time checks on the URL's shape (scheme, host, no
   control characters). It does not resolve DNS: an answer given at save time
   proves nothing about the answer given at connect time.
+  ``refusal_at_save`` resolves the host once at save time and applies the
+  connect-time check to the answer, so a form can say at once that a host is
+  private; it is advice for the admin, not the boundary.
 * ``is_refused`` / ``parse_ip_literal`` - the address policy, and a parser that
   reads numeric hosts the way libc does (``http://2130706433/`` is 127.0.0.1).
 * ``guarded_client`` - an ``httpx2.AsyncClient`` whose network backend resolves
@@ -31,6 +34,7 @@ Celery workers can use it without an app registry.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import ipaddress
 import socket
@@ -46,6 +50,7 @@ import httpx2
 __all__ = [
     "AddressRefused",
     "GuardedNetworkBackend",
+    "PlainHttpRefused",
     "ResponseTooLarge",
     "UrlRefused",
     "find_refusal",
@@ -54,6 +59,7 @@ __all__ = [
     "is_refused",
     "parse_ip_literal",
     "parse_networks",
+    "refusal_at_save",
     "resolve_host",
     "validate_url",
 ]
@@ -76,6 +82,10 @@ class UrlRefused(ValueError):
     """The URL cannot be saved as an MCP server URL; the message is meant for the admin form."""
 
 
+class PlainHttpRefused(UrlRefused):
+    """An http:// URL for a server that doesn't allow plain HTTP (the admin can allow it)."""
+
+
 class AddressRefused(httpx2.ConnectError, httpcore2.ConnectError):
     """A connection was refused by policy, before any byte was sent.
 
@@ -94,6 +104,11 @@ class AddressRefused(httpx2.ConnectError, httpcore2.ConnectError):
 
     def __reduce__(self):  # keep the exception picklable despite the custom __init__
         return (type(self), (self.host, self.address, self.reason, self.why))
+
+    @property
+    def blocked_for_every_server(self) -> bool:
+        """Refused by ``extra_blocked``, which no per-server option overrides."""
+        return self.why == _BLOCKED_FOR_ALL
 
 
 class ResponseTooLarge(httpx2.TransportError):
@@ -404,7 +419,8 @@ def validate_url(url: str, *, allow_http: bool) -> None:
     if parts.scheme.lower() not in schemes:
         if allow_http:
             raise UrlRefused("The URL must start with https:// or http://.")
-        raise UrlRefused("The URL must start with https:// (plain http is not allowed).")
+        refusal = PlainHttpRefused if parts.scheme.lower() == "http" else UrlRefused
+        raise refusal("The URL must start with https:// (plain http is not allowed).")
     if not parts.hostname:
         raise UrlRefused("The URL must include a host name.")
     if parts.username is not None or parts.password is not None:
@@ -418,6 +434,60 @@ def validate_url(url: str, *, allow_http: bool) -> None:
         httpx2.URL(url)  # the client must be able to request exactly this URL
     except httpx2.InvalidURL as exc:
         raise UrlRefused(f"This is not a valid URL ({exc}).") from None
+
+
+SAVE_TIME_RESOLVE_TIMEOUT = 3.0  # seconds a form waits for DNS before giving no verdict
+# Lookups run here so that a resolver that hangs holds one of these threads, never the request
+# (it waits at most SAVE_TIME_RESOLVE_TIMEOUT); more hung lookups than threads just queue.
+_save_time_resolvers = concurrent.futures.ThreadPoolExecutor(
+    max_workers=4, thread_name_prefix="netguard-save-time-dns"
+)
+
+
+def refusal_at_save(
+    url: str,
+    *,
+    allow_private_network: bool,
+    extra_blocked: Iterable[str | IPNetwork] = (),
+    extra_allowed: Iterable[str | IPNetwork] = (),
+    timeout: float = SAVE_TIME_RESOLVE_TIMEOUT,
+) -> AddressRefused | None:
+    """The refusal the connect-time guard would give ``url``'s host today, or None.
+
+    For a form to say, when the server is saved, that its host is private (or in a range
+    blocked for every server) instead of letting the first sync find out. The host is
+    resolved once (``resolve_host``) and every answer goes through the same check as at
+    connect time (``GuardedNetworkBackend.check``). A host that doesn't resolve, or not
+    within ``timeout``, gets no verdict: the sync reports it. This is advice only: DNS can
+    answer differently later, and the connect-time guard stays the boundary.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    backend = GuardedNetworkBackend(
+        allow_private_network=allow_private_network,
+        extra_blocked=extra_blocked,
+        extra_allowed=extra_allowed,
+    )
+    literal = parse_ip_literal(host)
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    addresses = [literal] if literal is not None else _resolve_now(host, port, timeout)
+    for address in addresses:
+        try:
+            backend.check(host, address)
+        except AddressRefused as refusal:
+            return refusal
+    return None
+
+
+def _resolve_now(host: str, port: int, timeout: float) -> list[IPAddress]:
+    """``resolve_host`` from synchronous code, giving up after ``timeout``; [] on any failure."""
+    if not host:
+        return []
+    future = _save_time_resolvers.submit(anyio.run, resolve_host, host, port)
+    try:
+        return future.result(timeout=timeout)
+    except Exception:  # unresolvable, timed out, or a name the resolver can't encode
+        return []
 
 
 # --------------------------------------------------------------------------- connect-time guard

@@ -49,6 +49,9 @@ def test_add_reads_the_token_from_an_environment_variable(mcp_factory, monkeypat
         (["--url", "ftp://x.example/"], "https"),
         (["--url", "https://x.example/", "--header", "Host: y"], "set by Toolgate"),
         (["--url", "https://x.example/", "--token-env", "NO_SUCH_VAR_SET"], "is empty"),
+        # The refusals name the flag that allows what was refused.
+        (["--url", "http://x.example/mcp"], "add --allow-http"),
+        (["--url", "https://127.0.0.1:8001/mcp"], "loopback.*add --allow-private-network"),
     ],
 )
 def test_add_refuses_bad_input_and_changes_nothing(extra, message):

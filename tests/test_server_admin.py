@@ -1,8 +1,15 @@
 """The MCP server and tool admin: secrets write-only, sync on save, tool settings."""
 
+import ipaddress
+import re
+import threading
+
+import anyio
 import pytest
 from django.test import TestCase
+from django.utils.html import escape
 
+from integrations import netguard
 from integrations.models import McpServer, Tool, ToolApproval
 
 URL = "https://mcp.example.com/path/KEY-IN-PATH?k=QUERY-SECRET"
@@ -94,16 +101,39 @@ def test_no_secret_appears_in_any_admin_page(admin_client):
     assert "https://mcp.example.com" in listing
 
 
+def without_typed_url(html):
+    """The page minus the one place the URL typed into this POST may be shown back: the value
+    of the URL field itself."""
+    return re.sub(r'(<input type="password" name="url" value=")[^"]*"', r'\1"', html)
+
+
 @pytest.mark.django_db
-def test_an_invalid_form_does_not_echo_secrets_back(admin_client):
+def test_a_refused_form_keeps_the_typed_url_and_nothing_else_secret(admin_client):
     response = admin_client.post(
         "/admin/integrations/mcpserver/add/", form_data(transport="carrier-pigeon")
     )
     assert response.status_code == 200
     html = response.content.decode()
+    url_input = response.context["adminform"].form["url"]
+    assert url_input.value() == URL and f'value="{escape(URL)}"' in html  # no retyping
+    for secret in SECRETS:
+        assert secret not in without_typed_url(html)
+    # The token and headers are not shown back, and the page says so.
+    assert html.count("Not kept after an error: enter it again.") == 2
+    assert "no-store" in response["Cache-Control"]
+    assert not McpServer.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_refused_change_never_shows_the_stored_url(admin_client):
+    server = make_server()
+    data = form_data(url="", secret_token="", headers_text="", transport="carrier-pigeon")
+    response = admin_client.post(f"/admin/integrations/mcpserver/{server.pk}/change/", data)
+    assert response.status_code == 200
+    html = response.content.decode()
     for secret in SECRETS:
         assert secret not in html
-    assert not McpServer.objects.exists()
+    assert "Not kept after an error" not in html  # nothing was typed into them
 
 
 @pytest.mark.django_db
@@ -292,3 +322,132 @@ def test_saving_a_server_while_the_broker_is_down_says_so(admin_client, monkeypa
     server = McpServer.objects.get()
     assert server.sync_state == "idle"
     assert "could not be queued" in server.last_error
+
+
+@pytest.fixture
+def fake_dns(monkeypatch):
+    """Answers for host names, as a resolver elsewhere would give them (none: unresolvable)."""
+    answers = {}
+    real = netguard.resolve_host
+
+    async def resolve(host, port):
+        if host == "localhost":  # on this machine: its own resolver
+            return await real(host, port)
+        if host not in answers:
+            raise OSError("Name or service not known")
+        return [ipaddress.ip_address(address) for address in answers[host]]
+
+    monkeypatch.setattr(netguard, "resolve_host", resolve)
+    return answers
+
+
+@pytest.mark.django_db
+def test_plain_http_is_refused_naming_the_option_to_tick(admin_client):
+    response = admin_client.post(
+        "/admin/integrations/mcpserver/add/", form_data(url="http://mcp.example.com/mcp")
+    )
+    assert response.status_code == 200
+    [error] = response.context["adminform"].form.errors["url"]
+    assert "plain http://" in error and "tick “Allow plain HTTP”" in error
+    assert not McpServer.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("url", "answers", "said"),
+    [
+        ("https://127.0.0.1:8001/mcp", {}, "127.0.0.1 is an address that is not public (loopback)"),
+        ("https://[::1]/mcp", {}, "::1 is an address that is not public (loopback)"),
+        ("https://localhost:8001/mcp", {}, "localhost resolves to"),  # the machine's own resolver
+        (
+            "https://mcp.corp.example/mcp",
+            {"mcp.corp.example": ["10.1.2.3"]},
+            "mcp.corp.example resolves to 10.1.2.3, an address that is not public "
+            "(private network (RFC 1918))",
+        ),
+        (
+            "https://meta.example/",
+            {"meta.example": ["93.184.216.34", "169.254.169.254"]},
+            "meta.example resolves to 169.254.169.254",
+        ),
+    ],
+)
+def test_a_private_address_is_found_when_saving_and_names_the_option(
+    admin_client, fake_dns, url, answers, said
+):
+    fake_dns.update(answers)
+    response = admin_client.post("/admin/integrations/mcpserver/add/", form_data(url=url))
+    assert response.status_code == 200
+    [error] = response.context["adminform"].form.errors["url"]
+    assert said in error
+    assert "If this server runs on your own machine or network, tick “Allow private network”" in (
+        error
+    )
+    assert not McpServer.objects.exists()
+    allowed = form_data(url=url, allow_private_network="on")
+    assert admin_client.post("/admin/integrations/mcpserver/add/", allowed).status_code == 302
+
+
+@pytest.mark.django_db
+def test_a_range_blocked_for_every_server_is_refused_even_on_a_private_network(
+    admin_client, fake_dns, settings
+):
+    settings.MCP_EXTRA_BLOCKED_NETWORKS = ["10.9.0.0/16"]
+    fake_dns["mcp.corp.example"] = ["10.9.0.5"]
+    data = form_data(url="https://mcp.corp.example/mcp", allow_private_network="on")
+    response = admin_client.post("/admin/integrations/mcpserver/add/", data)
+    [error] = response.context["adminform"].form.errors["url"]
+    assert "in blocked range 10.9.0.0/16" in error and "MCP_EXTRA_BLOCKED_NETWORKS" in error
+    assert "tick" not in error  # no option allows it
+    assert not McpServer.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_public_or_unresolvable_host_is_saved_and_left_to_the_sync(admin_client, fake_dns):
+    fake_dns["mcp.example.org"] = ["93.184.216.34"]
+    public = form_data(name="public", url="https://mcp.example.org/mcp")
+    assert admin_client.post("/admin/integrations/mcpserver/add/", public).status_code == 302
+    unknown = form_data(name="unknown", url="https://nowhere.invalid/mcp")
+    assert admin_client.post("/admin/integrations/mcpserver/add/", unknown).status_code == 302
+    assert McpServer.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_a_resolver_that_hangs_does_not_hold_the_save(admin_client, monkeypatch):
+    released = threading.Event()
+
+    async def hang(host, port):
+        while not released.is_set():
+            await anyio.sleep(0.05)
+        raise OSError("gave up")
+
+    monkeypatch.setattr(netguard, "resolve_host", hang)
+    monkeypatch.setattr(netguard, "SAVE_TIME_RESOLVE_TIMEOUT", 0.2)
+    try:
+        response = admin_client.post("/admin/integrations/mcpserver/add/", form_data())
+    finally:
+        released.set()
+    assert response.status_code == 302  # no verdict in time: the sync will find out
+    assert McpServer.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_the_add_page_offers_nothing_to_remove_and_no_tools_table(admin_client):
+    html = admin_client.get("/admin/integrations/mcpserver/add/").content.decode()
+    for absent in ("Remove the stored", "Leave blank to keep", "leave blank to keep",
+                   'id="server-tools"', "tools-TOTAL_FORMS", "Tool sync"):  # fmt: skip
+        assert absent not in html, absent
+
+
+@pytest.mark.django_db
+def test_the_change_page_offers_to_remove_only_what_is_stored(admin_client):
+    bare = make_server(name="bare", secret_token="", headers={})
+    html = admin_client.get(f"/admin/integrations/mcpserver/{bare.pk}/change/").content.decode()
+    assert "Remove the stored" not in html and "A token is stored" not in html
+    assert "leave blank to keep it" in html  # the URL is always stored
+    assert "No tools yet: save the server to list them." in html  # not an empty table
+    full = make_server(name="full")
+    html = admin_client.get(f"/admin/integrations/mcpserver/{full.pk}/change/").content.decode()
+    assert "Remove the stored token" in html and "Remove the stored headers" in html
+    assert "A token is stored; leave blank to keep it." in html
+    assert "Stored: X-Api-Key; leave blank to keep them." in html

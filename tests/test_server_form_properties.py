@@ -3,8 +3,9 @@
 Whatever an admin types, the form and the admin answer with a page (200) or a redirect (302),
 never a 5xx. An invalid form lists its errors and creates or changes no server; a valid one
 creates exactly one, holding the values as the form normalises them (stripped, headers
-parsed), and one the client can actually use. No re-rendered page shows back a secret: the
-URL's path, query or credentials, the token, or a header value.
+parsed), and one the client can actually use. No re-rendered page shows back a secret (the
+URL's path, query or credentials, the token, or a header value), except the URL typed into the
+refused POST, in the URL field itself, so the admin need not type it again.
 
 The inputs are drawn with a label saying whether the form must accept them (None where the
 rules don't decide, such as an internationalised host name), so the properties check the
@@ -15,8 +16,8 @@ runs the same inputs everywhere and a failure reproduces from the test name alon
 once failed are pinned with `@example`. Set TOOLGATE_HYPOTHESIS_EXPLORE=1 to draw fresh random
 examples, and more of them, locally.
 
-No network: `McpServer.request_sync` is replaced by a mock, and every example runs in a
-savepoint that is rolled back.
+No network: `McpServer.request_sync` is replaced by a mock, DNS by a resolver that knows only
+`localhost` (as /etc/hosts does), and every example runs in a savepoint that is rolled back.
 """
 
 import string
@@ -31,9 +32,11 @@ from django.test import Client
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
+from integrations import netguard
 from integrations.forms import RESERVED_HEADERS, McpServerForm
 from integrations.models import ApprovalMode, McpServer, Transport
 from tests.conftest import HYPOTHESIS_PROPERTIES as PROPERTIES
+from tests.test_server_admin import without_typed_url
 
 pytestmark = pytest.mark.django_db
 
@@ -70,6 +73,7 @@ class Field:
     ok: bool | None = True
     secrets: list = field(default_factory=list)
     needs_http: bool = False  # acceptable only with "allow plain HTTP"
+    needs_private: bool = False  # acceptable only with "allow private network"
 
 
 def _all(*oks):
@@ -99,6 +103,8 @@ dns_names = st.from_regex(
 )
 ip_hosts = st.sampled_from(["93.184.216.34", "[2001:db8::1]", "[::1]", "127.0.0.1", "10.0.0.1",
                             "169.254.169.254", "localhost"])  # fmt: skip
+# Refused when saving unless "allow private network" is ticked (2001:db8::/32 is reserved).
+PRIVATE_HOSTS = {"[2001:db8::1]", "[::1]", "127.0.0.1", "10.0.0.1", "169.254.169.254", "localhost"}
 # Numeric forms a resolver reads as an address (2130706433 is 127.0.0.1): still a valid shape.
 numeric_hosts = st.sampled_from(["2130706433", "0x7f.0.0.1", "127.1", "017700000001", "0177.0.0.1",
                                  "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "0"])  # fmt: skip
@@ -150,7 +156,8 @@ def urls(draw):
     if kind in ("https", "http"):
         scheme = draw(st.sampled_from(["https", "HTTPS", "Https"])) if kind == "https" else "http"
         url = f"{pad}{scheme}://{host}{port}{path}{pad}"
-        return Field(url, True, secrets, needs_http=kind == "http")
+        private = host in PRIVATE_HOSTS
+        return Field(url, True, secrets, needs_http=kind == "http", needs_private=private)
     if kind == "unicode":
         return Field(f"https://{draw(unicode_hosts)}{port}{path}", None, secrets)
     if kind == "numeric":
@@ -357,7 +364,11 @@ def submissions(draw, editing=False):
     elif url.ok is None:
         url_ok = None
     else:
-        url_ok = url.ok and (flags["allow_http"] or not url.needs_http)
+        url_ok = (
+            url.ok
+            and (flags["allow_http"] or not url.needs_http)
+            and (flags["allow_private_network"] or not url.needs_private)
+        )
     stripped_name = name.strip()
     taken = {"existing", "stored"} - ({"stored"} if editing else set())
     oks = {
@@ -420,6 +431,16 @@ def stored(db):
     return McpServer.objects.create(
         name="stored", url=STORED_URL, secret_token=STORED_TOKEN, headers=STORED_HEADERS
     )
+
+
+@pytest.fixture(autouse=True)
+def no_dns(monkeypatch):
+    async def resolve(host, port):
+        if host == "localhost":
+            return [netguard.parse_ip_literal("127.0.0.1")]
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(netguard, "resolve_host", resolve)
 
 
 @contextmanager
@@ -504,7 +525,7 @@ def test_the_form_accepts_exactly_what_the_rules_allow_and_saves_it_normalised(s
         form = McpServerForm(data=submission.data)
         valid = form.is_valid()
         event(f"form valid: {valid}")
-        html = form.as_div() + str(form.errors) + str(form.non_field_errors())
+        html = without_typed_url(form.as_div()) + str(form.errors) + str(form.non_field_errors())
         assert_no_secret_in(html, submission.secrets)
         if submission.ok is not None:
             assert valid == submission.ok, (form.errors, submission.data)
@@ -538,7 +559,7 @@ def test_the_admin_add_page_never_fails_and_never_shows_a_secret_back(
         after = servers()
     event(f"admin add: {response.status_code}")
     assert response.status_code in (200, 302), response.status_code
-    html = response.content.decode()
+    html = without_typed_url(response.content.decode())
     assert_no_secret_in(html, [*submission.secrets, *STORED_SECRETS])
     if submission.ok is not None:
         assert (response.status_code == 302) == submission.ok, html[:3000]
@@ -571,7 +592,7 @@ def test_the_admin_change_page_keeps_stored_secrets_and_a_refusal_changes_nothin
         after = servers()
     event(f"admin change: {response.status_code}")
     assert response.status_code in (200, 302), response.status_code
-    html = response.content.decode()
+    html = without_typed_url(response.content.decode())
     assert_no_secret_in(html, [*submission.secrets, *STORED_SECRETS])
     if submission.ok is not None:
         assert (response.status_code == 302) == submission.ok, html[:3000]

@@ -11,6 +11,15 @@ from integrations.models import ApprovalMode, AuthKind, McpServer, Transport
 from integrations.oauth import AuthorizationStatus, Grant
 
 
+class CommandServerForm(McpServerForm):
+    """The admin's form, with errors naming this command's flags instead of the checkboxes."""
+
+    OPTION_HINTS = {
+        "allow_http": "add --allow-http",
+        "allow_private_network": "add --allow-private-network",
+    }
+
+
 class Command(BaseCommand):
     help = "Add, sync and list MCP servers."
 
@@ -73,7 +82,7 @@ class Command(BaseCommand):
         user = command_user(options["user"])
         token = _from_environment(options["token_env"])
         client_secret = _from_environment(options["client_secret_env"])
-        form = McpServerForm(
+        form = CommandServerForm(
             data={
                 "name": options["name"],
                 "description": options["description"],
