@@ -1,8 +1,10 @@
+import time
 from urllib.parse import quote
 
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect
@@ -21,8 +23,17 @@ from django.views.decorators.http import require_POST
 from approvals import policy
 from integrations import oauth, oauth_http
 from integrations.audit import describe_form
+from integrations.fields import DecryptionError, decrypt, encrypt
 from integrations.forms import McpServerForm
-from integrations.models import HINTS, Agent, McpServer, SyncState, Tool, ToolApproval
+from integrations.models import (
+    HINTS,
+    Agent,
+    McpServer,
+    SyncState,
+    Tool,
+    ToolApproval,
+    hash_token,
+)
 
 SECRET_POST_FIELDS = ("url", "secret_token", "headers_text", "oauth_client_secret")
 
@@ -624,9 +635,59 @@ def mcp_url(server_name=""):
     return settings.SITE_URL.rstrip("/") + path
 
 
+def agent_endpoints(agent):
+    """Where an agent connects: the JSON API, and the MCP endpoint for all its servers and for
+    each one (from SITE_URL, as the agent reaches Toolgate)."""
+    return {
+        "api": settings.SITE_URL.rstrip("/") + "/api/v1/",
+        "mcp": mcp_url(),
+        "mcp_servers": [(server.name, mcp_url(server.name)) for server in agent.servers.all()],
+    }
+
+
+class TokenReveal:
+    """A new agent token on its way to the page that shows it once (post/redirect/get).
+
+    The token never goes into a URL, a message or a cookie: it waits, encrypted, in the session
+    of the admin who made it, for the one page view that takes it, and for TTL seconds at most.
+    """
+
+    SESSION_KEY = "toolgate.agent_tokens"
+    TTL = 300
+
+    def __init__(self, request):
+        self.session = request.session
+
+    def put(self, agent, token):
+        now = time.time()
+        waiting = {
+            pk: entry
+            for pk, entry in self.session.get(self.SESSION_KEY, {}).items()
+            if now - entry["at"] < self.TTL
+        }
+        waiting[str(agent.pk)] = {"token": encrypt(token), "at": now}
+        self.session[self.SESSION_KEY] = waiting
+
+    def take(self, agent):
+        """The token waiting for `agent`, once; None if there is none, it is too old, or the
+        agent's token has been replaced since."""
+        waiting = dict(self.session.get(self.SESSION_KEY, {}))
+        entry = waiting.pop(str(agent.pk), None)
+        if entry is None:
+            return None
+        self.session[self.SESSION_KEY] = waiting
+        if time.time() - entry["at"] >= self.TTL:
+            return None
+        try:
+            token = decrypt(entry["token"])
+        except DecryptionError:
+            return None
+        return token if hash_token(token) == agent.token_hash else None
+
+
 @admin.register(Agent)
 class AgentAdmin(LogsPolicyChanges, admin.ModelAdmin):
-    list_display = ["name", "is_active", "token_hint", "server_list", "last_used_at", "created_at"]
+    list_display = ["name", "is_active", "server_list", "last_used_at", "token_hint", "created_at"]
     list_filter = ["is_active", "servers"]
     search_fields = ["name", "description"]
     filter_horizontal = ["servers"]
@@ -636,31 +697,35 @@ class AgentAdmin(LogsPolicyChanges, admin.ModelAdmin):
         "servers",
         "is_active",
         "token_hint",
-        "mcp_urls",
+        "connection",
         "last_used_at",
     ]
-    readonly_fields = ["token_hint", "mcp_urls", "last_used_at"]
+    readonly_fields = ["token_hint", "connection", "last_used_at"]
     actions = ["rotate_token"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("servers")
 
+    def get_urls(self):
+        token = path(
+            "<int:agent_id>/token/",
+            self.admin_site.admin_view(self.token_view),
+            name="integrations_agent_token",
+        )
+        return [token, *super().get_urls()]
+
     @admin.display(description="MCP servers")
     def server_list(self, agent):
         return ", ".join(server.name for server in agent.servers.all()) or "—"
 
-    @admin.display(description="MCP URLs")
-    def mcp_urls(self, agent):
-        """Where the agent's MCP client points (with its token as a Bearer header)."""
+    @admin.display(description="How it connects")
+    def connection(self, agent):
+        """Where the agent points its MCP client or API calls (with its token as a Bearer
+        header): the same list as on the page that shows a new token."""
         if agent.pk is None:
             return "Shown once the agent is saved."
-        rows = [("All its servers, tools named server__tool", mcp_url()), *(
-            (f"{server.name} only", mcp_url(server.name)) for server in agent.servers.all()
-        )]  # fmt: skip
-        return format_html(
-            "<ul>{}</ul><p>Streamable HTTP; for the legacy SSE transport add <code>sse</code> "
-            "to the URL.</p>",
-            format_html_join("", "<li>{}: <code>{}</code></li>", rows),
+        return render_to_string(
+            "admin/integrations/agent/endpoints.html", {"endpoints": agent_endpoints(agent)}
         )
 
     def save_model(self, request, obj, form, change):
@@ -672,13 +737,24 @@ class AgentAdmin(LogsPolicyChanges, admin.ModelAdmin):
         return self._show_token(request, obj, request._new_agent_token)
 
     def _show_token(self, request, agent, token):
-        # Rendered straight into this one response: the token is never stored, put in a
-        # message (cookie) or shown again.
-        context = {**self.admin_site.each_context(request), "agent": agent, "token": token,
-                   "opts": self.model._meta, "title": f"API token for {agent.name}"}  # fmt: skip
-        response = TemplateResponse(request, "admin/integrations/agent/token.html", context)
-        response["Cache-Control"] = "no-store"
-        return response
+        TokenReveal(request).put(agent, token)
+        return redirect("admin:integrations_agent_token", agent.pk)
+
+    def token_view(self, request, agent_id):
+        """Shows a new token once; a reload finds it gone (and says how to get a new one)."""
+        agent = get_object_or_404(Agent, pk=agent_id)
+        if not self.has_view_permission(request, agent):
+            raise PermissionDenied
+        token = TokenReveal(request).take(agent)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"API token for {agent.name}",
+            "agent": agent,
+            "token": token,
+            "endpoints": agent_endpoints(agent),
+        }
+        return TemplateResponse(request, "admin/integrations/agent/token.html", context)
 
     @admin.action(description="Rotate the API token (shows the new one once)")
     def rotate_token(self, request, queryset):
