@@ -1,41 +1,173 @@
+import json
+
 from django.contrib import admin, messages
 from django.contrib.admin.models import LogEntry
 from django.contrib.contenttypes.models import ContentType
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.decorators import method_decorator
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.views.decorators.debug import sensitive_post_parameters
 
 from approvals.forms import NotificationChannelForm
 from approvals.models import Status, ToolCall
 from approvals.notifications import Delivery, DeliveryStatus, NotificationChannel
 from approvals.rules import PolicyRule
-from integrations.admin import LogsPolicyChanges
+from integrations.admin import LogsPolicyChanges, admin_time, status_badge
 from integrations.models import Agent, McpServer, Tool
+
+
+def _pretty_json(value):
+    text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+    return format_html('<pre class="tg-json">{}</pre>', text)
 
 
 @admin.register(ToolCall)
 class ToolCallAdmin(admin.ModelAdmin):
-    """The audit trail: read-only, except deciding pending calls."""
+    """The audit trail: a read-only view of each call, except deciding pending ones from the
+    list (the same `approve`/`deny` the queue page uses)."""
 
+    # Status and who decided come first, so they stay visible at 1280 px.
     list_display = [
-        "id", "requested_at", "agent", "server_name", "tool_name", "status", "decided_by",
-        "decided_by_user", "finished_at",
+        "id", "status_badge", "tool_label", "agent", "decision", "requested_at", "finished_at",
     ]  # fmt: skip
+    list_display_links = ["id", "status_badge"]
     list_filter = ["status", "decided_by", "server_name", "agent"]
     list_select_related = ["agent", "decided_by_user"]
     search_fields = ["server_name", "tool_name", "note"]
     date_hierarchy = "requested_at"
     actions = ["approve", "deny"]
-
-    def get_readonly_fields(self, request, obj=None):
-        return [field.name for field in ToolCall._meta.fields]
+    fieldsets = [
+        (
+            "Request",
+            {
+                "fields": [
+                    "agent",
+                    "tool_label",
+                    "tool_fingerprint",
+                    "arguments_json",
+                    "idempotency_key",
+                ]
+            },
+        ),
+        ("Decision", {"fields": ["status_badge", "decision", "note", "reason_list", "call_page"]}),
+        ("Result", {"fields": ["outcome", "result_json", "result_warnings", "error"]}),
+        ("Timeline", {"fields": ["timeline"]}),
+    ]
+    readonly_fields = [field for _, options in fieldsets for field in options["fields"]]
 
     def has_add_permission(self, request):
         return False
 
+    def has_change_permission(self, request, obj=None):
+        return False  # an audit record: the change page is a view, with no Save buttons
+
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        title = f"Tool call #{object_id}" if str(object_id).isdigit() else "Tool call"
+        extra_context = {"title": title, "subtitle": None, **(extra_context or {})}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    @admin.display(description="Status", ordering="status")
+    def status_badge(self, call):
+        return status_badge(call.get_status_display(), call.status)
+
+    @admin.display(description="Tool", ordering="tool_name")
+    def tool_label(self, call):
+        return format_html("<code>{} / {}</code>", call.server_name, call.tool_name)
+
+    @admin.display(description="Decided by", ordering="decided_by")
+    def decision(self, call):
+        if not call.decided_by:
+            return "—"
+        who = call.get_decided_by_display()
+        if call.decided_by_user:
+            who = f"{who}: {call.decided_by_user.get_username()}"
+        return format_html("{}<br><small>{}</small>", who, admin_time(call.decided_at))
+
+    @admin.display(description="Arguments")
+    def arguments_json(self, call):
+        if call.purged_at:
+            return f"Removed after the retention period ({admin_time(call.purged_at)})."
+        if call.edited:
+            return format_html(
+                "{}<p>Edited by the approver; the agent asked for:</p>{}",
+                _pretty_json(call.arguments),
+                _pretty_json(call.requested_arguments),
+            )
+        return _pretty_json(call.arguments)
+
+    @admin.display(description="Reasons")
+    def reason_list(self, call):
+        """The policy's reasons, stored on the call when it decided (and when an edit or a
+        later check added one)."""
+        reasons = [r for r in call.reasons or [] if isinstance(r, dict)]
+        if not reasons:
+            return "—"
+        items = ((r.get("message", ""), r.get("code", "")) for r in reasons)
+        rows = format_html_join("", "<li>{} <code>{}</code></li>", items)
+        return format_html('<ul class="tg-reasons">{}</ul>', rows)
+
+    @admin.display(description="Approvers' page")
+    def call_page(self, call):
+        url = reverse("approvals:call", args=[call.pk])
+        return format_html('<a href="{}">{}</a>', url, url)
+
+    @admin.display(description="Outcome")
+    def outcome(self, call):
+        if call.status == Status.SUCCEEDED:
+            return "The tool reported an error" if call.is_error else "The tool ran"
+        if call.is_final:
+            return call.get_status_display()
+        return f"Not finished ({call.get_status_display().lower()})"
+
+    @admin.display(description="Result")
+    def result_json(self, call):
+        if call.purged_at:
+            return "Removed after the retention period."
+        if call.result_content is None and call.structured_content is None:
+            return "—"
+        blocks = [
+            format_html('<pre class="tg-json">{}</pre>', block["text"])
+            if block.get("type") == "text" and isinstance(block.get("text"), str)
+            else _pretty_json(block)
+            for block in call.result_content or []
+            if isinstance(block, dict)
+        ]
+        if call.structured_content is not None:
+            blocks.append(_pretty_json(call.structured_content))
+        return format_html_join("", "{}", ((block,) for block in blocks))
+
+    @admin.display(description="Warnings about the result")
+    def result_warnings(self, call):
+        items = ((w.get("message", w.get("code", "")),) for w in call.warnings or [])
+        return format_html_join("", '<p class="tg-error">⚠ {}</p>', items) or "—"
+
+    @admin.display(description="Error")
+    def error(self, call):
+        if not (call.error_code or call.error_message):
+            return "—"
+        return format_html(
+            '<span class="tg-error">{}</span> <code>{}</code>', call.error_message, call.error_code
+        )
+
+    @admin.display(description="Timeline")
+    def timeline(self, call):
+        events = [
+            ("Requested", call.requested_at),
+            ("Decided", call.decided_at),
+            ("Started", call.started_at),
+            ("Finished", call.finished_at),
+        ]
+        if call.status == Status.PENDING_APPROVAL:
+            events.append(("Expires", call.expires_at))
+        items = [(label, admin_time(at)) for label, at in events if at]
+        if call.attempts > 1:
+            items.append(("Attempts", call.attempts))
+        rows = format_html_join("", "<li>{}: {}</li>", items)
+        return format_html('<ul class="tg-timeline">{}</ul>', rows)
 
     def _decide(self, request, queryset, decision):
         done = 0
