@@ -293,8 +293,7 @@ class McpServerForm(forms.ModelForm):
         cleaned = super().clean()
         url = cleaned.get("url")
         if url:
-            problem = self._url_problem(url, cleaned)
-            if problem:
+            for problem in self._url_problems(url, cleaned):
                 self.add_error("url", problem)
         cleaned["auth_kind"] = self._auth_kind()
         headers = cleaned.get("headers_text") or {}
@@ -355,27 +354,30 @@ class McpServerForm(forms.ModelForm):
         kept = same_client and stored.client_source == ClientSource.PRE_REGISTERED
         return kept and bool(stored.client_secret) and not data.get("clear_oauth_client_secret")
 
-    def _url_problem(self, url, cleaned):
-        """Why the URL can't be saved with these options, naming the option that would allow
-        it; None when it can."""
+    def _url_problems(self, url, cleaned):
+        """Why the URL can't be saved with these options, each naming the option that would
+        allow it (all of them at once: a local server often needs both)."""
+        problems = []
         try:
             netguard.validate_url(url, allow_http=cleaned.get("allow_http", False))
         except netguard.PlainHttpRefused:
-            return (
+            problems.append(
                 "This is a plain http:// URL: the token, headers and tool calls would travel "
                 f"unencrypted. To use it anyway, {self.OPTION_HINTS['allow_http']}."
             )
         except netguard.UrlRefused as exc:
             # Keep the reason, not what it quotes: Python's URL parser quotes the port, or the
             # whole netloc with any password in it.
-            return re.sub(r"""(['"]).*\1""", "…", str(exc), flags=re.DOTALL)
+            return [re.sub(r"""(['"]).*\1""", "…", str(exc), flags=re.DOTALL)]
         refusal = netguard.refusal_at_save(
             url,
             allow_private_network=cleaned.get("allow_private_network", False),
             extra_blocked=settings.MCP_EXTRA_BLOCKED_NETWORKS,
             extra_allowed=settings.MCP_EXTRA_ALLOWED_NETWORKS,
         )
-        return refusal and self._address_problem(refusal)
+        if refusal:
+            problems.append(self._address_problem(refusal))
+        return problems
 
     def _address_problem(self, refusal):
         if str(refusal.address) == refusal.host.strip("[]"):

@@ -389,6 +389,18 @@ def test_a_private_address_is_found_when_saving_and_names_the_option(
 
 
 @pytest.mark.django_db
+def test_a_local_plain_http_server_gets_both_options_named_at_once(admin_client):
+    data = form_data(url="http://127.0.0.1:8001/mcp")
+    response = admin_client.post("/admin/integrations/mcpserver/add/", data)
+    errors = response.context["adminform"].form.errors["url"]
+    assert len(errors) == 2
+    assert "tick “Allow plain HTTP”" in errors[0]
+    assert "tick “Allow private network”" in errors[1]
+    both = form_data(url="http://127.0.0.1:8001/mcp", allow_http="on", allow_private_network="on")
+    assert admin_client.post("/admin/integrations/mcpserver/add/", both).status_code == 302
+
+
+@pytest.mark.django_db
 def test_a_range_blocked_for_every_server_is_refused_even_on_a_private_network(
     admin_client, fake_dns, settings
 ):

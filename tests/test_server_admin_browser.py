@@ -142,17 +142,20 @@ def test_a_refused_server_keeps_the_url_and_says_which_option_to_tick(
     page.get_by_label("Secret token (optional)").fill("tok-123")
     page.get_by_role("button", name="Save and continue editing").click()
 
+    # Both problems at once, each naming the box that allows it; the URL is still there.
     errors = page.locator(".field-url .errorlist")
     expect(errors).to_contain_text("tick “Allow plain HTTP”")
+    expect(errors).to_contain_text("127.0.0.1 is an address that is not public (loopback)")
+    expect(errors).to_contain_text("tick “Allow private network”")
     expect(page.get_by_label("Server URL")).to_have_value(running.url)  # no retyping
     expect(page.locator(".field-secret_token")).to_contain_text("Not kept after an error")
+    assert not McpServer.objects.exists()  # found when saving, not by the sync
+
     page.get_by_label("Allow plain HTTP").check()
     page.get_by_label("Secret token (optional)").fill("tok-123")
     page.get_by_role("button", name="Save and continue editing").click()
-
-    expect(errors).to_contain_text("127.0.0.1 is an address that is not public (loopback)")
+    expect(errors).not_to_contain_text("Allow plain HTTP")
     expect(errors).to_contain_text("tick “Allow private network”")
-    assert not McpServer.objects.exists()  # found when saving, not by the sync
     page.get_by_label("Allow private network").check()
     page.get_by_label("Secret token (optional)").fill("tok-123")
     page.get_by_role("button", name="Save and continue editing").click()
