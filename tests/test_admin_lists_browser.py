@@ -8,6 +8,7 @@ from playwright.sync_api import expect
 
 from approvals.models import Status, ToolCall
 from integrations.models import Agent, McpServer, Tool
+from tests.browser import log_in
 from tests.conftest import launch_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -53,10 +54,7 @@ def page(chromium_path, live_server, world, monkeypatch):
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     with launch_chromium(chromium_path) as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(f"{live_server.url}/admin/login/")
-        page.get_by_label("Username").fill("root")
-        page.get_by_label("Password").fill("pw-root-123")
-        page.get_by_role("button", name="Log in").click()
+        log_in(page, f"{live_server.url}/admin/login/", "root", "pw-root-123")
         yield page
 
 

@@ -6,6 +6,7 @@ import pytest
 from playwright.sync_api import expect
 
 from integrations.models import Agent, McpServer
+from tests.browser import log_in
 from tests.conftest import launch_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -21,10 +22,7 @@ def page(chromium_path, live_server, django_user_model, monkeypatch, settings):
         context = browser.new_context()
         context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_server.url)
         page = context.new_page()
-        page.goto(f"{live_server.url}/admin/login/")
-        page.get_by_label("Username").fill("root")
-        page.get_by_label("Password").fill("pw-root-123")
-        page.get_by_role("button", name="Log in").click()
+        log_in(page, f"{live_server.url}/admin/login/", "root", "pw-root-123")
         yield page
 
 

@@ -8,6 +8,7 @@ from django.core.management import CommandError, call_command
 from django.test import Client
 
 from approvals.models import Status, ToolCall
+from integrations.admin import TokenReveal
 from integrations.models import Agent, McpServer, hash_token
 
 pytestmark = pytest.mark.django_db
@@ -125,3 +126,13 @@ def test_admins_can_decide_pending_calls_from_the_audit_list(admin_client, serve
     page = admin_client.get(f"/admin/approvals/toolcall/{call.pk}/change/")
     assert page.status_code == 200
     assert b'name="status"' not in page.content  # the audit trail is read-only
+
+
+def test_a_token_not_fetched_within_five_minutes_is_not_shown(admin_client, server, monkeypatch):
+    response = admin_client.post(
+        "/admin/integrations/agent/add/", {"name": "bot", "servers": [server.pk]}
+    )
+    monkeypatch.setattr(TokenReveal, "TTL", 0)  # as if five minutes had passed
+    page = admin_client.get(response["Location"])
+    assert page.context["token"] is None
+    assert "was shown once" in page.content.decode()

@@ -5,6 +5,7 @@ import pytest
 from django.contrib.auth.models import User
 from playwright.sync_api import expect
 
+from tests.browser import log_in
 from tests.conftest import launch_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -26,10 +27,7 @@ def browser(chromium_path, live_server, monkeypatch):
 
 def logged_in(browser, live_server, scheme):
     page = browser.new_page(color_scheme=scheme)
-    page.goto(f"{live_server.url}/accounts/login/")
-    page.get_by_label("Username").fill("root")
-    page.get_by_label("Password").fill("pw-root-123")
-    page.get_by_role("button", name="Log in").click()
+    log_in(page, f"{live_server.url}/accounts/login/", "root", "pw-root-123")
     expect(page.get_by_role("heading", name="Pending approvals")).to_be_visible()
     return page
 

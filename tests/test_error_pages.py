@@ -7,6 +7,7 @@ from django.test import Client
 from playwright.sync_api import expect
 
 from integrations.models import Agent
+from tests.browser import log_in
 from tests.conftest import launch_chromium
 
 pytestmark = pytest.mark.django_db
@@ -60,12 +61,13 @@ def failing_history(monkeypatch):
         raise RuntimeError("the database went away")
 
     monkeypatch.setattr("approvals.views._filter_choices", broken)
+    client = Client(raise_request_exception=False)  # the response a browser would get
+    client.force_login(User.objects.create_superuser("root", password="pw-root-123"))
+    return client
 
 
 def test_a_server_error_gets_a_page_in_the_layout(failing_history):
-    client = Client(raise_request_exception=False)
-    client.force_login(User.objects.create_superuser("root", password="pw-root-123"))
-    response = client.get("/approvals/history/")
+    response = failing_history.get("/approvals/history/")
     assert response.status_code == 500
     html = response.content.decode()
     assert LAYOUT in html and "Something went wrong on Toolgate's side" in html
@@ -78,9 +80,7 @@ def test_the_500_page_still_renders_when_the_request_cannot_be_used(failing_hist
         raise RuntimeError("the session store is down too")
 
     monkeypatch.setattr("config.views.render", unusable)
-    client = Client(raise_request_exception=False)
-    client.force_login(User.objects.create_superuser("root", password="pw-root-123"))
-    response = client.get("/approvals/history/")
+    response = failing_history.get("/approvals/history/")
     assert response.status_code == 500
     assert "Something went wrong on Toolgate's side" in response.content.decode()
 
@@ -119,10 +119,7 @@ def test_in_a_browser_the_403_page_is_styled_and_logs_out(chromium_path, live_se
     User.objects.create_user("sam", password="pw-sam-12345")
     with launch_chromium(chromium_path) as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(f"{live_server.url}/approvals/")
-        page.get_by_label("Username").fill("sam")
-        page.get_by_label("Password").fill("pw-sam-12345")
-        page.get_by_role("button", name="Log in").click()
+        log_in(page, f"{live_server.url}/approvals/", "sam", "pw-sam-12345")
         heading = page.get_by_role("heading", name="You don't have access to this page")
         expect(heading).to_be_visible()
         expect(page.locator(".error-page")).to_contain_text("Approvers")

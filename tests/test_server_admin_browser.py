@@ -10,6 +10,7 @@ import pytest
 from playwright.sync_api import expect
 
 from integrations.models import McpServer, Tool
+from tests.browser import log_in
 from tests.conftest import launch_chromium
 from tests.mcp_servers import PROTECTED_TOKEN, MutableServer, mutable_server, protected_server
 
@@ -26,10 +27,7 @@ def admin_page(chromium_path, live_server, celery_worker, django_user_model):
     django_user_model.objects.create_superuser("root", password="pw-root-123")
     with launch_chromium(chromium_path) as browser:
         page = browser.new_page()
-        page.goto(f"{live_server.url}/admin/login/?next=/admin/")
-        page.get_by_label("Username").fill("root")
-        page.get_by_label("Password").fill("pw-root-123")
-        page.get_by_role("button", name="Log in").click()
+        log_in(page, f"{live_server.url}/admin/login/?next=/admin/", "root", "pw-root-123")
         yield page
 
 
