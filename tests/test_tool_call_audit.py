@@ -59,17 +59,25 @@ def test_the_audit_page_shows_decision_result_and_timeline_with_seconds(admin_cl
         assert line in html
 
 
-def test_the_audit_page_shows_the_policy_reasons_when_the_call_has_them(
-    admin_client, call, monkeypatch
-):
+def test_the_audit_page_shows_the_policy_reasons_stored_on_the_call(admin_client, call):
     reasons = [
         {"code": "tool_changed", "message": "The tool changed since it was reviewed."},
         {"code": "always_ask", "message": "The server is in Always Ask mode."},
     ]
-    monkeypatch.setattr(ToolCall, "reasons", reasons, raising=False)  # the policy stores them
+    ToolCall.objects.filter(pk=call.pk).update(reasons=reasons)
     html = admin_client.get(f"/admin/approvals/toolcall/{call.pk}/change/").content.decode()
     assert "The tool changed since it was reviewed. <code>tool_changed</code>" in html
     assert "The server is in Always Ask mode. <code>always_ask</code>" in html
+
+
+def test_arguments_an_approver_edited_show_both_versions(admin_client, call):
+    ToolCall.objects.filter(pk=call.pk).update(
+        requested_arguments={"order_id": "A-1001", "amount": 2500}
+    )
+    html = admin_client.get(f"/admin/approvals/toolcall/{call.pk}/change/").content.decode()
+    ran, asked = html.split("Edited by the approver; the agent asked for:")
+    assert "&quot;amount&quot;: 25," in ran.split("Arguments")[-1]
+    assert "&quot;amount&quot;: 2500," in asked.split("</pre>")[0]
 
 
 def test_a_failed_call_shows_its_error_and_a_purged_one_says_so(admin_client, call):
@@ -116,3 +124,8 @@ def test_approvers_without_admin_rights_can_still_decide_from_the_list(call):
     client.post("/admin/approvals/toolcall/", {"action": "deny", "_selected_action": [pending.pk]})
     pending.refresh_from_db()
     assert (pending.status, pending.decided_by_user) == (Status.DENIED, user)
+
+
+def test_the_audit_page_links_to_the_approvers_page_of_the_call(admin_client, call):
+    html = admin_client.get(f"/admin/approvals/toolcall/{call.pk}/change/").content.decode()
+    assert f'<a href="/approvals/{call.pk}/">/approvals/{call.pk}/</a>' in html
