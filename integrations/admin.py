@@ -230,12 +230,8 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
 
     def get_fieldsets(self, request, obj=None):
         # Only what applies: nothing to report before the first save, no "remove" box for a
-        # token or headers that aren't stored.
-        absent = set()
-        if obj is None or not obj.secret_token:
-            absent.add("clear_secret_token")
-        if obj is None or not obj.headers:
-            absent.add("clear_headers")
+        # token, headers or client secret that aren't stored.
+        absent = McpServerForm.nothing_to_remove(obj, obj and _credential(obj))
         return [
             (title, {**options, "fields": [f for f in options["fields"] if f not in absent]})
             for title, options in self._fieldsets_for(request, obj)

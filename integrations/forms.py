@@ -135,8 +135,7 @@ class McpServerForm(forms.ModelForm):
         label="Client secret (optional)",
         required=False,
         widget=SecretWidget(attrs={"size": 60}),
-        help_text="Of that client. Stored encrypted, sent only to the token endpoint; leave "
-        "blank to keep the stored one.",
+        help_text="Of that client. Stored encrypted, sent only to the token endpoint.",
     )
     clear_oauth_client_secret = forms.BooleanField(
         label="Remove the stored client secret", required=False
@@ -214,14 +213,28 @@ class McpServerForm(forms.ModelForm):
                 f"Stored: {', '.join(stored_headers)}; leave blank to keep them. "
                 + fields["headers_text"].help_text
             )
-        else:
-            del fields["clear_headers"]  # nothing to remove
         if server.secret_token:
             fields["secret_token"].help_text = (
                 "A token is stored; leave blank to keep it. " + fields["secret_token"].help_text
             )
-        else:
-            del fields["clear_secret_token"]
+        for name in self.nothing_to_remove(server, self.credential):
+            del fields[name]
+
+    @staticmethod
+    def nothing_to_remove(server, credential):
+        """The "Remove the stored …" boxes with nothing stored to remove (all of them for a new
+        server, whose `credential` is None): the form leaves them out, and so does the admin's
+        layout."""
+        stored = {
+            "clear_secret_token": bool(server and server.secret_token),
+            "clear_headers": bool(server and server.headers),
+            "clear_oauth_client_secret": bool(
+                credential
+                and credential.client_source == ClientSource.PRE_REGISTERED
+                and credential.client_secret
+            ),
+        }
+        return {name for name, present in stored.items() if not present}
 
     def full_clean(self):
         super().full_clean()
@@ -247,7 +260,9 @@ class McpServerForm(forms.ModelForm):
         )
         if pre_registered and credential.client_secret:
             field = self.fields["oauth_client_secret"]
-            field.help_text = "A client secret is stored. " + field.help_text
+            field.help_text = (
+                "A client secret is stored; leave blank to keep it. " + field.help_text
+            )
 
     def clean_url(self):
         url = self.cleaned_data["url"].strip()

@@ -463,3 +463,21 @@ def test_the_change_page_offers_to_remove_only_what_is_stored(admin_client):
     assert "Remove the stored token" in html and "Remove the stored headers" in html
     assert "A token is stored; leave blank to keep it." in html
     assert "Stored: X-Api-Key; leave blank to keep them." in html
+
+
+@pytest.mark.django_db
+def test_an_oauth_client_secret_can_be_removed_only_when_one_is_stored(admin_client):
+    from integrations.oauth import ClientSource, OAuthCredential
+
+    server = make_server(name="oauth", secret_token="", auth_kind="oauth")
+    page = f"/admin/integrations/mcpserver/{server.pk}/change/"
+    OAuthCredential.objects.create(server=server)  # Toolgate identifies itself: no secret
+    html = admin_client.get(page).content.decode()
+    assert "Remove the stored client secret" not in html and "A client secret is stored" not in html
+    OAuthCredential.objects.filter(server=server).update(
+        client_source=ClientSource.PRE_REGISTERED, client_id="toolgate", client_secret="cs-1"
+    )
+    html = admin_client.get(page).content.decode()
+    assert "Remove the stored client secret" in html
+    assert "A client secret is stored; leave blank to keep it." in html
+    assert "cs-1" not in html
