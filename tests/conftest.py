@@ -87,6 +87,9 @@ def admin_client(client, admin_user):
 # file broker's folder, the SQLite test database) live in a temporary folder named after it.
 RUN_ID = os.environ.get("TOOLGATE_TEST_RUN_ID") or secrets.token_hex(4)
 RUN_DIR = None  # made by pytest_configure, removed by pytest_unconfigure
+# Every process the run starts inherits this variable (set in pytest_configure), so whatever a
+# test left behind is found at the end, tracked or not, even after its parent died.
+PROCESS_MARK = "TOOLGATE_TEST_PROCESS_OF"
 _ON_REDIS = settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
 _spawned = []  # every process a test started, stopped at the end whatever happened
 SESSION_BROKER_ENV = {}  # what puts a worker on this run's broker, filled by pytest_configure
@@ -133,6 +136,7 @@ def pytest_configure(config):
         SESSION_BROKER_ENV["CELERY_BROKER_DIR"] = str(folder)
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = options
     celery_app.conf.broker_transport_options = options
+    os.environ[PROCESS_MARK] = RUN_ID
     signal.signal(signal.SIGTERM, _interrupt)
 
 
@@ -142,6 +146,7 @@ def _interrupt(signum, frame):
 
 def pytest_unconfigure(config):
     stop_spawned_processes()
+    stop_strays()
     if _ON_REDIS:
         with contextlib.suppress(Exception):
             _forget_redis_keys(f"toolgate-test-{RUN_ID}")
@@ -194,6 +199,17 @@ def stop_process_tree(process, timeout=20):
             os.killpg(group, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
+
+
+def stop_strays():
+    """SIGKILL every process that still carries this run's mark: one a test started without
+    track(), or one whose parent died and left it to init (so it is in no tracked tree)."""
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get(PROCESS_MARK) == RUN_ID:
+                process.kill()
 
 
 def stop_spawned_processes():

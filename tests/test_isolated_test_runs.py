@@ -55,7 +55,8 @@ def test_this_run_has_a_database_of_its_own():
 
 
 # A process tree as a test might leave it: a parent in its own process group, a child, and a
-# grandchild whose parent has exited (outside the parent's tree, still in its group).
+# grandchild whose parent has exited (outside the parent's tree, still in its group). With
+# "and-exit" the parent exits too once it has written the pids, orphaning both.
 TREE = """
 import json, os, subprocess, sys, time
 sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -69,7 +70,8 @@ middle.wait()
 with open(sys.argv[1] + ".tmp", "w") as out:
     json.dump([os.getpid(), child.pid, orphan], out)
 os.rename(sys.argv[1] + ".tmp", sys.argv[1])
-time.sleep(600)
+if sys.argv[2:] != ["and-exit"]:
+    time.sleep(600)
 """
 
 INNER = """
@@ -99,6 +101,12 @@ def test_hangs_with_a_process_tree_running():
     time.sleep(600)
 
 
+def test_leaves_an_untracked_orphan_behind():
+    # Not tracked, in a session of its own, and its parent gone: only the run's mark finds it.
+    command = [sys.executable, "-c", TREE, str(PIDS), "and-exit"]
+    subprocess.run(command, start_new_session=True, timeout=60, check=True)
+
+
 def test_fails_with_a_celery_worker_running(celery_worker):
     tree = psutil.Process(celery_worker.pid)
     PIDS.write_text(json.dumps([tree.pid, *(c.pid for c in tree.children(recursive=True))]))
@@ -107,13 +115,17 @@ def test_fails_with_a_celery_worker_running(celery_worker):
 
 
 def inner_run(tmp_path, test_name):
-    """Another pytest run of this suite's conftest, running one test of INNER."""
+    """Another pytest run of this suite's conftest (as the root conftest of `tmp_path`, so it
+    loads after Django is set up, as tests/conftest.py does), running one test of INNER."""
+    (tmp_path / "conftest.py").write_text(
+        "from tests.conftest import *  # noqa: F403 - the suite's fixtures, hooks and plugins\n"
+    )
     (tmp_path / "test_inner.py").write_text(INNER.format(tree=TREE))
     run_id = f"inner{os.getpid()}{test_name[-6:]}"
     env = {**os.environ, "INNER_PIDS": str(tmp_path / "pids.json"), "TOOLGATE_TEST_RUN_ID": run_id}
     command = [
-        sys.executable, "-m", "pytest", "-p", "tests.conftest", "-c", str(ROOT / "pyproject.toml"),
-        "--rootdir", str(ROOT), "-p", "no:cacheprovider", "-q",
+        sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"),
+        "--rootdir", str(tmp_path), "-p", "no:cacheprovider", "-q",
         f"{tmp_path / 'test_inner.py'}::{test_name}",
     ]  # fmt: skip
     process = subprocess.Popen(
@@ -153,6 +165,13 @@ def test_a_run_stopped_with_sigterm_leaves_no_process_behind(tmp_path):
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode != 0 and "stopped by signal" in output, output
+    assert_cleaned_up(tmp_path, run_id, output)
+
+
+def test_a_process_a_test_did_not_track_is_stopped_too(tmp_path):
+    process, run_id = inner_run(tmp_path, "test_leaves_an_untracked_orphan_behind")
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode == 0, output
     assert_cleaned_up(tmp_path, run_id, output)
 
 
