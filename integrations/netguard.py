@@ -504,13 +504,24 @@ async def resolve_host(host: str, port: int) -> list[IPAddress]:
         if family == socket.AF_INET:
             address: IPAddress = ipaddress.IPv4Address(sockaddr[0])
         elif family == socket.AF_INET6:
-            scope = f"%{sockaddr[3]}" if sockaddr[3] else ""
-            address = ipaddress.IPv6Address(f"{sockaddr[0].split('%')[0]}{scope}")
+            address = _ipv6_from_sockaddr(sockaddr)
         else:
             continue
         if address not in addresses:
             addresses.append(address)
     return addresses
+
+
+def _ipv6_from_sockaddr(sockaddr: tuple) -> ipaddress.IPv6Address:
+    """An IPv6 answer as an address, keeping a non-zero scope id as its zone.
+
+    anyio hands back 2-tuples ``(host, port)`` with the scope id already appended to the
+    host as ``%scope``; ``socket.getaddrinfo`` gives ``(host, port, flowinfo, scope_id)``.
+    """
+    host = str(sockaddr[0])
+    if len(sockaddr) >= 4 and sockaddr[3] and "%" not in host:
+        host = f"{host}%{sockaddr[3]}"
+    return ipaddress.IPv6Address(host)
 
 
 def _remaining(deadline: float | None) -> float | None:

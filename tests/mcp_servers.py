@@ -147,7 +147,8 @@ class RunningServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -173,8 +174,11 @@ class RunningServer:
         self.stop()
 
 
-def start(target: Servable, transport: Transport = "streamable_http") -> RunningServer:
-    """Serve `target` on a free 127.0.0.1 port in a daemon thread; return once it is listening.
+def start(
+    target: Servable, transport: Transport = "streamable_http", host: str = _HOST
+) -> RunningServer:
+    """Serve `target` on a free port of `host` (127.0.0.1, or ::1 for IPv6) in a daemon thread;
+    return once it is listening.
 
     `target` is an `MCPServer` or low-level `Server` (the app for `transport` is built here), an
     `AppFactory`, or a ready ASGI app, which then answers on every path whatever the transport.
@@ -184,9 +188,10 @@ def start(target: Servable, transport: Transport = "streamable_http") -> Running
     # Binding here, not in uvicorn, hands the port over without a find-then-bind race.
     # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets created with it, and
     # without it every keep-alive reply waits ~40 ms for Nagle's algorithm.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind((_HOST, 0))
-    running = RunningServer(host=_HOST, port=sock.getsockname()[1], transport=transport)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind((host, 0))
+    running = RunningServer(host=host, port=sock.getsockname()[1], transport=transport)
     config = uvicorn.Config(
         _RecordRequests(_asgi_app_for(target, transport), running.requests),
         lifespan="on",  # the Streamable HTTP session manager is started by the app's lifespan
@@ -767,12 +772,15 @@ def redirect_server(target_url: str) -> ASGIApp:
 
 @pytest.fixture
 def mcp_factory() -> Iterator[Callable[..., RunningServer]]:
-    """``mcp_factory(target, transport="streamable_http")`` starts `target` (anything `start`
-    takes, e.g. ``paginated_server(count=5)``); every server started is stopped at teardown."""
+    """``mcp_factory(target, transport="streamable_http", host="127.0.0.1")`` starts `target`
+    (anything `start` takes, e.g. ``paginated_server(count=5)``); every server started is
+    stopped at teardown."""
     with contextlib.ExitStack() as running:
 
-        def factory(target: Servable, transport: Transport = "streamable_http") -> RunningServer:
-            return running.enter_context(start(target, transport))
+        def factory(
+            target: Servable, transport: Transport = "streamable_http", host: str = _HOST
+        ) -> RunningServer:
+            return running.enter_context(start(target, transport, host))
 
         yield factory
 

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import gzip
 import ipaddress
+import socket
 import ssl
 import sys
 import threading
@@ -531,6 +532,87 @@ def test_connection_goes_to_the_vetted_address(server, fake_dns, loopback_only):
     assert response.status_code == 200
     assert loopback_only == ["127.0.0.1"]  # the IP was dialled, not the name
     assert server.requests[0]["Host"] == f"mcp.test:{port}"
+
+
+class _RecordingServerV6(_RecordingServer):
+    address_family = socket.AF_INET6
+
+
+@pytest.fixture
+def server_v6() -> Iterator[_RecordingServer]:
+    with _serving(_RecordingServerV6(("::1", 0), _Handler)) as running:
+        yield running
+
+
+@pytest.fixture
+def getaddrinfo_answers(monkeypatch) -> dict[str, list[str]]:
+    """Answers for names, in the shape anyio.getaddrinfo really returns: IPv6 socket addresses
+    as 2-tuples (host, port), a scope id appended to the host. The real resolver of this
+    machine has no IPv6 names, so this stands in for the DNS beneath `resolve_host`."""
+    answers: dict[str, list[str]] = {}
+    real = anyio.getaddrinfo
+
+    async def getaddrinfo(host, port, **kwargs):
+        if host not in answers:
+            return await real(host, port, **kwargs)
+        infos = []
+        for address in answers[host]:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            infos.append((family, socket.SOCK_STREAM, 6, "", (address, port)))
+        return infos
+
+    monkeypatch.setattr(anyio, "getaddrinfo", getaddrinfo)
+    return answers
+
+
+def test_an_ipv6_only_name_resolves_and_connects_when_allowed(server_v6, getaddrinfo_answers):
+    getaddrinfo_answers["v6only.test"] = ["::1"]
+    assert anyio.run(netguard.resolve_host, "v6only.test", 80) == [ipaddress.ip_address("::1")]
+    port = _port(server_v6)
+    response = _get(guarded_client(allow_private_network=True), f"http://v6only.test:{port}/")
+    assert response.status_code == 200
+    assert server_v6.requests[0]["Host"] == f"v6only.test:{port}"
+
+
+def test_an_ipv6_only_name_stays_guarded(server_v6, getaddrinfo_answers, loopback_only):
+    getaddrinfo_answers["v6only.test"] = ["::1"]
+    with pytest.raises(AddressRefused, match=r"::1 \(loopback\) for host v6only\.test"):
+        _get(guarded_client(allow_private_network=False), f"http://v6only.test:{_port(server_v6)}/")
+    assert loopback_only == []
+    assert server_v6.connections == []
+
+
+def test_a_dual_stack_name_is_refused_if_either_answer_is(server_v6, getaddrinfo_answers):
+    getaddrinfo_answers["dual.test"] = ["2606:4700::1111", "127.0.0.1"]
+    with pytest.raises(AddressRefused, match=r"127\.0\.0\.1 \(loopback\)"):
+        _get(guarded_client(allow_private_network=False), f"http://dual.test:{_port(server_v6)}/")
+    getaddrinfo_answers["dual.test"] = ["::ffff:127.0.0.1", "1.1.1.1"]
+    with pytest.raises(AddressRefused, match=r"loopback, via IPv4-mapped 127\.0\.0\.1"):
+        _get(guarded_client(allow_private_network=False), f"http://dual.test:{_port(server_v6)}/")
+    assert server_v6.connections == []
+
+
+def test_a_dual_stack_name_connects_to_its_first_answer(server_v6, getaddrinfo_answers):
+    getaddrinfo_answers["dual.test"] = ["::1", "127.0.0.1"]
+    response = _get(
+        guarded_client(allow_private_network=True), f"http://dual.test:{_port(server_v6)}/"
+    )
+    assert response.status_code == 200
+    assert server_v6.connections and server_v6.connections[0][0] == "::1"
+
+
+def test_a_scope_id_is_kept_as_the_zone(getaddrinfo_answers):
+    getaddrinfo_answers["linklocal.test"] = ["fe80::1%2"]
+    [address] = anyio.run(netguard.resolve_host, "linklocal.test", 80)
+    assert address == ipaddress.IPv6Address("fe80::1%2")
+    assert is_refused(address) == "IPv6 link-local"
+
+
+def test_an_ipv6_literal_url_reaches_the_server(server_v6):
+    url = f"http://[::1]:{_port(server_v6)}/"
+    assert _get(guarded_client(allow_private_network=True), url).status_code == 200
+    with pytest.raises(AddressRefused, match="loopback"):
+        _get(guarded_client(allow_private_network=False), url)
 
 
 def test_unresolvable_host_is_an_ordinary_connect_error(monkeypatch):

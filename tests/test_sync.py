@@ -1,11 +1,19 @@
 """Syncing a server's tool list into Toolgate."""
 
+from dataclasses import dataclass
+
 import pytest
 from django.utils import timezone
 
 from approvals import policy
 from integrations.models import McpServer, Tool, ToolApproval, ToolRevision
-from tests.mcp_servers import demo_server, mutable_server, paginated_server, protected_server
+from tests.mcp_servers import (
+    _asgi_app_for,
+    demo_server,
+    mutable_server,
+    paginated_server,
+    protected_server,
+)
 
 
 def make_server(running, **kwargs):
@@ -197,3 +205,67 @@ def test_a_poisoned_tool_is_flagged_at_sync_until_a_human_reviews_it(mcp_factory
     server.sync_tools()
     tool.refresh_from_db()
     assert tool.warnings and not tool.needs_review  # a human has looked; still shown
+
+
+@pytest.fixture
+def ipv6_name(monkeypatch):
+    """`mcp-v6.test` resolves to ::1 only, answered the way anyio.getaddrinfo answers (IPv6
+    socket addresses as 2-tuples); this machine's resolver has no IPv6-only name."""
+    import socket
+
+    import anyio
+
+    real = anyio.getaddrinfo
+
+    async def getaddrinfo(host, port, **kwargs):
+        if host == "mcp-v6.test":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port))]
+        return await real(host, port, **kwargs)
+
+    monkeypatch.setattr(anyio, "getaddrinfo", getaddrinfo)
+    return "mcp-v6.test"
+
+
+@dataclass
+class _AsLoopback:
+    """`inner` behind a Host header rewrite: the SDK's servers accept only loopback names."""
+
+    inner: object
+
+    def build_asgi_app(self, transport):
+        app = _asgi_app_for(self.inner, transport)
+
+        async def rewrite(scope, receive, send):
+            if scope["type"] == "http":
+                port = str(scope["server"][1]).encode()
+                headers = [(k, v) for k, v in scope["headers"] if k != b"host"]
+                headers.append((b"host", b"localhost:" + port))
+                scope = {**scope, "headers": headers}
+            await app(scope, receive, send)
+
+        return rewrite
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("transport", ["streamable_http", "sse"])
+def test_it_syncs_a_server_whose_name_has_only_an_ipv6_address(mcp_factory, ipv6_name, transport):
+    running = mcp_factory(_AsLoopback(demo_server()), transport, host="::1")
+    url = running.url.replace("[::1]", ipv6_name)
+    server = McpServer.objects.create(name="v6", url=url, allow_private_network=True)
+    result = server.sync_tools()
+    assert result.ok, result.error
+    assert result.added == 5
+
+
+@pytest.mark.django_db
+def test_an_ipv6_loopback_server_is_refused_unless_private_networks_are_allowed(mcp_factory):
+    running = mcp_factory(demo_server(), host="::1")
+    assert running.url.startswith("http://[::1]:")
+    server = McpServer.objects.create(name="v6", url=running.url)
+    result = server.sync_tools()
+    assert not result.ok
+    assert "::1 (loopback)" in result.error
+    assert running.requests == []
+    server.allow_private_network = True
+    server.save()
+    assert server.sync_tools().ok
