@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -118,32 +120,102 @@ class ToolResult:
 @dataclass
 class _HttpTrace:
     """What the HTTP layer saw, so an opaque SDK error can be explained (the SDK folds a 401
-    into a generic JSON-RPC error)."""
+    into a generic JSON-RPC error), and the way to stop the conversation at once when a guard
+    refuses something: the SDK's SSE reader swallows exceptions and then waits for an
+    `endpoint` event that never comes, until the whole timeout has passed."""
 
     origin: tuple = ()
+    url: str = ""
     statuses: list = field(default_factory=list)
     guard_error: Exception | None = None  # the SDK's SSE reader swallows these; keep them here
+    cancel: Callable[[], None] | None = None  # set by `_run`: ends the conversation now
+
+    def fail(self, error):
+        """Record why the conversation must end, and end it now."""
+        if self.guard_error is None:
+            self.guard_error = error
+        if self.cancel is not None:
+            self.cancel()
+
+    def off_origin(self, url):
+        """An McpError if `url` (an httpx2.URL) is not on the server's origin, else None."""
+        same = (url.scheme, url.host, url.port) == self.origin
+        upgrade = (url.host, self.origin[0], url.scheme) == (self.origin[1], "http", "https")
+        if same or upgrade:
+            return None
+        return McpError(
+            "refused",
+            f"The server tried to send the conversation to another origin "
+            f"({url.scheme}://{url.host}{f':{url.port}' if url.port else ''}); "
+            "nothing was sent there.",
+            reached_server=True,
+        )
 
     async def on_request(self, request):
         """Refuse to send anything (the token and headers above all) off the server's origin,
         whatever a redirect or an SSE `endpoint` event says."""
-        url = request.url
-        same = (url.scheme, url.host, url.port) == self.origin
-        upgrade = (url.host, self.origin[0], url.scheme) == (self.origin[1], "http", "https")
-        if not (same or upgrade):
-            self.guard_error = McpError(
-                "refused",
-                f"The server tried to send the conversation to another origin "
-                f"({url.scheme}://{url.host}); nothing was sent there.",
-                reached_server=True,
-            )
-            raise self.guard_error
+        error = self.off_origin(request.url)
+        if error is not None:
+            self.fail(error)
+            raise error
 
     async def on_response(self, response):
         self.statuses.append(response.status_code)
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            response.stream = _EndpointCheck(response.stream, self)
 
     def on_guard_error(self, exc):
-        self.guard_error = exc
+        self.fail(exc)
+
+    def worst_status(self):
+        failures = [s for s in self.statuses if s >= 300]
+        return failures[-1] if failures else None
+
+    def check_endpoint(self, data):
+        """The SSE `endpoint` event names where messages go: on another origin, stop now."""
+        try:
+            url = httpx2.URL(self.url).join(data.decode("utf-8", "replace").strip())
+        except httpx2.InvalidURL:
+            url = httpx2.URL("invalid://endpoint")
+        error = self.off_origin(url)
+        if error is not None:
+            self.fail(error)
+            raise error
+
+
+_SSE_LINE = re.compile(rb"\r\n|\r|\n")
+
+
+class _EndpointCheck(httpx2.AsyncByteStream):
+    """An event stream passed through unchanged, whose first `endpoint` event is checked as it
+    goes by (see `_HttpTrace.check_endpoint`)."""
+
+    MAX_LINE = 64 * 1024
+
+    def __init__(self, stream, trace):
+        self._stream, self._trace = stream, trace
+
+    async def __aiter__(self):
+        watching, pending, event, data = True, b"", b"", []
+        async for chunk in self._stream:
+            if watching:
+                *lines, pending = _SSE_LINE.split(pending + chunk)
+                for line in lines:
+                    if line.startswith(b"event:"):
+                        event = line[6:].strip()
+                    elif line.startswith(b"data:"):
+                        data.append(line[5:].removeprefix(b" "))
+                    elif not line and event == b"endpoint":
+                        self._trace.check_endpoint(b"\n".join(data))
+                        watching = False  # the SDK takes the first endpoint event only
+                        break
+                    elif not line:
+                        event, data = b"", []
+                watching = watching and len(pending) <= self.MAX_LINE
+            yield chunk
+
+    async def aclose(self):
+        await self._stream.aclose()
 
     def worst_status(self):
         failures = [s for s in self.statuses if s >= 300]
@@ -324,11 +396,14 @@ async def _run(endpoint, transport, operation, timeout, client_options):
         url = httpx2.URL(endpoint.url)
     except httpx2.InvalidURL:
         raise McpError("refused", "The server URL is not valid.", reached_server=False) from None
-    trace = _HttpTrace(origin=(url.scheme, url.host, url.port))
+    trace = _HttpTrace(origin=(url.scheme, url.host, url.port), url=endpoint.url)
     try:
-        with anyio.fail_after(timeout):
-            async with _client(endpoint, transport, trace, client_options) as client:
-                return await operation(client, transport)
+        with anyio.CancelScope() as stop:
+            trace.cancel = stop.cancel
+            with anyio.fail_after(timeout):
+                async with _client(endpoint, transport, trace, client_options) as client:
+                    return await operation(client, transport)
+        raise trace.guard_error  # a guard stopped the conversation (`_HttpTrace.fail`)
     except McpError as exc:
         exc.message = endpoint.redact(exc.message)
         raise

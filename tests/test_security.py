@@ -100,6 +100,34 @@ def test_an_sse_endpoint_on_another_origin_gets_nothing(mcp_factory, mcp_demo_ht
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("transport", ["sse", "auto"])
+def test_an_sse_endpoint_on_another_origin_fails_at_once_with_the_reason(
+    mcp_factory, mcp_demo_http, settings, transport
+):
+    """Not "no answer in time" once the whole sync timeout has passed: the SDK's SSE reader
+    swallows its own origin error and waits, so Toolgate reads the endpoint event itself."""
+    settings.MCP_SYNC_TIMEOUT = 30
+    settings.MCP_READ_TIMEOUT = 30
+    target = f"{mcp_demo_http.base_url}/messages/?session_id=stolen"
+    evil = mcp_factory(foreign_endpoint_sse_server(target))
+    server = server_for(evil, url=evil.base_url + "/sse", transport=transport)
+    server.allow_private_network = True
+    server.secret_token = "tok-must-not-travel"
+    server.save()
+    result = server.sync_tools()
+    assert not result.ok
+    other_origin = f"http://127.0.0.1:{mcp_demo_http.port}"
+    assert f"tried to send the conversation to another origin ({other_origin})" in result.error
+    assert "no answer in time" not in result.error
+    assert mcp_demo_http.requests == []
+
+
+def test_a_relative_sse_endpoint_on_the_same_origin_still_works(mcp_demo_sse):
+    endpoint = Endpoint(url=mcp_demo_sse.url, transport="sse", allow_private_network=True)
+    assert {tool["name"] for tool in list_tools(endpoint).tools} >= {"echo", "add"}
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize(
     "headers",
     [
