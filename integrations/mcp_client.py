@@ -14,7 +14,10 @@ request provably never got to the server, which is what makes a retry safe.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
+import html
 import json
 import logging
 import re
@@ -22,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 import anyio
 import httpx2
 import mcp_types
+import re2
 from django.conf import settings
 from mcp import Client, MCPError
 from mcp.client.sse import sse_client
@@ -67,6 +71,69 @@ class McpError(Exception):
         self.retryable = (not reached_server) if retryable is None else retryable
 
 
+MIN_SECRET_CHARS = 4  # shorter "secrets" would redact ordinary words
+_SECRET_KEY_WORDS = re.compile(r"key|token|secret|pass|auth|sig|cred|session", re.IGNORECASE)
+
+
+def _secret_looking(text, key=""):
+    """Whether a URL path segment or query value looks like it carries a key: long, or mixing
+    letters and digits, or under a key-like query name. Plain words ("mcp", "customers") are
+    left alone, or redaction would mangle every result that mentions them."""
+    text = unquote(text)
+    if len(text) < MIN_SECRET_CHARS:
+        return False
+    if key and _SECRET_KEY_WORDS.search(key):
+        return True
+    mixed = any(c.isdigit() for c in text) and any(c.isalpha() for c in text)
+    return len(text) >= 20 or (len(text) >= 8 and mixed)
+
+
+@functools.lru_cache(maxsize=64)
+def secret_forms(secrets):
+    """Every form in which the `secrets` may come back: as they are, URL-decoded and -encoded,
+    HTML- and JSON-escaped, and base64 (standard and URL-safe, at each of the three offsets a
+    secret can have inside a longer base64 text)."""
+    forms = set()
+    for secret in secrets:
+        for variant in {secret, unquote(secret)}:
+            quoted = quote(variant, safe="")
+            forms.update([variant, quoted, quoted.lower(), quote_plus(variant)])
+            forms.update([quote(variant), html.escape(variant), json.dumps(variant)[1:-1]])
+            every = variant.encode().hex().upper()
+            forms.update(["%" + "%".join(every[i : i + 2] for i in range(0, len(every), 2))])
+            forms.update(_base64_forms(variant.encode()))
+    return sorted((f for f in forms if len(f) >= MIN_SECRET_CHARS), key=len, reverse=True)
+
+
+_URL_SAFE = str.maketrans("+/", "-_")
+
+
+def _base64_forms(data):
+    """The base64 characters that depend on `data` alone, whatever precedes or follows it."""
+    forms = []
+    for offset, skip in ((0, 0), (1, 2), (2, 3)):
+        padded = b"\0" * offset + data
+        text = base64.b64encode(padded).decode().rstrip("=")
+        if len(padded) % 3:
+            text = text[:-1]  # its last character also depends on what comes next
+        core = text[skip:]
+        if len(core) >= 8:
+            forms += [core, core.translate(_URL_SAFE)]
+    return forms
+
+
+@functools.lru_cache(maxsize=64)
+def _redaction_pattern(forms):
+    # RE2: one linear pass over the text whatever the number of forms (literals only).
+    return re2.compile("|".join(re2.escape(form) for form in forms))
+
+
+def _redact_text(text, forms):
+    if not forms or not text:
+        return text
+    return _redaction_pattern(tuple(forms)).sub("[redacted]", text)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where and how to reach one MCP server. Holds secrets: never log or pickle it."""
@@ -76,7 +143,8 @@ class Endpoint:
     headers: dict = field(default_factory=dict)
     allow_private_network: bool = False
     # An httpx2 auth for every request (OAuth's `integrations.oauth.BearerAuth`), and what
-    # identifies the credential it carries without being it ("" when there is none).
+    # identifies the credential it carries without being it ("" when there is none). The
+    # auth's `secrets` (its tokens) are redacted like the others.
     auth: httpx2.Auth | None = field(default=None, compare=False)
     credential: str = ""
 
@@ -85,21 +153,45 @@ class Endpoint:
         parts = urlsplit(self.url)
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
-    def redact(self, text):
-        """Remove this endpoint's secrets from text that may be shown or stored: the URL and its
-        path, query values and credentials, and header values (also without "Bearer ")."""
+    def redact(self, value):
+        """`value` (text, or any JSON value) without this endpoint's own secrets.
+
+        The one redaction of what a server sends back (results, error text, tool listings):
+        the URL, its credentials, secret-looking path segments and query values, the token and
+        every header value, each also URL-encoded, HTML- and JSON-escaped and base64-encoded
+        (at any offset inside a longer base64 text, such as a Basic credential), are replaced
+        by "[redacted]". JSON values are redacted as their JSON text, keys included.
+        """
+        if isinstance(value, str):
+            return _redact_text(value, self._secret_forms)
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        text = json.dumps(value, ensure_ascii=False)
+        redacted = _redact_text(text, self._secret_forms)
+        if redacted == text:
+            return value
+        try:
+            return json.loads(redacted)
+        except ValueError:  # a secret spanning JSON syntax: nothing of it can be kept
+            return "[redacted]"
+
+    @property
+    def _secret_forms(self):
+        # Not cached on the endpoint: an OAuth refresh changes the tokens mid-conversation.
+        return secret_forms(self._secrets())
+
+    def _secrets(self):
         parts = urlsplit(self.url)
-        secrets = [self.url, parts.path, parts.query, parts.netloc.rpartition("@")[0]]
-        secrets += [value for _, value in parse_qsl(parts.query)]
-        secrets += [segment for segment in parts.path.split("/") if len(segment) >= 8]
-        secrets += [parts.password or ""]
+        found = [self.url, parts.netloc.rpartition("@")[0], parts.password or ""]
+        found += [self.url.partition("#")[0], self.url.partition("?")[0]]
+        found += [parts.path] if _secret_looking(parts.path) else []
+        found += [parts.query] if parts.query else []
+        found += [value for key, value in parse_qsl(parts.query) if _secret_looking(value, key)]
+        found += [segment for segment in parts.path.split("/") if _secret_looking(segment)]
         for value in self.headers.values():
-            secrets += [value, value.rpartition(" ")[2]]
-        secrets += list(getattr(self.auth, "secrets", ()))
-        secrets += [unquote(secret) for secret in secrets]
-        for secret in sorted({s for s in secrets if s and len(s) > 3}, key=len, reverse=True):
-            text = text.replace(secret, "[redacted]")
-        return text
+            found += [value, value.rpartition(" ")[2]]  # "Bearer <token>" and the token
+        found += list(getattr(self.auth, "secrets", ()))  # OAuth's tokens, as they are now
+        return tuple(secret for secret in found if secret and len(secret) >= MIN_SECRET_CHARS)
 
 
 @dataclass
@@ -270,8 +362,10 @@ async def _list_tools(endpoint):
         tools = await _all_tools(client)
         info = client.server_info
         return ToolListing(
-            tools=tools,
-            server_info=info.model_dump(mode="json", exclude_none=True) if info else {},
+            tools=endpoint.redact(tools),
+            server_info=endpoint.redact(
+                info.model_dump(mode="json", exclude_none=True) if info else {}
+            ),
             protocol_version=client.protocol_version,
             transport=transport,
         )
@@ -288,8 +382,8 @@ async def _call_tool(endpoint, name, arguments, transport, timeout, upstream):
         if not isinstance(result, mcp_types.CallToolResult):
             raise McpError("protocol", "The server answered the tool call with an unknown result.")
         return ToolResult(
-            content=[_wire(block) for block in result.content],
-            structured_content=result.structured_content,
+            content=endpoint.redact([_wire(block) for block in result.content]),
+            structured_content=endpoint.redact(result.structured_content),
             is_error=bool(result.is_error),
         )
 

@@ -13,7 +13,9 @@ import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from urllib.parse import quote
 
+import mcp_types
 import pytest
 from django.conf import settings
 from django.core.signals import got_request_exception
@@ -21,6 +23,7 @@ from django.db import transaction
 from django.test import Client, RequestFactory
 from django.utils import timezone
 from django.views.debug import ExceptionReporter
+from mcp.server import Server
 from starlette.responses import JSONResponse, Response
 
 from approvals.models import Status, ToolCall, request_tool_call
@@ -585,3 +588,125 @@ def test_a_tool_call_error_echoing_the_request_does_not_reach_the_agent(kind, mc
     ).content.decode()
     assert call.error_message[:40] in answer
     assert_no_secrets(answer, SERVER_SECRETS, "the agent's answer")
+
+
+# ------------------------------------------------- credentials a server sends back (item 3)
+
+
+def _encoded_forms(secret):
+    """How a hostile server might hand a secret back: plain, URL-encoded, base64 alone or
+    inside a Basic credential or a longer blob, URL-safe base64, hex-percent-encoded."""
+    raw = secret.encode()
+    return [
+        secret,
+        quote(secret, safe=""),
+        "".join(f"%{byte:02X}" for byte in raw),
+        base64.b64encode(raw).decode(),
+        base64.b64encode(b"user:" + raw).decode(),
+        base64.urlsafe_b64encode(b"xy" + raw + b"-tail").decode(),
+    ]
+
+
+def _leaked_forms(text, secrets):
+    """Which of the secrets appear in `text` in any form a test server sends them in, keeping
+    only the part of a base64 form that depends on the secret alone."""
+    found = []
+    for secret in secrets:
+        for form in (secret, quote(secret, safe="")):
+            if form in text:
+                found.append(form)
+        for offset in range(3):
+            core = base64.b64encode(b"\0" * offset + secret.encode()).decode().rstrip("=")
+            core = core[(0, 2, 3)[offset] : -1]
+            for variant in (core, core.translate(str.maketrans("+/", "-_"))):
+                if variant in text:
+                    found.append(variant)
+    return found
+
+
+def _echoing_credentials_server():
+    """A server that hands its own credentials back in every kind of reply: tool results,
+    `isError` results, structured content, embedded resources, the tool's description and
+    its server name, each secret in several encodings."""
+    full_url_path = f"/k/{PATH_SECRET}/mcp?key={QUERY_SECRET}"
+    said = " ".join(
+        [f"rejected Bearer {TOKEN} / x-api-key={HEADER_VALUE} at {full_url_path}"]
+        + [form for secret in SERVER_SECRETS for form in _encoded_forms(secret)]
+    )
+    tool = mcp_types.Tool(
+        name="whoami",
+        description=f"Says who you are. Debug: Authorization: Bearer {TOKEN}",
+        input_schema={"type": "object", "properties": {"mode": {"type": "string"}}},
+    )
+
+    async def list_tools(ctx, params):
+        return mcp_types.ListToolsResult(tools=[tool])
+
+    async def call_tool(ctx, params):
+        mode = (params.arguments or {}).get("mode")
+        resource = mcp_types.EmbeddedResource(
+            type="resource",
+            resource=mcp_types.TextResourceContents(
+                uri=f"https://example.com/echo?key={QUERY_SECRET}", text=said
+            ),
+        )
+        return mcp_types.CallToolResult(
+            content=[mcp_types.TextContent(type="text", text=said), resource],
+            structured_content={"said": said, TOKEN: {"header": HEADER_VALUE}},
+            is_error=mode == "error",
+        )
+
+    return Server(f"echo-{TOKEN}", on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("mode", ["text", "error"])
+def test_credentials_a_server_sends_back_reach_no_agent_page_or_row(
+    mode, mcp_factory, client, admin_client
+):
+    running = mcp_factory(
+        _UnderSecretPath(
+            protected_server(
+                token=TOKEN,
+                header=("X-Api-Key", HEADER_VALUE),
+                inner=_echoing_credentials_server(),
+            )
+        )
+    )
+    server = make_server(secret_url(running.base_url), approval_mode="no_approval")
+    assert server.sync_tools().ok
+    tool = Tool.objects.get(server=server, name="whoami")
+    assert "[redacted]" in tool.description
+    assert not _leaked_forms(json.dumps([tool.definition, server.server_info]), SERVER_SECRETS)
+    agent, agent_token = make_agent(server)
+    listed = client.get("/api/v1/tools", headers={"Authorization": f"Bearer {agent_token}"})
+    assert not _leaked_forms(listed.content.decode(), SERVER_SECRETS)
+
+    call, _ = request_tool_call(agent, "secret", "whoami", {"mode": mode})
+    ToolCall.objects.get(pk=call.pk).run()
+    call.refresh_from_db()
+    assert call.status == Status.SUCCEEDED
+    assert call.is_error is (mode == "error")
+    stored = json.dumps([call.result_content, call.structured_content, call.error_message])
+    assert "rejected [redacted] / x-api-key=[redacted]" in stored
+    assert not _leaked_forms(stored, SERVER_SECRETS)
+    answer = client.get(
+        f"/api/v1/tool-calls/{call.pk}", headers={"Authorization": f"Bearer {agent_token}"}
+    ).content.decode()
+    assert "rejected [redacted]" in answer
+    assert not _leaked_forms(answer, SERVER_SECRETS)
+    for page in ["/approvals/history/", f"/approvals/{call.pk}/state"]:
+        html = admin_client.get(page).content.decode()
+        assert not _leaked_forms(html, SERVER_SECRETS), page
+
+
+def test_redaction_leaves_ordinary_words_of_the_url_alone():
+    from integrations.mcp_client import Endpoint
+
+    endpoint = Endpoint(
+        url="https://mcp.example.com/customers/mcp?format=json",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    text = "Customers are listed at http://mcp.example.com/customers/mcp as json."
+    assert endpoint.redact(text) == text
+    assert endpoint.redact(f"http://mcp-{TOKEN}.example") == "http://mcp-[redacted].example"
