@@ -338,7 +338,7 @@ class ToolCall(models.Model):
         try:
             result = mcp_client.call_tool(
                 self.server.endpoint(),
-                self.tool_name,
+                self.tool.name,  # the stored full name, which the fingerprint check vouched for
                 self.arguments,
                 transport=self.server.server_info.get("transport"),
                 on_declined=declined.append,
@@ -362,7 +362,7 @@ class ToolCall(models.Model):
             endpoint = await sync_to_async(self.server.endpoint, thread_sensitive=False)()
             result = await mcp_client.acall_tool(
                 endpoint,
-                self.tool_name,
+                self.tool.name,  # the stored full name, which the fingerprint check vouched for
                 self.arguments,
                 transport=self.server.server_info.get("transport"),
                 on_progress=on_progress,
@@ -487,13 +487,22 @@ class ToolCall(models.Model):
 
 
 def _result_warnings(result):
-    """Text in a tool's result that looks like instructions to the model (prompt injection)."""
+    """Text in a tool's result that looks like instructions to the model (prompt injection),
+    and whether the result was cut to the size a stored result may have."""
     text = "\n".join(
         block.get("text", "") for block in result.content if block.get("type") == "text"
     )
     if result.structured_content:
         text += "\n" + json.dumps(result.structured_content, ensure_ascii=False)
-    return scanner.scan_result_text(text)
+    warnings = scanner.scan_result_text(text)
+    if result.truncated_from:
+        limit = settings.MCP_MAX_RESULT_BYTES
+        message = (
+            f"The result was {result.truncated_from:,} bytes, over the {limit:,}-byte limit: "
+            "only its start was kept."
+        )
+        warnings.append({"code": "result_truncated", "message": message, "field": "result"})
+    return warnings
 
 
 class Refused(Exception):
@@ -514,6 +523,9 @@ def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key=
     caller runs it itself (`await call.arun()`), and the sweeper enqueues it should the caller
     never claim it.
     """
+    too_long = _overlong_name(server_name, tool_name)
+    if too_long:
+        raise too_long  # nothing can match it, and no column is cut to fit it
     if idempotency_key:
         existing = ToolCall.objects.filter(agent=agent, idempotency_key=idempotency_key).first()
         if existing:
@@ -523,8 +535,8 @@ def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key=
         agent=agent,
         server=server,
         tool=tool,
-        server_name=server_name[:100],
-        tool_name=tool_name[:200],
+        server_name=server_name,
+        tool_name=tool_name,
         tool_fingerprint=tool.fingerprint if tool else "",
         arguments=arguments,
         idempotency_key=idempotency_key,
@@ -540,6 +552,20 @@ def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key=
 
 def _canonical(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+MAX_TOOL_NAME = 128  # the MCP naming rules; longer names are refused at sync
+
+
+def _overlong_name(server_name, tool_name):
+    server_limit = McpServer._meta.get_field("name").max_length
+    if len(server_name) > server_limit:
+        return Refused(400, "bad_request", f"server must be at most {server_limit} characters.")
+    if len(tool_name) > MAX_TOOL_NAME:
+        return Refused(
+            400, "bad_request", f"tool must be at most {MAX_TOOL_NAME} characters (the MCP limit)."
+        )
+    return None
 
 
 def _block(call, refused):

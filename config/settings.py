@@ -268,6 +268,13 @@ MCP_SYNC_TIMEOUT = _read("MCP_SYNC_TIMEOUT", _positive(float), 60.0)  # a whole 
 MCP_CALL_TIMEOUT = _read("MCP_CALL_TIMEOUT", _positive(float), 120.0)  # one tool call
 MCP_MAX_RESPONSE_BYTES = _read("MCP_MAX_RESPONSE_BYTES", _positive(int), 10 * 1024 * 1024)
 MCP_MAX_TOOLS = _read("MCP_MAX_TOOLS", _positive(int), 1000)
+# One sync: all the bytes its responses may carry, and the pages of the tool list.
+MCP_SYNC_MAX_BYTES = _read("MCP_SYNC_MAX_BYTES", _positive(int), 20 * 1024 * 1024)
+MCP_SYNC_MAX_PAGES = _read("MCP_SYNC_MAX_PAGES", _positive(int), 100)
+# One stored tool definition (larger ones are refused at sync) and one stored tool result
+# (larger ones are stored cut, with a marker saying so).
+MCP_MAX_TOOL_DEFINITION_BYTES = _read("MCP_MAX_TOOL_DEFINITION_BYTES", _positive(int), 64 * 1024)
+MCP_MAX_RESULT_BYTES = _read("MCP_MAX_RESULT_BYTES", _positive(int), 1024 * 1024)
 MCP_EXTRA_BLOCKED_NETWORKS = _read("MCP_EXTRA_BLOCKED_NETWORKS", _list, [])
 MCP_EXTRA_ALLOWED_NETWORKS = _read("MCP_EXTRA_ALLOWED_NETWORKS", _list, [])
 

@@ -38,7 +38,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
-from integrations import netguard
+from integrations import limits, netguard
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,57 @@ class ToolResult:
     content: list
     structured_content: dict | None
     is_error: bool
+    truncated_from: int | None = None  # bytes of the whole result, when it was cut to fit
+
+    @classmethod
+    def capped(cls, content, structured_content, is_error):
+        """The result as it may be stored: at most MCP_MAX_RESULT_BYTES of canonical JSON.
+
+        A larger one keeps its first content blocks (the text of the one that crosses the
+        limit cut short), drops the structured content if it no longer fits, and ends with a
+        text block saying so; `truncated_from` tells the caller. The call still succeeded:
+        the tool ran, so failing it would invite the agent to run it again.
+        """
+        limit = settings.MCP_MAX_RESULT_BYTES
+        size = limits.canonical_size([content, structured_content])
+        if size <= limit:
+            return cls(content, structured_content, is_error)
+        room = max(limit - 512, 0)  # for the marker
+        kept, used = [], 0
+        for block in content:
+            block_size = limits.canonical_size(block)
+            if used + block_size > room:
+                cut = _cut_text_block(block, room - used)
+                kept += [cut] if cut else []
+                used = room
+                break
+            kept.append(block)
+            used += block_size
+        if (
+            structured_content is not None
+            and used + limits.canonical_size(structured_content) > room
+        ):
+            structured_content = None
+        marker = (
+            f"[Toolgate: this result was {size:,} bytes, over the {limit:,}-byte limit for a "
+            "stored result; what follows this point was not kept.]"
+        )
+        kept.append({"type": "text", "text": marker})
+        return cls(kept, structured_content, is_error, truncated_from=size)
+
+
+def _cut_text_block(block, room):
+    """A text block cut to about `room` bytes of JSON, or None if no room or not text."""
+    if block.get("type") != "text" or room < 64:
+        return None
+    text = str(block.get("text", ""))
+    keep = room - 64
+    while True:  # escaping can make the JSON longer than the text: shrink until it fits
+        cut = {**block, "text": text.encode()[:keep].decode("utf-8", "ignore")}
+        size = limits.canonical_size(cut)
+        if size <= room or keep <= 0:
+            return cut
+        keep = keep * room // size - 1
 
 
 @dataclass
@@ -221,6 +272,8 @@ class _HttpTrace:
     statuses: list = field(default_factory=list)
     guard_error: Exception | None = None  # the SDK's SSE reader swallows these; keep them here
     cancel: Callable[[], None] | None = None  # set by `_run`: ends the conversation now
+    bytes_left: int | None = None  # what all responses of this conversation may still carry
+    byte_limit: int | None = None
 
     def fail(self, error):
         """Record why the conversation must end, and end it now."""
@@ -253,8 +306,23 @@ class _HttpTrace:
 
     async def on_response(self, response):
         self.statuses.append(response.status_code)
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
-            response.stream = _EndpointCheck(response.stream, self)
+        events = response.headers.get("content-type", "").startswith("text/event-stream")
+        if events or self.bytes_left is not None:
+            response.stream = _Watched(response.stream, self, events)
+
+    def count(self, received):
+        """Take `received` bytes from the conversation's budget; past it, stop now."""
+        if self.bytes_left is None:
+            return
+        self.bytes_left -= received
+        if self.bytes_left < 0:
+            error = McpError(
+                "too_large",
+                f"The server's responses exceeded the {self.byte_limit:,}-byte total allowed "
+                "for one sync.",
+            )
+            self.fail(error)
+            raise error
 
     def on_guard_error(self, exc):
         self.fail(exc)
@@ -278,18 +346,20 @@ class _HttpTrace:
 _SSE_LINE = re.compile(rb"\r\n|\r|\n")
 
 
-class _EndpointCheck(httpx2.AsyncByteStream):
-    """An event stream passed through unchanged, whose first `endpoint` event is checked as it
-    goes by (see `_HttpTrace.check_endpoint`)."""
+class _Watched(httpx2.AsyncByteStream):
+    """A response body passed through unchanged, counted against the conversation's byte
+    budget; for an event stream, its first `endpoint` event is checked as it goes by (see
+    `_HttpTrace.check_endpoint`)."""
 
     MAX_LINE = 64 * 1024
 
-    def __init__(self, stream, trace):
-        self._stream, self._trace = stream, trace
+    def __init__(self, stream, trace, events):
+        self._stream, self._trace, self._events = stream, trace, events
 
     async def __aiter__(self):
-        watching, pending, event, data = True, b"", b"", []
+        watching, pending, event, data = self._events, b"", b"", []
         async for chunk in self._stream:
+            self._trace.count(len(chunk))
             if watching:
                 *lines, pending = _SSE_LINE.split(pending + chunk)
                 for line in lines:
@@ -370,7 +440,9 @@ async def _list_tools(endpoint):
             transport=transport,
         )
 
-    return await _with_fallback(endpoint, listing, settings.MCP_SYNC_TIMEOUT, {})
+    return await _with_fallback(
+        endpoint, listing, settings.MCP_SYNC_TIMEOUT, {}, max_bytes=settings.MCP_SYNC_MAX_BYTES
+    )
 
 
 async def _call_tool(endpoint, name, arguments, transport, timeout, upstream):
@@ -381,10 +453,10 @@ async def _call_tool(endpoint, name, arguments, transport, timeout, upstream):
         result = await client.call_tool(name, arguments, progress_callback=upstream.progress)
         if not isinstance(result, mcp_types.CallToolResult):
             raise McpError("protocol", "The server answered the tool call with an unknown result.")
-        return ToolResult(
-            content=endpoint.redact([_wire(block) for block in result.content]),
-            structured_content=endpoint.redact(result.structured_content),
-            is_error=bool(result.is_error),
+        return ToolResult.capped(
+            endpoint.redact([_wire(block) for block in result.content]),
+            endpoint.redact(result.structured_content),
+            bool(result.is_error),
         )
 
     if transport in (STREAMABLE_HTTP, SSE):
@@ -450,7 +522,7 @@ class _UpstreamRequests:
 
 async def _all_tools(client):
     tools, cursor, seen_cursors = [], None, set()
-    while True:
+    for _page in range(settings.MCP_SYNC_MAX_PAGES):
         page = await client.list_tools(cursor=cursor)
         tools.extend(_wire(tool) for tool in page.tools)
         if len(tools) > settings.MCP_MAX_TOOLS:
@@ -463,34 +535,41 @@ async def _all_tools(client):
         if cursor in seen_cursors:
             raise McpError("protocol", "The server's tool list pages loop back on themselves.")
         seen_cursors.add(cursor)
+    raise McpError(
+        "too_large", f"The server's tool list has more than {settings.MCP_SYNC_MAX_PAGES} pages."
+    )
 
 
 def _wire(model):
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-async def _with_fallback(endpoint, operation, timeout, client_options):
+async def _with_fallback(endpoint, operation, timeout, client_options, max_bytes=None):
     """Run `operation` over the endpoint's transport; for "auto", fall back from Streamable
-    HTTP to SSE when the first attempt shows the server doesn't speak it."""
+    HTTP to SSE when the first attempt shows the server doesn't speak it. `max_bytes` caps
+    what all responses of one attempt may carry together."""
     if endpoint.transport != AUTO:
-        return await _run(endpoint, endpoint.transport, operation, timeout, client_options)
+        return await _run(
+            endpoint, endpoint.transport, operation, timeout, client_options, max_bytes
+        )
     try:
-        return await _run(endpoint, STREAMABLE_HTTP, operation, timeout, client_options)
+        return await _run(endpoint, STREAMABLE_HTTP, operation, timeout, client_options, max_bytes)
     except McpError as first:
         if first.code not in ("not_mcp", "protocol"):
             raise
         try:
-            return await _run(endpoint, SSE, operation, timeout, client_options)
+            return await _run(endpoint, SSE, operation, timeout, client_options, max_bytes)
         except McpError:
             raise first from None
 
 
-async def _run(endpoint, transport, operation, timeout, client_options):
+async def _run(endpoint, transport, operation, timeout, client_options, max_bytes=None):
     try:
         url = httpx2.URL(endpoint.url)
     except httpx2.InvalidURL:
         raise McpError("refused", "The server URL is not valid.", reached_server=False) from None
     trace = _HttpTrace(origin=(url.scheme, url.host, url.port), url=endpoint.url)
+    trace.bytes_left = trace.byte_limit = max_bytes
     try:
         with anyio.CancelScope() as stop:
             trace.cancel = stop.cancel

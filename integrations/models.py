@@ -15,7 +15,7 @@ from django.db import models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from integrations import mcp_client, oauth, scanner
+from integrations import limits, mcp_client, oauth, scanner
 from integrations.fields import EncryptedJSONField, EncryptedTextField
 from integrations.queueing import enqueue_on_commit
 
@@ -56,16 +56,27 @@ class SyncResult:
     error: str = ""
     skipped: bool = False  # another sync of this server was already running
     touched: list = field(default_factory=list)  # ids of the tools added or changed
+    refused: list = field(default_factory=list)  # why listed tools were not stored
 
     def __str__(self):
         if self.skipped:
             return "already being synced"
         if not self.ok:
             return f"failed: {self.error}"
-        return (
+        counts = (
             f"{self.added} added, {self.changed} changed, {self.removed} removed, "
             f"{self.unchanged} unchanged"
         )
+        return counts + (f", {len(self.refused)} refused" if self.refused else "")
+
+    @property
+    def refusals(self):
+        """The refused tools as one message for the server's page ("" when none)."""
+        if not self.refused:
+            return ""
+        shown = "; ".join(self.refused[:5])
+        more = f"; and {len(self.refused) - 5} more" if len(self.refused) > 5 else ""
+        return f"{len(self.refused)} tool(s) refused and not stored: {shown}{more}."
 
 
 class McpServer(models.Model):
@@ -202,7 +213,10 @@ class McpServer(models.Model):
                 "transport": listing.transport,
             }
             self._finish_sync(
-                last_error="", last_synced_at=timezone.now(), server_info=info, sync_failures=0
+                last_error=result.refusals,
+                last_synced_at=timezone.now(),
+                server_info=info,
+                sync_failures=0,
             )
         self._notify_tools_to_review(result.touched)
         return result
@@ -253,9 +267,13 @@ class McpServer(models.Model):
         result = SyncResult(ok=True)
         seen = set()
         for definition in definitions:
-            name = definition.get("name")
-            if not isinstance(name, str) or not name or name in seen:
-                continue  # the SDK validates names; a duplicate keeps the first definition
+            refusal = limits.tool_refusal(definition)
+            if refusal:
+                result.refused.append(refusal)
+                continue
+            name = definition["name"]
+            if name in seen:
+                continue  # a duplicate keeps the first definition
             seen.add(name)
             warnings = scanner.scan_tool(definition, other_tools=other_tools)
             tool = existing.get(name)

@@ -42,8 +42,13 @@ Limits: these are heuristics that flag a definition for a human to read. They ar
 security boundary. An attacker who knows the patterns can word instructions to avoid them,
 and an honest tool can trip them. They work on English text only.
 
+Also, through `integrations.limits.schema_problems`, an input schema whose validation could
+be expensive (too large or deep, too many references, an exponential `$ref` / `allOf`
+fan-out, an in-place `$ref` cycle, a pattern the safe regex engine can't run) is flagged
+`complex_schema`.
+
 Warning codes: hidden_instructions, invisible_unicode, homoglyph_name, shadowing,
-exfiltration, name_collision and scan_incomplete.
+exfiltration, name_collision, scan_incomplete and complex_schema.
 """
 
 import functools
@@ -53,6 +58,8 @@ import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from integrations import limits
 
 __all__ = ["scan_result_text", "scan_tool"]
 
@@ -334,6 +341,13 @@ def scan_tool(definition: dict, *, other_tools: Iterable[tuple[str, str]] = ()) 
             "The definition is too large or too deeply nested to check completely, "
             "so part of it was not scanned.",
             budget.incomplete_at,
+        )
+    problems = limits.schema_problems(definition.get("inputSchema"))
+    if problems:
+        warnings.add(
+            "complex_schema",
+            f"Checking a call's arguments against this tool could be slow: {'; '.join(problems)}.",
+            "inputSchema",
         )
     return warnings.items
 

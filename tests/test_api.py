@@ -358,3 +358,19 @@ def test_unknown_api_paths_get_a_json_404(client, method):
     response = getattr(client, method)("/api/v1/tool-calls/abc/", content_type="application/json")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"server": "demo", "tool": "a" * 129}, "tool must be at most 128 characters"),
+        ({"server": "d" * 101, "tool": "echo"}, "server must be at most 100 characters"),
+    ],
+)
+def test_an_overlong_name_is_refused_without_cutting_it_or_storing_a_row(
+    client, agent_token, body, message
+):
+    response = post(client, agent_token, body)
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+    assert not ToolCall.objects.exists()

@@ -1,5 +1,6 @@
 """Running approved calls: the worker, retries, the sweeper, and decisions that race."""
 
+import json
 import threading
 from datetime import timedelta
 
@@ -225,3 +226,49 @@ def test_two_decisions_racing_end_in_exactly_one(mcp_demo_http, django_user_mode
         assert call.status in (*approved, Status.DENIED)
         winner = "approve" if call.status in approved else "deny"
         assert call.note == f"{call.decided_by_user} says {winner}"
+
+
+# Bounds on what a call stores (issue 9 items 4, 5) ----------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_worker_calls_the_tool_by_its_stored_full_name(mcp_factory):
+    """A call row whose copy of the name was cut (as `tool_name[:200]` used to) still runs the
+    tool it was approved for: the worker uses the tool's own name."""
+    tools = mutable_server()
+    tools.add_tool("lookup_readonly")
+    running = mcp_factory(tools)
+    _, agent = setup_server(running)
+    call, _ = request_tool_call(agent, "demo", "lookup_readonly", {})
+    ToolCall.objects.filter(pk=call.pk).update(tool_name="lookup")
+    ToolCall.objects.get(pk=call.pk).run()
+    call.refresh_from_db()
+    assert call.result_content[0]["text"] == "called lookup_readonly with {}"
+
+
+@pytest.mark.django_db
+def test_a_result_over_the_stored_size_limit_is_kept_cut_with_a_marker(mcp_demo_http, settings):
+    settings.MCP_MAX_RESULT_BYTES = 10_000
+    _, agent = setup_server(mcp_demo_http)
+    call, _ = request_tool_call(agent, "demo", "echo", {"text": "é" * 50_000})
+    ToolCall.objects.get(pk=call.pk).run()
+    call.refresh_from_db()
+    assert call.status == Status.SUCCEEDED  # it ran: failing it would invite a second run
+    *kept, marker = call.result_content
+    assert kept[0]["text"].startswith("éééé") and len(kept[0]["text"]) < 5_000
+    assert marker["text"].startswith("[Toolgate: this result was 200,0")
+    assert "over the 10,000-byte limit for a stored result" in marker["text"]
+    assert call.structured_content is None  # the echoed text did not fit a second time
+    assert [w["code"] for w in call.warnings] == ["result_truncated"]
+    stored = [call.result_content, call.structured_content]
+    assert len(json.dumps(stored, ensure_ascii=False).encode()) <= 10_000
+
+
+@pytest.mark.django_db
+def test_a_result_within_the_limit_is_kept_whole(mcp_demo_http):
+    _, agent = setup_server(mcp_demo_http)
+    call, _ = request_tool_call(agent, "demo", "echo", {"text": "é" * 5_000})
+    ToolCall.objects.get(pk=call.pk).run()
+    call.refresh_from_db()
+    assert call.result_content == [{"type": "text", "text": "é" * 5_000}]
+    assert call.warnings == []

@@ -2,8 +2,10 @@
 
 from dataclasses import dataclass
 
+import mcp_types
 import pytest
 from django.utils import timezone
+from mcp.server import Server
 
 from approvals import policy
 from integrations.models import McpServer, Tool, ToolApproval, ToolRevision
@@ -269,3 +271,168 @@ def test_an_ipv6_loopback_server_is_refused_unless_private_networks_are_allowed(
     server.allow_private_network = True
     server.save()
     assert server.sync_tools().ok
+
+
+# Bounds on what a server may hand over (issue 9 items 2, 4, 5) ------------------------------
+
+READONLY_LOOKALIKE = "a" * 200 + "_readonly"
+DESTRUCTIVE_PREFIX = "a" * 200
+
+
+@pytest.mark.integration
+@pytest.mark.django_db
+def test_it_refuses_tool_names_outside_the_mcp_naming_rules(mcp_factory, admin_client):
+    """On PostgreSQL a 209-character name used to make the whole sync fail (a varchar(200));
+    on SQLite it was stored whole and cut to 200 when called, which ran another tool."""
+    tools = mutable_server()
+    for name in (READONLY_LOOKALIKE, DESTRUCTIVE_PREFIX, "has space", "semi;colon", "x" * 129):
+        tools.add_tool(name)
+    tools.add_tool("x" * 128)
+    server = make_server(mcp_factory(tools))
+    result = server.sync_tools()
+    assert result.ok
+    assert len(result.refused) == 5
+    assert set(server.tools.values_list("name", flat=True)) == {"lookup", "x" * 128}
+    server.refresh_from_db()
+    assert server.last_error.startswith("5 tool(s) refused and not stored: the tool ")
+    assert "(209 characters) has a name outside the MCP naming rules" in server.last_error
+    assert '"has space"' in server.last_error
+    page = admin_client.get(f"/admin/integrations/mcpserver/{server.pk}/change/")
+    assert "has a name outside the MCP naming rules" in page.content.decode()
+
+
+@pytest.mark.django_db
+def test_a_tool_definition_over_the_size_limit_is_refused(mcp_factory, settings):
+    settings.MCP_MAX_TOOL_DEFINITION_BYTES = 2_000
+    tools = mutable_server()
+    tools.add_tool("huge", description="x" * 5_000)
+    server = make_server(mcp_factory(tools))
+    result = server.sync_tools()
+    assert result.ok and result.added == 1
+    assert not server.tools.filter(name="huge").exists()
+    assert "the tool “huge” has a definition of 5," in result.refusals
+    assert "over the 2,000-byte limit" in result.refusals
+
+
+@pytest.mark.django_db
+def test_a_tool_that_grows_over_the_limit_is_no_longer_offered(mcp_factory, settings):
+    tools = mutable_server()
+    server = make_server(mcp_factory(tools))
+    assert server.sync_tools().ok
+    settings.MCP_MAX_TOOL_DEFINITION_BYTES = 2_000
+    tools.change_tool("lookup", description="x" * 5_000)
+    assert server.sync_tools().removed == 1
+    assert server.tools.get(name="lookup").removed
+
+
+class _BigPages:
+    """`pages` pages of tools, each page carrying about `page_bytes` of descriptions, and
+    counting the pages it served."""
+
+    def __init__(self, pages, page_bytes):
+        self.pages, self.page_bytes, self.served = pages, page_bytes, 0
+
+    def build_asgi_app(self, transport):
+        async def list_tools(ctx, params):
+            index = int(params.cursor) if params and params.cursor else 0
+            self.served += 1
+            tool = mcp_types.Tool(
+                name=f"tool_{index}",
+                description="x" * self.page_bytes,
+                input_schema={"type": "object"},
+            )
+            more = str(index + 1) if index + 1 < self.pages else None
+            return mcp_types.ListToolsResult(tools=[tool], next_cursor=more)
+
+        return _asgi_app_for(Server("big", on_list_tools=list_tools), transport)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("transport", ["streamable_http", "sse"])
+def test_a_sync_stops_at_its_total_byte_cap(mcp_factory, settings, transport):
+    """40 pages of 9 MB used to go through one by one (2.2 GB resident); the cap counts all of
+    a sync's responses together."""
+    settings.MCP_SYNC_MAX_BYTES = 300_000
+    settings.MCP_MAX_TOOL_DEFINITION_BYTES = 200_000
+    big = _BigPages(pages=40, page_bytes=100_000)
+    server = make_server(mcp_factory(big, transport), transport=transport)
+    result = server.sync_tools()
+    assert not result.ok
+    if transport == "streamable_http":
+        assert "exceeded the 300,000-byte total allowed for one sync" in result.error
+    else:  # one event stream carries the whole SSE conversation: the per-response cap
+        assert "exceeded" in result.error
+    assert big.served <= 4
+    assert not server.tools.exists()
+
+
+@pytest.mark.django_db
+def test_a_sync_stops_at_its_page_cap(mcp_factory, settings):
+    settings.MCP_SYNC_MAX_PAGES = 10
+    big = _BigPages(pages=1_000_000, page_bytes=10)
+    server = make_server(mcp_factory(big))
+    result = server.sync_tools()
+    assert not result.ok
+    assert result.error.endswith("The server's tool list has more than 10 pages.")
+    assert big.served == 10
+    assert not server.tools.exists()
+
+
+def _fan_out_schema(depth):
+    """1 KB that validation expands 2**depth times: each level is allOf two refs to the next."""
+    defs = {f"d{i}": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}] * 2} for i in range(depth)}
+    defs[f"d{depth}"] = {"type": "string"}
+    return {
+        "type": "object",
+        "properties": {"q": {"$ref": "#/$defs/d0"}},
+        "$defs": defs,
+    }
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "schema, problem",
+    [
+        (_fan_out_schema(20), "expands (through $ref, allOf, anyOf, oneOf…) to more than"),
+        (
+            {
+                "type": "object",
+                "$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}]}},
+                "$ref": "#/$defs/a",
+            },
+            "refers to itself without descending into the arguments",
+        ),
+        (
+            {"type": "object", "properties": {"q": {"pattern": "(?=lookahead)"}}},
+            "safe regular-expression engine",
+        ),
+        (
+            {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2_000)}},
+            "-byte limit",
+        ),
+    ],
+)
+def test_a_tool_whose_schema_is_over_the_limits_is_flagged_and_needs_a_human(
+    mcp_factory, schema, problem
+):
+    tools = mutable_server()
+    tools.add_tool("costly", input_schema=schema)
+    server = make_server(mcp_factory(tools), approval_mode="no_approval")
+    assert server.sync_tools().ok
+    tool = server.tools.get(name="costly")
+    [warning] = [w for w in tool.warnings if w["code"] == "complex_schema"]
+    assert problem in warning["message"]
+    assert tool.needs_review
+    assert tool.effective_approval == "requires_approval"
+    assert server.tools.get(name="lookup").effective_approval == "auto"
+
+
+def test_an_ordinary_recursive_schema_is_not_flagged():
+    from integrations.limits import schema_problems
+
+    tree = {
+        "type": "object",
+        "properties": {"children": {"type": "array", "items": {"$ref": "#"}}},
+    }
+    assert schema_problems(tree) == []
+    assert schema_problems(_fan_out_schema(5)) == []
