@@ -17,7 +17,7 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from approvals.agent_auth import agent_for, rate_limited, touch
-from approvals.models import Refused, Status, ToolCall, request_tool_call
+from approvals.models import Refused, Status, ToolCall, arequest_tool_call
 from approvals.policy import tools_for_agent
 from approvals.running import run_here
 from approvals.waiting import wait_until_final
@@ -136,7 +136,7 @@ async def tool_calls(request):
         limit = settings.API_MAX_BODY_BYTES
         return error(413, "too_large", f"The request body is larger than {limit} bytes.")
     try:
-        call, created = await sync_to_async(request_tool_call)(
+        call, created = await arequest_tool_call(
             request.agent,
             body["server"],
             body["tool"],

@@ -8,11 +8,14 @@ transaction commits, and the sweeper re-enqueues approved calls that no worker p
 
 import json
 import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import models, transaction
+from django.db import connection, models, transaction
+from django.db.models import prefetch_related_objects
 from django.urls import reverse
 from django.utils import timezone
 
@@ -516,20 +519,82 @@ class Refused(Exception):
 
 def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key="", run_here=False):
     """Decide a new request by the policy and store it, with the policy's reasons. Returns
-    (call, created). The one request path of every entry point (JSON API, MCP endpoint).
+    (call, created). The one request path of every entry point; the web process's (JSON API,
+    MCP endpoint) is `arequest_tool_call`, the same steps.
 
     A refused request raises `Refused` and leaves only a `blocked` call behind, for the audit.
     An auto-approved call is enqueued for a worker after commit, unless `run_here`: then the
     caller runs it itself (`await call.arun()`), and the sweeper enqueues it should the caller
     never claim it.
     """
+    request = _open_request(agent, server_name, tool_name, arguments, idempotency_key)
+    if request.undecided:
+        request.decide()
+    return _close_request(request, run_here)
+
+
+async def arequest_tool_call(
+    agent, server_name, tool_name, arguments, idempotency_key="", run_here=False
+):
+    """`request_tool_call` for the web process, where all API database work shares one thread
+    (config/asgi.py): the decision, whose cost the server's schema, the agent's arguments and
+    the rules' conditions set (schema validation, personal data, CEL), runs on the validation
+    threads instead, bounded by its deadline, so no request waits behind another's."""
+    from approvals.validation import InvalidArguments, off_the_shared_thread
+
+    request = await sync_to_async(_open_request)(
+        agent, server_name, tool_name, arguments, idempotency_key
+    )
+    if request.undecided:
+        try:
+            await off_the_shared_thread(agent.pk, request.decide)
+        except InvalidArguments as exc:  # the check overran its own deadline
+            request.decision = policy.schema_refusal(exc)
+    return await sync_to_async(_close_request)(request, run_here)
+
+
+@dataclass
+class _Request:
+    """A request between its steps: looked up (database), decided (no database: it may run on
+    a validation thread), then stored (database)."""
+
+    call: ToolCall
+    existing: bool = False  # a call already stored for the idempotency key
+    decision: "policy.Decision | None" = None
+    rules: list | None = None
+
+    @property
+    def undecided(self):
+        return not self.existing and self.decision is None
+
+    def decide(self):
+        call = self.call
+        with _no_queries():
+            self.decision = policy.decide(call.agent, call.tool, call.arguments, rules=self.rules)
+
+
+@contextmanager
+def _no_queries():
+    """Fail loudly if the decision reaches for the database: on a validation thread it would
+    open a connection of its own, outside the request's."""
+
+    def refuse(execute, sql, params, many, context):
+        raise RuntimeError("The policy's decision must not query the database here.")
+
+    with connection.execute_wrapper(refuse):
+        yield
+
+
+def _open_request(agent, server_name, tool_name, arguments, idempotency_key):
+    """Look the request up: the call already stored for its idempotency key, or a new call
+    (unsaved) with everything its decision needs loaded, or the refusal found on the way."""
     too_long = _overlong_name(server_name, tool_name)
     if too_long:
         raise too_long  # nothing can match it, and no column is cut to fit it
     if idempotency_key:
         existing = ToolCall.objects.filter(agent=agent, idempotency_key=idempotency_key).first()
         if existing:
-            return existing, False
+            return _Request(existing, existing=True)
     server, tool, decision = policy.find_tool(agent, server_name, tool_name)
     call = ToolCall(
         agent=agent,
@@ -541,7 +606,16 @@ def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key=
         arguments=arguments,
         idempotency_key=idempotency_key,
     )
-    decision = decision or policy.decide(agent, tool, arguments)
+    if decision is not None:
+        return _Request(call, decision=decision)
+    prefetch_related_objects([agent], "servers")
+    return _Request(call, rules=policy.applicable_rules(agent, tool))
+
+
+def _close_request(request, run_here):
+    call, decision = request.call, request.decision
+    if request.existing:
+        return call, False
     call.reasons = decision.reasons_json()
     if decision.outcome == policy.Outcome.REFUSE:
         refused = Refused(decision.status, decision.code, decision.message, list(decision.details))
@@ -575,7 +649,7 @@ def _block(call, refused):
     )  # fmt: skip
     call.error_code, call.error_message = refused.code, refused.message
     call.idempotency_key = ""  # a refused request must not claim the key
-    if refused.code == policy.Code.INVALID_ARGUMENTS:
+    if refused.code in (policy.Code.INVALID_ARGUMENTS, policy.Code.VALIDATION_TIMEOUT):
         call.arguments = {}  # may be huge or malformed; the error says what was wrong
     call.save()
 

@@ -57,6 +57,7 @@ class Code(models.TextChoices):
     TOOL_CHANGED = "tool_changed", "The tool changed after the call was requested"
     RULE_DENIED = "rule_denied", "A deny rule matches"
     INVALID_ARGUMENTS = "invalid_arguments", "The arguments fail the tool's input schema"
+    VALIDATION_TIMEOUT = "validation_timeout", "Checking the arguments took too long"
     # ask
     NOT_REVIEWED = "not_reviewed", "New tool, not yet reviewed"
     CHANGED_SINCE_REVIEW = "changed_since_review", "Changed since review"
@@ -73,7 +74,12 @@ class Code(models.TextChoices):
 
 
 # The HTTP status an agent's refused request is answered with (403 for the other refusals).
-HTTP_STATUS = {Code.UNKNOWN_SERVER: 404, Code.UNKNOWN_TOOL: 404, Code.INVALID_ARGUMENTS: 422}
+HTTP_STATUS = {
+    Code.UNKNOWN_SERVER: 404,
+    Code.UNKNOWN_TOOL: 404,
+    Code.INVALID_ARGUMENTS: 422,
+    Code.VALIDATION_TIMEOUT: 422,
+}
 
 
 @dataclass(frozen=True)
@@ -223,9 +229,18 @@ def _schema_refusal(tool, arguments):
     try:
         validate_arguments(arguments, tool.input_schema)
     except InvalidArguments as exc:
-        message = "The arguments do not match the tool's input schema."
-        return _refuse(Code.INVALID_ARGUMENTS, message, exc.messages)
+        return schema_refusal(exc)
     return None
+
+
+def schema_refusal(exc):
+    """The refusal for arguments that failed the schema check (`InvalidArguments`), or whose
+    check took longer than its deadline (`ValidationTimeout`)."""
+    if exc.code == Code.VALIDATION_TIMEOUT:
+        message = "Checking the arguments against the tool's input schema took too long."
+        return _refuse(Code.VALIDATION_TIMEOUT, message, exc.messages)
+    message = "The arguments do not match the tool's input schema."
+    return _refuse(Code.INVALID_ARGUMENTS, message, exc.messages)
 
 
 def review_reasons(tool):

@@ -1,24 +1,64 @@
-"""Checking tool-call arguments against the tool's input schema, safely.
+"""Checking tool-call arguments against the tool's input schema, bounded whatever the schema.
 
-The schema comes from a third-party server, so validation must never fetch anything (`$ref`
-to a URL is not followed: the registry has no retriever) and must stay bounded on huge or
-deeply nested input (the API caps the body size; the depth is checked here before jsonschema
-recurses).
+The schema comes from a third-party server and the arguments from an agent, so either side can
+try to make validation expensive. What keeps it bounded:
+
+* **No network**: `$ref` to a URL is not followed (the registry has no retriever).
+* **A linear regex engine**: `pattern`, `patternProperties` (and the keywords that consult
+  it: `additionalProperties`, `unevaluatedProperties`) run on RE2, which has no catastrophic
+  backtracking. Python's `re` took 23 s, holding the GIL, on `^(a+)+$` against 28 "a"s and
+  a "!". A pattern RE2 can't compile (lookarounds, backreferences) is not checked; the sync
+  flags such a tool (`integrations.limits`).
+* **`uniqueItems` in linear time**: jsonschema falls back to comparing every pair when items
+  can't be sorted (strings mixed with numbers), 130 s on a 229 KB array; here items are
+  compared by a canonical key in a set.
+* **A deadline**: every keyword checks it before it runs, so a schema that fans out through
+  `$ref` / `allOf` (26 s at depth 20) stops at `ARGUMENT_VALIDATION_TIMEOUT` with
+  `ValidationTimeout`. Between two checks runs one keyword of one subschema on one value: one
+  RE2 search, one `enum` comparison, at most a few milliseconds on the largest body the API
+  accepts.
+* **Depth**: arguments nested deeper than MAX_DEPTH are refused before jsonschema recurses.
+* **Off the shared thread**: `off_the_shared_thread` runs the check on a small thread pool of
+  its own, one check at a time per agent, so that all other API requests, whose database work
+  shares one thread (config/asgi.py), never wait behind it (see `tests/test_validation.py`).
+
+Validators are built once per distinct schema and cached.
 """
 
+import asyncio
+import contextlib
+import functools
+import json
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
 import jsonschema
+from django.conf import settings
+from jsonschema import ValidationError
 from jsonschema.exceptions import SchemaError
 from referencing import Registry
 from referencing.exceptions import Unresolvable
+
+from integrations.limits import compile_pattern
 
 MAX_DEPTH = 64
 MAX_MESSAGES = 10
 
 
 class InvalidArguments(Exception):
+    code = "invalid_arguments"
+
     def __init__(self, messages):
         super().__init__("; ".join(messages))
         self.messages = messages
+
+
+class ValidationTimeout(InvalidArguments):
+    """Checking the arguments took longer than ARGUMENT_VALIDATION_TIMEOUT."""
+
+    code = "validation_timeout"
 
 
 def depth(value, limit=MAX_DEPTH):
@@ -36,29 +76,272 @@ def depth(value, limit=MAX_DEPTH):
     return deepest
 
 
-def validate_arguments(arguments, schema):
+def validate_arguments(arguments, schema, timeout=None):
+    """Raise InvalidArguments (ValidationTimeout past the deadline) unless `arguments` match."""
     if not isinstance(arguments, dict):
         raise InvalidArguments(["arguments must be a JSON object"])
     if depth(arguments) > MAX_DEPTH:
         raise InvalidArguments([f"arguments are nested deeper than {MAX_DEPTH} levels"])
+    timeout = settings.ARGUMENT_VALIDATION_TIMEOUT if timeout is None else timeout
     schema = schema if isinstance(schema, dict) else {}
-    try:
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        cls.check_schema(schema)
-        validator = cls(schema, registry=Registry())
-        errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
-    except SchemaError as exc:
-        raise InvalidArguments([f"the tool's input schema is invalid: {exc.message}"]) from None
-    except Unresolvable as exc:
-        raise InvalidArguments(
-            [f"the tool's input schema refers to {exc.ref!r}, which is not fetched"]
-        ) from None
-    except RecursionError:
-        raise InvalidArguments(["the arguments or the schema are too deeply nested"]) from None
+    with _deadline(timeout):
+        try:
+            validator = _validator(json.dumps(schema, sort_keys=True))
+            errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+        except SchemaError as exc:
+            raise InvalidArguments([f"the tool's input schema is invalid: {exc.message}"]) from None
+        except Unresolvable as exc:
+            raise InvalidArguments(
+                [f"the tool's input schema refers to {exc.ref!r}, which is not fetched"]
+            ) from None
+        except RecursionError:
+            raise InvalidArguments(["the arguments or the schema are too deeply nested"]) from None
     if errors:
         raise InvalidArguments([_describe(error) for error in errors[:MAX_MESSAGES]])
+
+
+async def off_the_shared_thread(agent_id, check):
+    """Run `check()` (CPU work on arguments, no database) on the validation threads, one at a
+    time per agent; answer at the validation deadline (plus a second of grace) even if the
+    thread is still finishing its last keyword."""
+    timeout = settings.ARGUMENT_VALIDATION_TIMEOUT
+    async with _one_at_a_time(agent_id):
+        work = asyncio.get_running_loop().run_in_executor(_executor(), check)
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), timeout + 1)
+        except TimeoutError:
+            raise _timed_out(timeout) from None
 
 
 def _describe(error):
     where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
     return f"arguments{where}: {error.message[:300]}"
+
+
+# --- The deadline ---------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    previous = getattr(_local, "deadline", None)
+    _local.deadline, _local.timeout = time.monotonic() + seconds, seconds
+    try:
+        yield
+    finally:
+        _local.deadline = previous
+
+
+def _check_deadline():
+    deadline = getattr(_local, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise _timed_out(_local.timeout)
+
+
+def _timed_out(seconds):
+    return ValidationTimeout(
+        [
+            f"checking the arguments against the tool's input schema took longer than "
+            f"{seconds:g} s and was stopped; the schema or the arguments are too complex"
+        ]
+    )
+
+
+def _bounded(keyword):
+    """A jsonschema keyword function that first checks the deadline."""
+
+    @functools.wraps(keyword)
+    def checked(validator, value, instance, schema):
+        _check_deadline()
+        return keyword(validator, value, instance, schema)
+
+    return checked
+
+
+# --- Keywords on RE2 and in linear time -----------------------------------------------------
+
+
+def _search(pattern, text):
+    """RE2 search; a pattern RE2 can't compile is not checked (the sync flagged it)."""
+    compiled = compile_pattern(pattern)
+    return compiled is None or compiled.search(text) is not None
+
+
+def _pattern(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not _search(pattern, instance):
+        yield ValidationError(f"{instance[:100]!r} does not match {pattern[:100]!r}")
+
+
+def _pattern_properties(validator, pattern_properties, instance, schema):
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in pattern_properties.items():
+        for key, value in instance.items():
+            _check_deadline()
+            if _search(pattern, key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _matches_a_pattern(schema, key):
+    return any(_search(pattern, key) for pattern in schema.get("patternProperties", {}))
+
+
+def _additional_properties(validator, additional, instance, schema):
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    extras = [k for k in instance if k not in properties and not _matches_a_pattern(schema, k)]
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif not additional and extras:
+        if "patternProperties" in schema:
+            verb = "does" if len(extras) == 1 else "do"
+            joined = ", ".join(repr(extra)[:100] for extra in sorted(extras)[:20])
+            patterns = ", ".join(repr(p)[:100] for p in sorted(schema["patternProperties"]))
+            yield ValidationError(f"{joined} {verb} not match any of the regexes: {patterns}")
+        else:
+            shown = ", ".join(repr(extra)[:100] for extra in sorted(extras)[:20])
+            verb = "was" if len(extras) == 1 else "were"
+            yield ValidationError(
+                f"Additional properties are not allowed ({shown} {verb} unexpected)"
+            )
+
+
+def _unevaluated_properties(validator, unevaluated, instance, schema):
+    if not validator.is_type(instance, "object"):
+        return
+    evaluated = _evaluated_keys(validator, instance, schema)
+    unexpected = [
+        key
+        for key in instance
+        if key not in evaluated
+        and next(validator.descend(instance[key], unevaluated, path=key), None) is not None
+    ]
+    if unexpected:
+        shown = ", ".join(repr(key)[:100] for key in sorted(unexpected)[:20])
+        yield ValidationError(f"Unevaluated properties are not allowed ({shown} unexpected)")
+
+
+def _evaluated_keys(validator, instance, schema):
+    """The keys of `instance` some keyword of `schema` evaluates, as jsonschema's own
+    `find_evaluated_property_keys_by_schema` finds them, with patterns on RE2."""
+    _check_deadline()
+    if not isinstance(schema, dict):
+        return set()
+    keys = set()
+    for ref_keyword in ("$ref", "$dynamicRef"):
+        if isinstance(schema.get(ref_keyword), str):
+            resolved = validator._resolver.lookup(schema[ref_keyword])
+            inner = validator.evolve(schema=resolved.contents, _resolver=resolved.resolver)
+            keys |= _evaluated_keys(inner, instance, resolved.contents)
+    if validator.is_type(schema.get("properties"), "object"):
+        keys |= schema["properties"].keys() & instance.keys()
+    for keyword in ("additionalProperties", "unevaluatedProperties"):
+        if keyword in schema:
+            keys |= {k for k, v in instance.items() if _valid(validator, v, schema[keyword])}
+    keys |= {key for key in instance if _matches_a_pattern(schema, key)}
+    for key, subschema in schema.get("dependentSchemas", {}).items():
+        if key in instance:
+            keys |= _evaluated_keys(validator, instance, subschema)
+    for keyword in ("allOf", "oneOf", "anyOf"):
+        for subschema in schema.get(keyword, []):
+            if _valid(validator, instance, subschema):
+                keys |= _evaluated_keys(validator, instance, subschema)
+    if "if" in schema:
+        branch = "then" if _valid(validator, instance, schema["if"]) else "else"
+        if branch == "then":
+            keys |= _evaluated_keys(validator, instance, schema["if"])
+        keys |= _evaluated_keys(validator, instance, schema.get(branch, {}))
+    return keys
+
+
+def _valid(validator, instance, subschema):
+    return next(validator.descend(instance, subschema), None) is None
+
+
+def _unique_items(validator, unique, instance, schema):
+    if not (unique and validator.is_type(instance, "array")):
+        return
+    seen = set()
+    for index, item in enumerate(instance):
+        if index % 1024 == 0:
+            _check_deadline()
+        key = _canonical(item)
+        if key in seen:
+            yield ValidationError(f"item {index} repeats an earlier item: items must be unique")
+            return
+        seen.add(key)
+
+
+def _canonical(value):
+    """A key equal for JSON values JSON Schema calls equal: 1 == 1.0, but true != 1."""
+    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"))
+
+
+def _plain(value):
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+_OWN_KEYWORDS = {
+    "pattern": _pattern,
+    "patternProperties": _pattern_properties,
+    "additionalProperties": _additional_properties,
+    "unevaluatedProperties": _unevaluated_properties,
+    "uniqueItems": _unique_items,
+}
+
+
+@functools.cache
+def _bounded_class(draft):
+    """`draft`'s validator with our keywords where it has them, every keyword deadline-bound."""
+    keywords = {name: _OWN_KEYWORDS.get(name, fn) for name, fn in draft.VALIDATORS.items()}
+    return jsonschema.validators.extend(
+        draft, {name: _bounded(fn) for name, fn in keywords.items()}
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def _validator(schema_json):
+    schema = json.loads(schema_json)
+    draft = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    draft.check_schema(schema)
+    return _bounded_class(draft)(schema, registry=Registry())
+
+
+# --- Off the shared thread ------------------------------------------------------------------
+
+
+@functools.cache
+def _executor():
+    return ThreadPoolExecutor(
+        max_workers=settings.ARGUMENT_VALIDATION_THREADS, thread_name_prefix="validation"
+    )
+
+
+_checks_per_agent = Counter()  # agent id -> checks running or waiting, in this process
+_agent_locks = {}
+
+
+@contextlib.asynccontextmanager
+async def _one_at_a_time(agent_id):
+    """One agent's checks run one after another: an agent flooding the API with costly
+    arguments holds one validation thread, not all of them."""
+    _checks_per_agent[agent_id] += 1
+    lock = _agent_locks.setdefault(agent_id, asyncio.Lock())
+    try:
+        async with lock:
+            yield
+    finally:
+        _checks_per_agent[agent_id] -= 1
+        if not _checks_per_agent[agent_id]:
+            del _checks_per_agent[agent_id], _agent_locks[agent_id]

@@ -6,6 +6,11 @@ Two things keep a waiting agent (`?wait=`) down to a coroutine instead of a thre
   StaticFiles rather than by WhiteNoise's sync-only middleware;
 - API requests skip Django's per-request thread (`ThreadSensitiveContext`): their short
   database calls share one thread, so hundreds of open requests don't hold hundreds of threads.
+  Nothing whose cost an agent or a server controls may run on that thread, or every agent
+  waits behind it: checking a call's arguments (schema, personal data) runs on the validation
+  threads instead (`approvals.models.arequest_tool_call`). tests/test_validation.py pins both
+  (one thread for the database work, the checks beside it, another agent served while an
+  attack runs).
 """
 
 import os

@@ -294,6 +294,10 @@ TOOL_CALL_RETENTION_DAYS = _read("TOOL_CALL_RETENTION_DAYS", _positive(int), 30)
 SWEEP_INTERVAL = _read("SWEEP_INTERVAL", _positive(int), 30)  # seconds
 API_MAX_BODY_BYTES = _read("API_MAX_BODY_BYTES", _positive(int), 1024 * 1024)
 API_MAX_WAIT = 60  # seconds an agent may ask to wait for an outcome
+# Checking a call's arguments against the tool's schema: its deadline (over it, the request is
+# refused), and the threads of the web process that do it, away from the API's shared thread.
+ARGUMENT_VALIDATION_TIMEOUT = _read("ARGUMENT_VALIDATION_TIMEOUT", _positive(float), 2.0)
+ARGUMENT_VALIDATION_THREADS = _read("ARGUMENT_VALIDATION_THREADS", _positive(int), 4)
 QUEUE_PAGE_SIZE = 100  # pending calls shown at once, oldest first
 QUEUE_POLL_SECONDS = _read("QUEUE_POLL_SECONDS", _positive(int), 3)
 HISTORY_PAGE_SIZE = 50

@@ -1,6 +1,6 @@
 """One `tools/call` from an agent, from request to answer.
 
-The request goes through the one request path (`request_tool_call`: the policy, one
+The request goes through the one request path (`arequest_tool_call`: the policy, one
 `ToolCall` row, its audit). Then, by what the policy made of it:
 - auto-approved: run here, in this web process, so the server's progress and log
   notifications reach the agent while it runs (`ToolCall.arun`, the same claim as a worker's);
@@ -26,7 +26,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
 from approvals.mcp import tasks, tools
-from approvals.models import Refused, Status, ToolCall, request_tool_call
+from approvals.models import Refused, Status, ToolCall, arequest_tool_call
 from approvals.policy import Code
 from approvals.running import run_here
 from approvals.waiting import wait_until_final
@@ -49,9 +49,7 @@ async def call_tool(ctx, caller, params):
     server_name, tool_name = await _target(caller, params.name)
     arguments = params.arguments or {}
     try:
-        call, created = await sync_to_async(_request)(
-            caller.agent, server_name, tool_name, arguments
-        )
+        call, created = await _request(caller.agent, server_name, tool_name, arguments)
     except Refused as refused:
         return _refusal(refused, params.name)
     if created and call.status == Status.APPROVED:
@@ -77,17 +75,19 @@ async def _target(caller, name):
     return served[name]["server"], served[name]["name"]
 
 
-def _request(agent, server_name, tool_name, arguments):
-    twin = ToolCall.pending_twin(agent, server_name, tool_name, arguments)
+async def _request(agent, server_name, tool_name, arguments):
+    twin = await sync_to_async(ToolCall.pending_twin)(agent, server_name, tool_name, arguments)
     if twin:
         return twin, False
-    return request_tool_call(agent, server_name, tool_name, arguments, run_here=True)
+    # The async request path: its decision (schema, personal data, rules) runs off the thread
+    # all the web process's database work shares.
+    return await arequest_tool_call(agent, server_name, tool_name, arguments, run_here=True)
 
 
 def _refusal(refused, name):
     if refused.code in UNKNOWN:
         raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
-    if refused.code == Code.INVALID_ARGUMENTS:
+    if refused.code in (Code.INVALID_ARGUMENTS, Code.VALIDATION_TIMEOUT):
         raise MCPError(
             code=INVALID_PARAMS, message=refused.message, data={"details": refused.details}
         )

@@ -1,0 +1,240 @@
+"""Checking a call's arguments against the tool's schema: bounded whatever the server's schema
+and the agent's arguments, and never stalling another agent's request (issue 9 item 2).
+
+The end-to-end tests serve the real ASGI application (config/asgi.py, with its shared API
+thread) with uvicorn on loopback, and time another agent's requests against the attack itself,
+never against a fixed number of seconds.
+"""
+
+import threading
+import time
+
+import httpx2
+import pytest
+from django.utils import timezone
+
+from approvals.models import Status, ToolCall
+from approvals.validation import InvalidArguments, ValidationTimeout, validate_arguments
+from integrations.models import Agent, ApprovalMode, McpServer, Tool
+from tests.mcp_servers import start
+
+
+def fan_out(depth):
+    """About 1 KB that jsonschema expands 2**depth times: allOf two refs to the next level."""
+    defs = {f"d{i}": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}] * 2} for i in range(depth)}
+    defs[f"d{depth}"] = {"type": "string"}
+    return {"type": "object", "properties": {"q": {"$ref": "#/$defs/d0"}}, "$defs": defs}
+
+
+CATASTROPHIC = {"type": "object", "properties": {"q": {"type": "string", "pattern": "^(a+)+$"}}}
+UNIQUE = {"type": "object", "properties": {"q": {"type": "array", "uniqueItems": True}}}
+
+
+def mixed_items(count):
+    """Strings and numbers: jsonschema can't sort them, so it used to compare every pair."""
+    return [str(i) if i % 2 else i for i in range(count)]
+
+
+# The checks themselves ---------------------------------------------------------------------
+
+
+def test_a_catastrophic_pattern_is_checked_by_a_linear_engine():
+    with pytest.raises(InvalidArguments, match=r"does not match '\^\(a\+\)\+\$'"):
+        validate_arguments({"q": "a" * 100_000 + "!"}, CATASTROPHIC, timeout=30)
+    validate_arguments({"q": "a" * 100_000}, CATASTROPHIC, timeout=30)
+
+
+def test_unique_items_of_mixed_types_are_checked_in_linear_time():
+    validate_arguments({"q": mixed_items(40_000)}, UNIQUE, timeout=30)
+    with pytest.raises(InvalidArguments, match="item 40000 repeats an earlier item"):
+        validate_arguments({"q": [*mixed_items(40_000), 8]}, UNIQUE, timeout=30)
+
+
+@pytest.mark.parametrize(
+    "items, unique",
+    [([1, 1.0], False), ([1, True], True), ([0, False], True), ([{"a": 1}, {"a": 1.0}], False),
+     ([[1, "1"], [1, 1]], True), ([None, "null"], True), ([{"a": 1, "b": 2}, {"b": 2}], True)],
+)  # fmt: skip
+def test_unique_items_follow_json_schema_equality(items, unique):
+    if unique:
+        validate_arguments({"q": items}, UNIQUE)
+    else:
+        with pytest.raises(InvalidArguments, match="repeats an earlier item"):
+            validate_arguments({"q": items}, UNIQUE)
+
+
+def test_a_fan_out_of_references_stops_at_the_deadline():
+    with pytest.raises(ValidationTimeout, match=r"took longer than 0\.3 s and was stopped"):
+        validate_arguments({"q": "x"}, fan_out(30), timeout=0.3)
+    validate_arguments({"q": "x"}, fan_out(4))  # a small fan-out is an ordinary schema
+
+
+def test_pattern_properties_and_the_keywords_that_consult_them_run_on_re2():
+    schema = {
+        "type": "object",
+        "$defs": {"named": {"patternProperties": {"^(a+)+$": {"type": "integer"}}}},
+        "allOf": [{"$ref": "#/$defs/named"}],
+        "unevaluatedProperties": False,
+    }
+    evil_key = "a" * 50_000 + "!"
+    with pytest.raises(InvalidArguments, match="Unevaluated properties are not allowed"):
+        validate_arguments({evil_key: 1}, schema, timeout=30)
+    validate_arguments({"aaaa": 1}, schema)
+    closed = {"patternProperties": {"^(a+)+$": {}}, "additionalProperties": False}
+    with pytest.raises(InvalidArguments, match=r"do(es)? not match any of the regexes"):
+        validate_arguments({evil_key: 1}, closed, timeout=30)
+    with pytest.raises(InvalidArguments, match=r"arguments\.aaa: 'x' is not of type 'integer'"):
+        validate_arguments({"aaa": "x"}, {"patternProperties": {"^a+$": {"type": "integer"}}})
+
+
+def test_a_pattern_re2_cannot_run_is_not_checked():
+    lookahead = {"properties": {"q": {"pattern": "^(?=.*x)"}}}
+    validate_arguments({"q": "no match for python"}, lookahead)
+
+
+def test_ordinary_schemas_still_report_every_problem():
+    schema = {
+        "type": "object",
+        "properties": {"text": {"type": "string", "maxLength": 3}, "n": {"minimum": 1}},
+        "required": ["text"],
+        "additionalProperties": False,
+    }
+    with pytest.raises(InvalidArguments) as caught:
+        validate_arguments({"text": "long", "n": 0, "x": 1}, schema)
+    assert caught.value.messages == [
+        "arguments: Additional properties are not allowed ('x' was unexpected)",
+        "arguments.n: 0 is less than the minimum of 1",
+        "arguments.text: 'long' is too long",
+    ]
+
+
+# Through the real web process --------------------------------------------------------------
+
+
+@pytest.fixture
+def web(transactional_db, settings):
+    """The real ASGI application (config.asgi) served by uvicorn on loopback, in this process:
+    the same shared API thread and validation threads as `uvicorn config.asgi:application`."""
+    from config.asgi import application
+
+    settings.ARGUMENT_VALIDATION_TIMEOUT = 8
+    settings.AGENT_RATE_LIMIT = 100_000
+    with start(application) as running:
+        yield running.base_url
+
+
+def make_tools(mode=ApprovalMode.ALWAYS_ASK):
+    server = McpServer.objects.create(
+        name="evil", url="https://mcp.example.com/mcp", approval_mode=mode
+    )
+    now = timezone.now()
+    for name, schema in [
+        ("fan_out", fan_out(40)),
+        ("catastrophic", CATASTROPHIC),
+        ("unique", UNIQUE),
+        ("echo", {"type": "object", "properties": {"text": {"type": "string"}}}),
+    ]:
+        Tool.objects.create_from_definition(server, {"name": name, "inputSchema": schema}, now)
+    _, attacker = Agent.create_with_token("attacker", [server])
+    _, other = Agent.create_with_token("other", [server])
+    return attacker, other
+
+
+def post_call(base_url, token, tool, arguments, timeout=120):
+    return httpx2.post(
+        f"{base_url}/api/v1/tool-calls",
+        json={"server": "evil", "tool": tool, "arguments": arguments},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=timeout,
+    )
+
+
+def test_another_agents_requests_finish_while_an_attack_runs(web):
+    """The attack holds a validation thread until its deadline; meanwhile the other agent
+    lists tools, asks for calls and reads them. Before the fix the attack held the thread all
+    API database work shares, and the other agent waited for all of it."""
+    attacker, other = make_tools()
+    outcome = {}
+
+    def attack():
+        outcome["response"] = post_call(web, attacker, "fan_out", {"q": "x"})
+        outcome["finished"] = time.monotonic()
+
+    attack_thread = threading.Thread(target=attack)
+    started = time.monotonic()
+    attack_thread.start()
+    time.sleep(0.5)  # let the attack reach the validation thread
+    headers = {"Authorization": f"Bearer {other}"}
+    for _ in range(5):
+        assert httpx2.get(f"{web}/api/v1/tools", headers=headers, timeout=120).status_code == 200
+        created = post_call(web, other, "echo", {"text": "hi"})
+        assert created.status_code == 201, created.text
+        read = httpx2.get(f"{web}/api/v1/tool-calls/{created.json()['id']}", headers=headers)
+        assert read.json()["status"] == "pending_approval"
+    others_done = time.monotonic()
+    assert "response" not in outcome, "the attack ended before the other agent was served"
+    attack_thread.join(timeout=120)
+    response = outcome["response"]
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "validation_timeout"
+    assert others_done < outcome["finished"]
+    print(f"other agent: 15 requests in {others_done - started:.2f} s while the attack ran")
+
+
+@pytest.mark.parametrize(
+    "tool, arguments, message",
+    [
+        ("catastrophic", {"q": "a" * 5_000 + "!"}, "does not match"),
+        ("unique", {"q": [*mixed_items(30_000), 8]}, "repeats an earlier item"),
+    ],
+)
+def test_the_old_attacks_get_a_clear_answer(web, tool, arguments, message):
+    attacker, _ = make_tools(mode=ApprovalMode.NO_APPROVAL)
+    response = post_call(web, attacker, tool, arguments)
+    assert response.status_code == 422, response.text[:300]
+    error = response.json()["error"]
+    assert error["code"] == "invalid_arguments"
+    assert message in " ".join(error["details"])
+    call = ToolCall.objects.get()
+    assert (call.status, call.error_code, call.arguments) == (
+        Status.BLOCKED,
+        "invalid_arguments",
+        {},
+    )
+
+
+def test_a_timed_out_check_leaves_only_an_audit_record(web):
+    attacker, _ = make_tools(mode=ApprovalMode.NO_APPROVAL)
+    response = post_call(web, attacker, "fan_out", {"q": "x"})
+    assert response.status_code == 422
+    assert response.json()["error"]["message"] == (
+        "Checking the arguments against the tool's input schema took too long."
+    )
+    call = ToolCall.objects.get()
+    assert (call.status, call.error_code) == (Status.BLOCKED, "validation_timeout")
+
+
+def test_api_database_work_shares_one_thread_and_the_checks_run_beside_it(web, monkeypatch):
+    """Pins what config/asgi.py relies on: API requests skip Django's per-request thread, so
+    their database calls share one thread; the argument checks run on threads of their own."""
+    from approvals import models
+
+    seen = {"db": set(), "checks": set()}
+    real_open, real_decide = models._open_request, models._Request.decide
+
+    def open_request(*args):
+        seen["db"].add(threading.current_thread().name)
+        return real_open(*args)
+
+    def decide(self):
+        seen["checks"].add(threading.current_thread().name)
+        return real_decide(self)
+
+    monkeypatch.setattr(models, "_open_request", open_request)
+    monkeypatch.setattr(models._Request, "decide", decide)
+    _, other = make_tools()
+    for _ in range(4):
+        assert post_call(web, other, "echo", {"text": "hi"}).status_code == 201
+    assert len(seen["db"]) == 1
+    assert all(name.startswith("validation") for name in seen["checks"])
+    assert not seen["db"] & seen["checks"]
