@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from approvals import policy
 from approvals.rules import PolicyRule
-from integrations import mcp_client, scanner
+from integrations import limits, mcp_client, scanner
 from integrations.fields import EncryptedJSONField
 from integrations.models import Agent, McpServer, Tool
 from integrations.queueing import enqueue_on_commit
@@ -71,11 +71,16 @@ class ToolCall(models.Model):
     server_name = models.CharField(max_length=100)
     tool_name = models.CharField(max_length=200)
     tool_fingerprint = models.CharField(max_length=64, blank=True)
-    arguments = models.JSONField(default=dict, help_text="The arguments the call runs with.")
+    # Arguments and results often carry personal data: encrypted at rest, like the servers'
+    # secrets, and so never rendered in the admin (integrations/secret_admin.py).
+    arguments = EncryptedJSONField(default=dict, help_text="The arguments the call runs with.")
     requested_arguments = EncryptedJSONField(
         null=True,
         blank=True,
         help_text="What the agent asked for, when an approver edited the arguments.",
+    )
+    arguments_size = models.PositiveIntegerField(
+        default=0, help_text="Bytes of the arguments' canonical JSON, as requested."
     )
     idempotency_key = models.CharField(max_length=200, blank=True)
 
@@ -92,8 +97,8 @@ class ToolCall(models.Model):
         help_text="Why the policy decided as it did: {code, message} pairs (approvals/policy.py).",
     )
 
-    result_content = models.JSONField(null=True, blank=True)
-    structured_content = models.JSONField(null=True, blank=True)
+    result_content = EncryptedJSONField(null=True, blank=True)
+    structured_content = EncryptedJSONField(null=True, blank=True)
     is_error = models.BooleanField(null=True, blank=True)
     warnings = models.JSONField(
         default=list, blank=True, help_text="Result text that looks like instructions to the model."
@@ -604,6 +609,7 @@ def _open_request(agent, server_name, tool_name, arguments, idempotency_key):
         tool_name=tool_name,
         tool_fingerprint=tool.fingerprint if tool else "",
         arguments=arguments,
+        arguments_size=limits.canonical_size(arguments),
         idempotency_key=idempotency_key,
     )
     if decision is not None:

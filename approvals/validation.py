@@ -127,16 +127,29 @@ _local = threading.local()
 def _deadline(seconds):
     previous = getattr(_local, "deadline", None)
     _local.deadline, _local.timeout = time.monotonic() + seconds, seconds
+    _local.yielded = time.monotonic()
     try:
         yield
     finally:
         _local.deadline = previous
 
 
+YIELD_EVERY = 0.002  # seconds of checking after which the thread lets others have the GIL
+
+
 def _check_deadline():
     deadline = getattr(_local, "deadline", None)
-    if deadline is not None and time.monotonic() > deadline:
+    if deadline is None:
+        return
+    now = time.monotonic()
+    if now > deadline:
         raise _timed_out(_local.timeout)
+    if now - _local.yielded > YIELD_EVERY:
+        # Without this a check holds the GIL for whole switch intervals (5 ms) at a time, and
+        # every other request of the process (the event loop, the shared API thread) queues
+        # for it: sleep(0) hands it over at once to whoever waits.
+        _local.yielded = now
+        time.sleep(0)
 
 
 def _timed_out(seconds):

@@ -117,7 +117,7 @@ TOOLGATE_DEMO = _read("TOOLGATE_DEMO", _bool, DEBUG)  # start and register that 
 SITE_URL = _read("SITE_URL", str, f"http://127.0.0.1:{PORT}")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "config.apps.ToolgateAdminConfig",  # django.contrib.admin, secrets never rendered
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

@@ -101,3 +101,117 @@ def test_fields_are_safe_under_threads(transactional_db):
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+# Arguments and results (issue 9 item 11) ----------------------------------------------------
+
+ARGUMENT = "alice-PERSONAL-4242@example.com"
+RESULT = "result-PERSONAL-9191"
+
+
+@pytest.fixture
+def call(server):
+    from django.utils import timezone
+
+    from approvals.models import Status, ToolCall
+    from integrations.models import Agent, Tool
+
+    tool = Tool.objects.create_from_definition(
+        server, {"name": "send", "inputSchema": {"type": "object"}}, timezone.now()
+    )
+    agent, _ = Agent.create_with_token("bot", [server])
+    return ToolCall.objects.create(
+        agent=agent, server=server, tool=tool, server_name="s", tool_name="send",
+        status=Status.SUCCEEDED, arguments={"to": ARGUMENT},
+        result_content=[{"type": "text", "text": RESULT}], structured_content={"r": RESULT},
+        finished_at=timezone.now(),
+    )  # fmt: skip
+
+
+def raw_call(call):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT arguments, result_content, structured_content FROM approvals_toolcall "
+            "WHERE id = %s",
+            [call.pk],
+        )
+        return " ".join(str(value) for value in cursor.fetchone())
+
+
+def test_arguments_and_results_are_stored_encrypted(call):
+    row = raw_call(call)
+    assert ARGUMENT not in row and "PERSONAL" not in row
+    assert RESULT not in row
+    call.refresh_from_db()
+    assert call.arguments == {"to": ARGUMENT}
+    assert call.result_content == [{"type": "text", "text": RESULT}]
+
+
+def test_the_api_queue_and_history_still_show_them(call, client, admin_client):
+    from approvals.models import Status, ToolCall, request_tool_call
+
+    token = call.agent.rotate_token()
+    answer = client.get(
+        f"/api/v1/tool-calls/{call.pk}", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert answer.json()["arguments"] == {"to": ARGUMENT}
+    assert answer.json()["result"]["content"][0]["text"] == RESULT
+    assert RESULT in admin_client.get("/approvals/history/").content.decode()
+    pending, _ = request_tool_call(call.agent, "s", "send", {"to": ARGUMENT})
+    assert pending.status == Status.PENDING_APPROVAL
+    assert ARGUMENT in admin_client.get("/approvals/").content.decode()
+    assert ARGUMENT not in raw_call(pending)
+    assert ToolCall.objects.get(pk=pending.pk).arguments_size == len('{"to":""}') + len(ARGUMENT)
+
+
+def test_retention_purges_encrypted_arguments_and_results(call):
+    from datetime import timedelta
+
+    from approvals.models import ToolCall
+
+    ToolCall.objects.filter(pk=call.pk).update(finished_at=call.finished_at - timedelta(days=40))
+    assert ToolCall.purge_old_data(days=30) == 1
+    call.refresh_from_db()
+    assert (call.arguments, call.result_content, call.structured_content) == ({}, None, None)
+    assert call.purged_at is not None
+
+
+def test_rotation_reencrypts_arguments_and_results(call, settings):
+    from approvals.models import ToolCall
+
+    new = Fernet.generate_key().decode()
+    settings.FIELD_ENCRYPTION_KEYS = [new, settings.FIELD_ENCRYPTION_KEYS[0]]
+    call_command("rotate_encryption_keys", stdout=io.StringIO())
+    settings.FIELD_ENCRYPTION_KEYS = [new]
+    assert ToolCall.objects.get(pk=call.pk).arguments == {"to": ARGUMENT}
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_encrypts_the_calls_stored_in_clear():
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
+    before = [("approvals", "0006_policy_rules_and_reasons"), *others]
+    executor.migrate(before)
+    old = executor.loader.project_state(before).apps
+    server = old.get_model("integrations", "McpServer").objects.create(name="s", url="x")
+    agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")
+    old_call = old.get_model("approvals", "ToolCall").objects.create(
+        agent=agent, server=server, server_name="s", tool_name="t", status="succeeded",
+        arguments={"to": ARGUMENT}, result_content=[{"type": "text", "text": RESULT}],
+    )  # fmt: skip
+    assert ARGUMENT in raw_call(old_call)  # in clear before
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+
+    from approvals.models import ToolCall
+
+    assert ARGUMENT not in raw_call(old_call) and RESULT not in raw_call(old_call)
+    migrated = ToolCall.objects.get(pk=old_call.pk)
+    assert migrated.arguments == {"to": ARGUMENT}
+    assert migrated.result_content == [{"type": "text", "text": RESULT}]
+    assert migrated.structured_content is None
+    assert migrated.arguments_size == len(f'{{"to":"{ARGUMENT}"}}')
