@@ -125,6 +125,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "integrations",
     "approvals",
+    "axes",  # login throttling on both login pages
 ]
 
 MIDDLEWARE = [
@@ -136,6 +137,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks; async-capable
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -185,6 +187,38 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DATABASES["default"].setdefault("CONN_MAX_AGE", 60)
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Login throttling (django-axes) on /admin/login/ and /accounts/login/: after
+# LOGIN_FAILURE_LIMIT wrong passwords, further tries are refused for LOGIN_LOCKOUT_MINUTES
+# (429 and a page saying so), counted per username and client address by default. Behind a
+# proxy, have uvicorn take the client address from it (--forwarded-allow-ips), or every
+# client counts as the proxy.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+_LOCKOUT_BY = {
+    "username_and_ip": [["username", "ip_address"]],
+    "ip": ["ip_address"],
+    "username": ["username"],
+}
+
+
+def _lockout_by(raw):
+    if raw not in _LOCKOUT_BY:
+        raise ValueError(f"expected one of {', '.join(_LOCKOUT_BY)}")
+    return _LOCKOUT_BY[raw]
+
+
+AXES_ENABLED = _read("LOGIN_THROTTLING", _bool, True)
+AXES_FAILURE_LIMIT = _read("LOGIN_FAILURE_LIMIT", _positive(int), 5)
+AXES_COOLOFF_TIME = timedelta(minutes=_read("LOGIN_LOCKOUT_MINUTES", _positive(int), 15))
+AXES_LOCKOUT_PARAMETERS = _read("LOGIN_LOCKOUT_BY", _lockout_by, _LOCKOUT_BY["username_and_ip"])
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_HTTP_RESPONSE_CODE = 429
+AXES_DISABLE_ACCESS_LOG = True  # keep the failed attempts only, not every successful login
+AXES_VERBOSE = False
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -16,6 +16,7 @@ Two kinds of bound:
   bounded by its deadline whatever the schema (`approvals/validation.py`).
 """
 
+import functools
 import json
 
 import re2
@@ -60,6 +61,7 @@ def tool_refusal(definition):
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def compile_pattern(pattern):
     """A JSON Schema `pattern` compiled by RE2 (linear time, bounded memory), or None when RE2
     can't take it (lookarounds, backreferences, too large)."""
