@@ -9,12 +9,25 @@ How it works:
 * The arguments (any JSON value) are walked iteratively, never recursively, with bounds
   on depth, on the number of values and on the characters read per string and in total.
   Past a bound the rest is skipped, so huge input is fast but is not fully checked.
-* Every string, and every dict key, is matched against a fixed list of regular
-  expressions, compiled once. Integers are checked as their digits (a card number may
-  arrive as a number). Detectors run in priority order and a later match that overlaps an
-  earlier one is dropped, so a card number is not also reported as a phone number.
-* Candidates that carry a checksum are kept only when it is valid: card numbers (Luhn,
-  and a first digit used by card networks), IBANs (mod 97), Spanish DNI/NIE (check letter).
+* Every string, and every dict key, is first read as a person would read it
+  (`integrations.scanner.normalize`, the scanner's own normalisation): invisible characters
+  such as zero-width spaces removed, Unicode NFKC (full-width at signs and digits, no-break
+  spaces), look-alike letters and dashes folded, whitespace collapsed. Then it is matched
+  against a fixed list of regular expressions, compiled once. Integers are checked as their
+  digits (a card number may arrive as a number). Detectors run in priority order and a later
+  match that overlaps an earlier one is dropped, so a card number is not also reported as a
+  phone number.
+* Obvious encodings are decoded and the result checked too, labelled as such: a
+  percent-encoded string, and base64 or hex tokens of 16 or more characters that decode to
+  readable UTF-8 text.
+* The short values of one list or dict are also joined and checked together, so data split
+  over several values ("4111", "1111", … or "alice", "@", "example.com") is reported at the
+  container's path ("split across values").
+* Candidates that carry a checksum are kept only when python-stdnum says it is valid: card
+  numbers (Luhn, and a first digit used by card networks), IBANs (the country's length and
+  format, and mod 97), US Social Security numbers (areas never issued, advertised samples),
+  Spanish DNI and NIE numbers (check letter). UK National Insurance numbers have no checksum
+  and no python-stdnum module: their letter rules stay a regular expression here.
 * A dict key named like a secret (password, api_key, client_secret, ...) marks its
   non-empty string value as a secret, whatever the value looks like.
 * Findings carry a masked preview, never the full value.
@@ -42,17 +55,30 @@ Kinds and what they match:
   "********", "<your key>", "${VAR}") are not secrets. Unquoted lower-case assignments
   (token=get_token() in code) are left alone.
 
-Limits: these are heuristics to draw an approver's attention. They are not data-loss
-prevention and not a security boundary: names, addresses, dates of birth, most national
-ID formats and high-entropy secrets without a known prefix are not detected, and text
+Limits: these are heuristics to draw an approver's attention (a finding makes the call wait
+for a human where the server asks for it; no finding proves nothing). They are not data-loss
+prevention and not a security boundary: other encodings, encryption, data split over several
+nested values or spelled out in words get through; names, addresses, dates of birth, most
+national ID formats and high-entropy secrets without a known prefix are not detected; and text
 that only resembles a pattern can be flagged.
 """
 
+import base64
+import binascii
+import bisect
+import functools
 import itertools
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote
+
+from stdnum import iban, luhn
+from stdnum.es import dni, nie
+from stdnum.us import ssn
+
+from integrations.scanner import normalize
 
 __all__ = ["find_personal_data"]
 
@@ -65,29 +91,6 @@ MASK = "****"
 
 
 # --- Checks and previews ----------------------------------------------------------------
-
-
-def _luhn_valid(digits: str) -> bool:
-    total = 0
-    for position, char in enumerate(reversed(digits)):
-        value = int(char)
-        if position % 2 == 1:
-            value = value * 2 - 9 if value > 4 else value * 2
-        total += value
-    return total % 10 == 0
-
-
-def _iban_valid(iban: str) -> bool:
-    rearranged = iban[4:] + iban[:4]
-    return int("".join(str(int(char, 36)) for char in rearranged)) % 97 == 1
-
-
-_DNI_LETTERS = "TRWAGMYFPDXBNJZSQVHLCKE"
-
-
-def _dni_valid(number: str, letter: str) -> bool:
-    number = number.translate(str.maketrans("XYZ", "012"))
-    return _DNI_LETTERS[int(number) % 23] == letter
 
 
 def _digits(text: str) -> str:
@@ -127,12 +130,12 @@ def _card_accept(match: re.Match[str]) -> bool:
     digits = _digits(match.group())
     # Card networks use first digits 2 to 6; this leaves out millisecond timestamps and
     # 64-bit IDs (Discord, Twitter) that start with 1 and pass Luhn one time in ten.
-    return 13 <= len(digits) <= 19 and digits[0] in "23456" and _luhn_valid(digits)
+    return 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn.is_valid(digits)
 
 
 def _iban_accept(match: re.Match[str]) -> bool:
-    compact = match.group().replace(" ", "")
-    return 15 <= len(compact) <= 34 and _iban_valid(compact)
+    # The country's own length and account-number format, and the mod-97 check digits.
+    return iban.is_valid(match.group())
 
 
 _FILE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "css", "js", "ts"})
@@ -270,8 +273,9 @@ _DETECTORS = (
     _Detector(
         "national_id",
         "US Social Security number",
-        _ascii(r"(?<![\w-])(?!000|666|9)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w]|-\d)"),
+        _ascii(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w]|-\d)"),
         lambda match: "***-**-" + match.group()[-4:],
+        lambda match: ssn.is_valid(match.group()),  # areas never issued, known fakes
     ),
     _Detector(
         "national_id",
@@ -287,7 +291,7 @@ _DETECTORS = (
         "Spanish DNI/NIE number",
         _ascii(r"(?<![\w-])(?P<number>\d{8}|[XYZ]\d{7})-?(?P<letter>[A-Z])(?![\w])"),
         lambda match: _mask_all_but_last(match.group(), 3),
-        lambda match: _dni_valid(match.group("number"), match.group("letter")),
+        lambda match: (dni if match.group()[0].isdigit() else nie).is_valid(match.group()),
     ),
     _Detector(
         "email",
@@ -393,13 +397,20 @@ class _Scan:
         return self.chars_left <= 0 or len(self.findings) >= MAX_FINDINGS
 
     def matches(self, text: str) -> list[_Match]:
+        """Matches in `text` as a person reads it (see `integrations.scanner.normalize`)."""
+        return self.matches_normalized(normalize(text[: min(MAX_STRING_CHARS, self.chars_left)]))
+
+    def matches_normalized(self, text: str) -> list[_Match]:
         text = text[: min(MAX_STRING_CHARS, self.chars_left)]
         self.chars_left -= len(text)
+        if len(text) <= MAX_SPLIT_PART_CHARS:
+            return list(_short_matches(text))
         return _matches(text)
 
-    def add(self, match: _Match, path: str) -> None:
+    def add(self, match: _Match, path: str, how: str = "") -> None:
         detector = match.detector
-        self._add(detector.kind, detector.label, path, match.preview, match.text)
+        label = f"{detector.label} ({how})" if how else detector.label
+        self._add(detector.kind, label, path, match.preview, match.text)
 
     def add_secret_field(self, key: str, path: str, value: str) -> None:
         label = f"Value of a secret field ({json.dumps(_display_key(key))})"
@@ -445,8 +456,10 @@ def find_personal_data(value: object) -> list[dict]:
         elif isinstance(node, int) and not isinstance(node, bool) and node.bit_length() <= 64:
             _scan_string(scan, str(node), path, "")
         elif isinstance(node, dict) and depth < MAX_DEPTH:
+            _scan_split(scan, itertools.islice(node.values(), MAX_SPLIT_PARTS), path)
             stack.extend(reversed(_dict_children(scan, node, path, depth + 1)))
         elif isinstance(node, list | tuple) and depth < MAX_DEPTH:
+            _scan_split(scan, itertools.islice(node, MAX_SPLIT_PARTS), path)
             children = itertools.islice(node, MAX_VALUES)
             stack.extend(
                 reversed([(c, f"{path}[{i}]", depth + 1, "") for i, c in enumerate(children)])
@@ -458,9 +471,85 @@ def _scan_string(scan: _Scan, text: str, path: str, secret_key: str) -> None:
     matches = scan.matches(text)
     for match in matches:
         scan.add(match, path)
+    for decoded, how in itertools.islice(_decodings(text[:MAX_STRING_CHARS]), MAX_DECODINGS):
+        for match in scan.matches(decoded):
+            scan.add(match, path, how)
     typed_secret = any(match.detector.kind == "secret" for match in matches)
     if secret_key and not typed_secret and _looks_like_secret_value(text[:MAX_STRING_CHARS]):
         scan.add_secret_field(secret_key, path, text)
+
+
+# --- Encoded and split values -----------------------------------------------------------
+
+MAX_DECODINGS = 20  # encoded tokens decoded per string
+MAX_SPLIT_PARTS = 1_000  # values of one list or dict joined to look for split-up data
+MAX_SPLIT_PART_CHARS = 64  # longer values are text in their own right, not pieces
+_BASE64_TOKEN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_HEX_TOKEN = re.compile(r"(?:[0-9a-fA-F]{2}){8,}")
+_PERCENT = re.compile(r"%[0-9a-fA-F]{2}")
+
+
+def _decodings(text: str):
+    """(decoded text, how it was encoded) for the obvious encodings inside `text`: percent
+    encoding, and base64 or hex tokens of 16+ characters that decode to readable text."""
+    if _PERCENT.search(text):
+        yield unquote(text), "percent-encoded"
+    for token in _HEX_TOKEN.findall(text):
+        decoded = _readable(binascii.unhexlify(token))
+        if decoded:
+            yield decoded, "hex-encoded"
+    for token in _BASE64_TOKEN.findall(text):
+        if _HEX_TOKEN.fullmatch(token):
+            continue
+        compact = token.rstrip("=").replace("-", "+").replace("_", "/")
+        try:
+            raw = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        decoded = _readable(raw)
+        if decoded:
+            yield decoded, "base64-encoded"
+
+
+def _readable(raw: bytes) -> str | None:
+    """`raw` as text if it is UTF-8 and nearly all printable (not random bytes)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    printable = sum(char.isprintable() or char.isspace() for char in text)
+    return text if text and printable >= 0.95 * len(text) else None
+
+
+def _scan_split(scan: _Scan, values, path: str) -> None:
+    """Data split over several values of one list or dict ("4111", "1111", … or "alice",
+    "@", "example.com"): the values are joined, and what is found across two or more of them
+    is reported at the container's path."""
+    parts = [
+        normalize(str(value))
+        for value in values
+        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+    ]
+    if len(parts) < 2 or any(len(part) > MAX_SPLIT_PART_CHARS for part in parts):
+        return
+    # What one value holds by itself is reported at its own path already.
+    found_kinds = {match.detector.kind for part in parts for match in _short_matches(part)}
+    joined, starts, at = "".join(parts), [], 0
+    for part in parts:
+        starts.append(at)
+        at += len(part)
+    for match in scan.matches_normalized(joined):
+        first = bisect.bisect_right(starts, match.start) - 1
+        last = bisect.bisect_right(starts, match.end - 1) - 1
+        if first != last and match.detector.kind not in found_kinds:
+            found_kinds.add(match.detector.kind)
+            scan.add(match, path, "split across values")
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_matches(text: str) -> tuple[_Match, ...]:
+    """`_matches` of a short value, remembered: its own scan as a child asks again."""
+    return tuple(_matches(text))
 
 
 def _dict_children(

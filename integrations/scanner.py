@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 from integrations import limits
 
-__all__ = ["scan_result_text", "scan_tool"]
+__all__ = ["normalize", "scan_result_text", "scan_tool"]
 
 MAX_DEPTH = 32  # nesting levels of the definition that are visited
 MAX_VALUES = 10_000  # dicts, lists and scalars visited per definition
@@ -181,7 +181,7 @@ _FOLD = str.maketrans(_CONFUSABLES | _PUNCTUATION)
 _WHITESPACE = re.compile(r"\s+")
 
 # --- Patterns ---------------------------------------------------------------------------
-# All patterns run on normalised text (see _normalize), case-insensitively.
+# All patterns run on normalised text (see normalize), case-insensitively.
 
 
 def _patterns(*sources: str) -> tuple[re.Pattern[str], ...]:
@@ -483,10 +483,10 @@ def _check_text(
 ) -> None:
     field = item.field
     warnings.add_if(_invisible_warning(item.text, field))
-    texts = [_normalize(item.text)]
+    texts = [normalize(item.text)]
     hidden_in_tags = _tag_text(item.text)
     if hidden_in_tags:
-        texts.append(_normalize(hidden_in_tags))
+        texts.append(normalize(hidden_in_tags))
 
     found = _find_all(rules.hidden_instructions, texts)
     if found:
@@ -529,9 +529,10 @@ def _find_all(patterns: tuple[re.Pattern[str], ...], texts: list[str]) -> list[s
     return found
 
 
-def _normalize(text: str) -> str:
-    """The text as a model would read it, for matching: invisible characters removed,
-    compatibility forms and look-alike letters folded to ASCII, whitespace collapsed."""
+def normalize(text: str) -> str:
+    """The text as a model (or a person) would read it, for matching: invisible characters
+    removed, compatibility forms and look-alike letters folded to ASCII, whitespace collapsed.
+    Also what `approvals.pii` matches personal data against."""
     text = _INVISIBLE.sub("", text)
     text = unicodedata.normalize("NFKC", text).translate(_FOLD)
     return _WHITESPACE.sub(" ", text)
@@ -703,7 +704,7 @@ class _OtherTools:
     def _build_mention_pattern(self) -> re.Pattern[str] | None:
         """Distinctive names (send_email, getUser) match anywhere as a word; plain words
         (search, fetch) only when quoted, so ordinary prose does not trip the check."""
-        names = sorted({_normalize(tool) for _, tool in self.pairs}, key=lambda n: (-len(n), n))
+        names = sorted({normalize(tool) for _, tool in self.pairs}, key=lambda n: (-len(n), n))
         distinctive = [re.escape(n) for n in names if _DISTINCTIVE_NAME.match(n)]
         plain = [re.escape(n) for n in names if n and not _DISTINCTIVE_NAME.match(n)]
         # A word may follow "_" so that client prefixes (mcp_mail_send_email) still match.

@@ -502,3 +502,99 @@ def test_secret_previews_never_contain_the_secret(secret):
     assert "secret" in kinds(findings)
     for finding in findings:
         assert secret not in finding["preview"]
+
+
+# --- Evasions: invisible characters, compatibility forms, encodings, split values (issue 9) ---
+
+
+@pytest.mark.parametrize(
+    "value, kind",
+    [
+        ("ali\u200bce@exam\u200dple.com", "email"),  # zero-width space and joiner
+        ("alice\uff20example.com", "email"),  # full-width commercial at
+        ("4111\u00a01111\u00a01111\u00a01111", "card_number"),  # no-break spaces
+        ("\uff14\uff11\uff11\uff11 1111 1111 1111", "card_number"),  # full-width digits
+        ("4111\u20111111\u20111111\u20111111", "card_number"),  # non-breaking hyphens
+        ("078\u200b-05-1121", "national_id"),
+    ],
+)
+def test_it_sees_through_invisible_characters_and_look_alike_forms(value, kind):
+    assert kinds(find_personal_data({"note": value})) == [kind]
+
+
+@pytest.mark.parametrize(
+    "encoded, how",
+    [
+        ("YWxpY2UubG9wZXpAZXhhbXBsZS5jb20=", "base64-encoded"),  # alice.lopez@example.com
+        ("YWxpY2UubG9wZXpAZXhhbXBsZS5jb20", "base64-encoded"),  # without padding
+        ("see: YWxpY2UubG9wZXpAZXhhbXBsZS5jb20= thanks", "base64-encoded"),
+        ("616c6963652e6c6f70657a406578616d706c652e636f6d", "hex-encoded"),
+        ("to=alice.lopez%40example.com", "percent-encoded"),
+    ],
+)
+def test_it_decodes_obvious_encodings(encoded, how):
+    finding = only({"blob": encoded})
+    assert finding["kind"] == "email"
+    assert finding["label"] == f"E-mail address ({how})"
+    assert finding["preview"] == "a***@example.com"
+
+
+def test_it_finds_a_card_number_in_base64():
+    import base64
+
+    blob = base64.b64encode(b"card: 4111 1111 1111 1111, exp 12/30").decode()
+    assert kinds(find_personal_data({"payload": blob})) == ["card_number"]
+
+
+@pytest.mark.parametrize(
+    "value, path, kind",
+    [
+        ({"card": ["4111", "1111", "1111", "1111"]}, "$.card", "card_number"),
+        ({"to": {"user": "alice.lopez", "at": "@", "domain": "example.com"}}, "$.to", "email"),
+        ({"ssn": ["078", "05", "1121"]}, "$.ssn", None),  # joined as 078051121: no format
+        ({"digits": [4111, 1111, 1111, 1111]}, "$.digits", "card_number"),
+    ],
+)
+def test_it_finds_data_split_across_values(value, path, kind):
+    findings = find_personal_data(value)
+    if kind is None:
+        assert findings == []
+        return
+    [finding] = findings
+    assert (finding["kind"], finding["path"]) == (kind, path)
+    assert finding["label"].endswith("(split across values)")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["team", "ops", "lead"],
+        {"first": "Ada", "last": "Lovelace"},
+        ["2024", "01", "15"],
+        "dGhpcyBpcyBqdXN0IGEgc2VudGVuY2Uu",  # "this is just a sentence."
+        "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=",  # a SHA-256 digest: random bytes
+        "deadbeefcafebabe0123456789abcdef",  # hex of random bytes
+        "encodeURIComponent%20works",
+    ],
+)
+def test_encodings_and_joins_of_ordinary_values_find_nothing(value):
+    assert find_personal_data({"x": value}) == []
+
+
+# --- Checksums and national numbers by python-stdnum ------------------------------------------
+
+
+def test_an_iban_must_have_its_countrys_length_and_format():
+    assert kinds(find_personal_data({"a": "GB82WEST12345698765432"})) == ["iban"]
+    # Check digits right for the digits given, but one character short for a British IBAN.
+    assert find_personal_data({"a": "GB61WEST1234569876543"}) == []
+
+
+def test_an_advertised_sample_social_security_number_is_not_reported():
+    assert find_personal_data({"ssn": "078-05-1120"}) == []  # Woolworth's wallet card
+    assert kinds(find_personal_data({"ssn": "078-05-1121"})) == ["national_id"]
+
+
+def test_a_spanish_nie_is_checked_by_its_own_rule():
+    assert kinds(find_personal_data({"id": "X1234567L"})) == ["national_id"]
+    assert find_personal_data({"id": "X1234567A"}) == []
