@@ -74,12 +74,13 @@ class EncryptedTextField(models.TextField):
 
 
 class EncryptedJSONField(EncryptedTextField):
-    """A JSON value, encrypted as its text."""
+    """A JSON value, encrypted as its text. Keys keep their order (an agent's arguments read
+    back as it sent them)."""
 
     def get_prep_value(self, value):
         if value is None:
             return None
-        return encrypt(json.dumps(value, sort_keys=True))
+        return encrypt(json.dumps(value))
 
     def from_db_value(self, value, expression, connection):
         if value is None:

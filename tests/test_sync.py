@@ -423,8 +423,10 @@ def test_a_tool_whose_schema_is_over_the_limits_is_flagged_and_needs_a_human(
     [warning] = [w for w in tool.warnings if w["code"] == "complex_schema"]
     assert problem in warning["message"]
     assert tool.needs_review
-    assert tool.effective_approval == "requires_approval"
-    assert server.tools.get(name="lookup").effective_approval == "auto"
+    decision = policy.decide(None, tool)
+    assert decision.outcome == policy.Outcome.ASK
+    assert policy.Code.FLAGGED in [reason.code for reason in decision.reasons]
+    assert policy.decide(None, server.tools.get(name="lookup")).outcome == policy.Outcome.RUN
 
 
 def test_an_ordinary_recursive_schema_is_not_flagged():
