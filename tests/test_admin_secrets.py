@@ -46,6 +46,30 @@ def make_server(name="leaky"):
     return server, secrets
 
 
+def make_oauth_server():
+    """An OAuth server: its page shows the credential's state, never the credential."""
+    from integrations.oauth import OAuthAuthorization, OAuthCredential
+
+    server, secrets = make_server("oauthed")
+    server.auth_kind = "oauth"
+    server.secret_token = ""
+    server.save()
+    names = ["client_secret", "registration", "resource", "access_token", "refresh_token"]
+    names.append("verifier")
+    secrets = [s for s in secrets if "Token" not in s] + [marker(n) for n in names]
+    credential = OAuthCredential.objects.create(
+        server=server, client_id="toolgate-client", client_secret=secrets[-6],
+        client_registration={"client_secret": secrets[-5]},
+        resource_metadata={"resource": secrets[-4]},
+        access_token=secrets[-3], refresh_token=secrets[-2],
+    )  # fmt: skip
+    OAuthAuthorization.objects.create(
+        credential=credential, state_hash="0" * 64, code_verifier=secrets[-1],
+        client_id="toolgate-client", metadata={}, expires_at=timezone.now(),
+    )  # fmt: skip
+    return server, secrets
+
+
 def make_tool_call():
     from approvals.models import Status, ToolCall
 
@@ -178,6 +202,8 @@ def test_no_admin_page_shows_a_stored_secret(client, django_user_model, admin_us
         row, markers = SAMPLES[model._meta.label_lower]()
         samples[model] = row.pk
         secrets += markers
+    oauth_server, markers = make_oauth_server()
+    secrets += markers
     users = [admin_user] + [staff_user(django_user_model, actions) for actions in USERS]
     pages = [model for model in registered_models() if admin.site.is_registered(model)]
     leaks, visited = [], 0
@@ -185,7 +211,10 @@ def test_no_admin_page_shows_a_stored_secret(client, django_user_model, admin_us
         client.force_login(user)
         for model in pages:
             pk = samples.get(model) or model.objects.values_list("pk", flat=True).first() or 1
-            for url in admin_urls(model, pk):
+            urls = admin_urls(model, pk)
+            if model is McpServer:
+                urls += admin_urls(model, oauth_server.pk)
+            for url in urls:
                 for response in _responses(client, url):
                     visited += 1
                     method = response.request["REQUEST_METHOD"]
