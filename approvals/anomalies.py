@@ -24,8 +24,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Avg, Count, Exists, Min, OuterRef, Q, TextField
-from django.db.models.functions import Cast, Length
+from django.db.models import Avg, Count, Exists, F, Min, OuterRef, Q
 from django.utils import timezone
 
 from approvals.dashboard import hour_start, slot_of
@@ -62,8 +61,9 @@ class Finding:
 
 
 def arguments_size():
-    """The size of a call's arguments (characters of their JSON), as an SQL expression."""
-    return Length(Cast("arguments", TextField()))
+    """The size of a call's arguments as requested (bytes of their canonical JSON), as an SQL
+    expression: the arguments themselves are encrypted, so their size is stored beside them."""
+    return F("arguments_size")
 
 
 def has_personal_data(arguments):

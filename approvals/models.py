@@ -152,6 +152,11 @@ class ToolCall(models.Model):
     def __str__(self):
         return f"#{self.pk} {self.server_name}/{self.tool_name} ({self.status})"
 
+    def save(self, *args, **kwargs):
+        if self.pk is None and not self.arguments_size:
+            self.arguments_size = limits.canonical_size(self.arguments)
+        super().save(*args, **kwargs)
+
     @property
     def is_final(self):
         return self.status in FINAL_STATUSES
@@ -609,7 +614,6 @@ def _open_request(agent, server_name, tool_name, arguments, idempotency_key):
         tool_name=tool_name,
         tool_fingerprint=tool.fingerprint if tool else "",
         arguments=arguments,
-        arguments_size=limits.canonical_size(arguments),
         idempotency_key=idempotency_key,
     )
     if decision is not None:

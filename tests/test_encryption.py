@@ -193,7 +193,7 @@ def test_the_migration_encrypts_the_calls_stored_in_clear():
 
     executor = MigrationExecutor(connection)
     others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
-    before = [("approvals", "0006_policy_rules_and_reasons"), *others]
+    before = [("approvals", "0008_anomalies_and_metric_totals"), *others]
     executor.migrate(before)
     old = executor.loader.project_state(before).apps
     server = old.get_model("integrations", "McpServer").objects.create(name="s", url="x")

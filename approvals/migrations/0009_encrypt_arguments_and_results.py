@@ -58,7 +58,7 @@ def decrypt_back(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("approvals", "0006_policy_rules_and_reasons"),
+        ("approvals", "0008_anomalies_and_metric_totals"),
     ]
 
     operations = [
