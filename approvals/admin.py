@@ -13,6 +13,7 @@ from approvals.forms import NotificationChannelForm
 from approvals.models import Status, ToolCall
 from approvals.notifications import Delivery, DeliveryStatus, NotificationChannel
 from approvals.rules import PolicyRule
+from approvals.views import DECIDE
 from integrations.admin import LogsPolicyChanges, admin_time, status_badge
 from integrations.models import Agent, McpServer, Tool
 
@@ -64,6 +65,31 @@ class ToolCallAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    # A call's arguments and result often carry personal data: shown, like on the approvers'
+    # pages, only to those who may decide calls (approvers, superusers); others see that
+    # something is stored. (Credentials are never shown: integrations/secret_admin.py.)
+    CALL_DATA = {"arguments_json": "arguments_hidden", "result_json": "result_hidden"}
+
+    def get_fieldsets(self, request, obj=None):
+        fieldsets = super().get_fieldsets(request, obj)
+        if request.user.has_perm(DECIDE):
+            return fieldsets
+        return [
+            (title, {**options, "fields": [self.CALL_DATA.get(f, f) for f in options["fields"]]})
+            for title, options in fieldsets
+        ]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [*super().get_readonly_fields(request, obj), *self.CALL_DATA.values()]
+
+    @admin.display(description="Arguments")
+    def arguments_hidden(self, call):
+        return "Shown only to approvers (and on the approvers' page of the call)."
+
+    @admin.display(description="Result")
+    def result_hidden(self, call):
+        return "Shown only to approvers (and on the approvers' page of the call)."
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         title = f"Tool call #{object_id}" if str(object_id).isdigit() else "Tool call"

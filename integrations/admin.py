@@ -314,7 +314,7 @@ class McpServerAdmin(LogsPolicyChanges, admin.ModelAdmin):
 
     def _sync_panel_html(self, request, server):
         """Each field of the "Tool sync" panel, rendered by the admin's own read-only field."""
-        form = self.get_form(request, server)(instance=server)
+        form = self.get_form(request, server, change=True)(instance=server)
         return {
             name: str(helpers.AdminReadonlyField(form, name, False, model_admin=self).contents())
             for name in self.sync_panel

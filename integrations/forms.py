@@ -82,7 +82,9 @@ def typed_secret_widget(attrs=None):
     """A password input that shows back only what was typed into the POST being answered (a
     refused form keeps the URL the admin typed). The form never holds a stored value to show:
     `McpServerForm.__init__` drops it from `initial`, and a blank field means "keep it"."""
-    return SecretWidget(attrs, render_value=True)
+    widget = SecretWidget(attrs, render_value=True)
+    widget.echoes_typed_value = True  # integrations/secret_admin.py lets it show the POST back
+    return widget
 
 
 class SecretTextarea(forms.Textarea):

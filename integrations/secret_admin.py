@@ -11,7 +11,10 @@ this to every registration, so a new model is covered without doing anything):
   instead of the value, through a display function put in the field's place;
 * form fields (change and add pages, `list_editable`, inline forms) get a widget that never
   renders a value, neither the stored one nor what was just posted; a form that doesn't handle
-  its secret fields itself keeps the stored value when the field is left blank;
+  its secret fields itself keeps the stored value when the field is left blank. The one
+  exception is a widget a form declares with `echoes_typed_value` (the server URL): it shows
+  back what was typed into the POST being answered, so a refused form needn't be retyped, and
+  still never a stored value (the stored value is dropped from the form's `initial` here);
 * `list_filter` (which would list every distinct value) and `search_fields` leave encrypted
   fields out, and so does `list_editable`.
 
@@ -93,7 +96,8 @@ def _secret_form(form_class, secrets):
             stored = self.instance.pk is not None if isinstance(self, ModelForm) else False
             for name in secrets & set(self.fields):
                 field = self.fields[name]
-                field.widget.__class__ = _write_only_class(field.widget.__class__)
+                if not getattr(field.widget, "echoes_typed_value", False):
+                    field.widget.__class__ = _write_only_class(field.widget.__class__)
                 self.initial.pop(name, None)
                 if stored and name not in form_class.declared_fields:
                     field.required = False

@@ -70,6 +70,12 @@ def make_oauth_server():
     return server, secrets
 
 
+# A tool call's arguments and result are not credentials: approvers (and superusers) see them,
+# on the audit page as on the approvers' pages. Nobody else does, and no credential is shown.
+CALL_DATA = {marker("requested"), marker("argument"), marker("result"), marker("structured")}
+CALL_PAGE = "/admin/approvals/toolcall/"
+
+
 def make_tool_call():
     from approvals.models import Status, ToolCall
 
@@ -218,7 +224,10 @@ def test_no_admin_page_shows_a_stored_secret(client, django_user_model, admin_us
                 for response in _responses(client, url):
                     visited += 1
                     method = response.request["REQUEST_METHOD"]
-                    leaks += _leaks(response, secrets, f"{user.username} {method} {url}")
+                    shown = secrets
+                    if user.has_perm("approvals.decide_toolcall") and url.startswith(CALL_PAGE):
+                        shown = [secret for secret in secrets if secret not in CALL_DATA]
+                    leaks += _leaks(response, shown, f"{user.username} {method} {url}")
     assert not leaks, "\n".join(leaks[:20])
     assert visited > 300
 
@@ -258,3 +267,18 @@ def test_a_change_without_retyping_the_secrets_keeps_them(admin_client):
     assert server.name == "renamed"
     assert server.secret_token == secrets[2]
     assert secrets[0] in server.url
+
+
+def test_only_approvers_see_a_calls_arguments_and_result_on_its_audit_page(
+    client, django_user_model, admin_user
+):
+    call, _ = make_tool_call()
+    url = f"{CALL_PAGE}{call.pk}/change/"
+    auditor = staff_user(django_user_model, ("view",))
+    approver = staff_user(django_user_model, ("change",))
+    approver.user_permissions.add(Permission.objects.get(codename="decide_toolcall"))
+    for user, sees in ((admin_user, True), (approver, True), (auditor, False)):
+        client.force_login(user)
+        page = client.get(url).content.decode()
+        assert (marker("argument") in page, marker("result") in page) == (sees, sees), user
+        assert ("Shown only to approvers" in page) != sees
