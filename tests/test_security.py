@@ -271,10 +271,10 @@ def test_results_are_rendered_escaped(injecting_server, admin_client):
     html = admin_client.get("/approvals/history/").content.decode()
     assert "<script>alert(1)</script>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    # The admin's audit view doesn't render results at all: they are stored encrypted.
+    # The admin's audit view shows the result to an approver (a superuser here), escaped.
     html = admin_client.get(f"/admin/approvals/toolcall/{call.pk}/change/").content.decode()
-    assert "alert(1)" not in html
-    assert "Stored (hidden)" in html
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
 # Personal data and retention ----------------------------------------------------------------
