@@ -8,8 +8,8 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from approvals.channels import _call_notice, slack_payload
-from approvals.notifications import Delivery, NotificationChannel
-from integrations.models import McpServer
+from approvals.notifications import EVENTS, Delivery, NotificationChannel
+from integrations.models import Agent, McpServer
 from tests.receivers import HttpReceiver
 from tests.test_notifications import make_world, pending_call
 
@@ -169,12 +169,42 @@ def test_the_command_adds_lists_and_tests_channels(monkeypatch, capsys, settings
         call_command("notification_channel", "test", "pager")  # hooks.example does not resolve
 
 
+def test_the_command_keeps_every_repeated_value_and_the_agent_filters():
+    McpServer.objects.create(name="crm", url="https://crm.example/mcp")
+    McpServer.objects.create(name="wiki", url="https://wiki.example/mcp")
+    Agent.create_with_token("support-bot", [])
+    Agent.create_with_token("sales-bot", [])
+    call_command("notification_channel", "add", "--kind", "email", "--name", "ops",
+                 "--to", "a@example.com", "--to", "b@example.com", "c@example.com",
+                 "--event", "call.pending", "--event", "call.reminder", "call.unknown",
+                 "--server", "crm", "--server", "wiki",
+                 "--agent", "support-bot", "--agent", "sales-bot",
+                 "--include-arguments")  # fmt: skip
+    ops = NotificationChannel.objects.get(name="ops")
+    assert ops.recipients == ["a@example.com", "b@example.com", "c@example.com"]
+    assert ops.events == ["call.pending", "call.reminder", "call.unknown"]
+    assert sorted(server.name for server in ops.servers.all()) == ["crm", "wiki"]
+    assert sorted(agent.name for agent in ops.agents.all()) == ["sales-bot", "support-bot"]
+    assert ops.include_arguments
+
+
+def test_a_channel_added_without_options_wants_everything_without_arguments():
+    call_command("notification_channel", "add", "--kind", "email", "--name", "ops",
+                 "--to", "a@example.com")  # fmt: skip
+    ops = NotificationChannel.objects.get(name="ops")
+    assert ops.events == list(EVENTS)
+    assert not ops.servers.exists() and not ops.agents.exists()
+    assert not ops.include_arguments
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--kind", "webhook", "--name", "x", "--url-env", "UNSET_VAR_X"], "UNSET_VAR_X is empty"),
         (["--kind", "email", "--name", "x", "--to", "a@example.com", "--server", "nope"],
          "No MCP server named nope"),
+        (["--kind", "email", "--name", "x", "--to", "a@example.com", "--agent", "nobody"],
+         "No agent named nobody"),
         (["--kind", "email", "--name", "x", "--to", "not-an-address"], "not an e-mail address"),
         (["--kind", "slack", "--name", "x"], "url: Enter the URL."),
     ],

@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from approvals.forms import NotificationChannelForm
 from approvals.notifications import EVENTS, ChannelKind, DeliveryStatus, NotificationChannel
 from integrations.forms import describe_errors
-from integrations.models import McpServer
+from integrations.models import Agent, McpServer
 
 
 class Command(BaseCommand):
@@ -16,7 +16,12 @@ class Command(BaseCommand):
         add = sub.add_parser("add", help="Add a channel.")
         add.add_argument("--kind", required=True, choices=ChannelKind.values)
         add.add_argument("--name", required=True)
-        add.add_argument("--to", nargs="+", default=[], metavar="ADDRESS", help="E-mail channels.")
+        # nargs="+" with "extend": `--to a@x b@x` and `--to a@x --to b@x` both keep every value
+        # (a plain nargs="+" keeps only the last --to).
+        add.add_argument(
+            "--to", nargs="+", action="extend", default=[], metavar="ADDRESS",
+            help="E-mail channels: one or more addresses (repeatable).",
+        )  # fmt: skip
         add.add_argument(
             "--url-env",
             metavar="VAR",
@@ -27,14 +32,23 @@ class Command(BaseCommand):
             "--secret-env", metavar="VAR", help="Environment variable holding a webhook's secret."
         )
         add.add_argument(
-            "--event",
-            action="append",
-            default=[],
-            choices=list(EVENTS),
-            dest="events",
-            help="An event to send (repeat; default: all).",
-        )
-        add.add_argument("--server", action="append", default=[], dest="servers", metavar="S")
+            "--event", nargs="+", action="extend", default=[], choices=list(EVENTS),
+            dest="events", metavar="EVENT",
+            help=f"Events to send (repeatable; default: all). One of: {', '.join(EVENTS)}.",
+        )  # fmt: skip
+        add.add_argument(
+            "--server", nargs="+", action="extend", default=[], dest="servers", metavar="S",
+            help="Only calls and events about these servers (repeatable; default: all).",
+        )  # fmt: skip
+        add.add_argument(
+            "--agent", nargs="+", action="extend", default=[], dest="agents", metavar="A",
+            help="Only calls and events about these agents (repeatable; default: all).",
+        )  # fmt: skip
+        add.add_argument(
+            "--include-arguments", action="store_true",
+            help="Put the calls' argument values in messages (default: only which kinds of "
+            "personal data were detected).",
+        )  # fmt: skip
         add.add_argument("--allow-private-network", action="store_true")
         add.add_argument("--allow-http", action="store_true")
         sub.add_parser("list", help="List channels.")
@@ -53,8 +67,10 @@ class Command(BaseCommand):
                 "url": _from_env(options["url_env"]),
                 "secret": _from_env(options["secret_env"]),
                 "events": options["events"] or list(EVENTS),
-                "servers": _servers(options["servers"]),
+                "servers": _pks(McpServer, "MCP server", options["servers"]),
+                "agents": _pks(Agent, "agent", options["agents"]),
                 "enabled": True,
+                "include_arguments": options["include_arguments"],
                 "allow_private_network": options["allow_private_network"],
                 "allow_http": options["allow_http"],
             }
@@ -92,9 +108,10 @@ def _from_env(variable):
     return value
 
 
-def _servers(names):
-    servers = list(McpServer.objects.filter(name__in=names))
-    missing = set(names) - {server.name for server in servers}
+def _pks(model, label, names):
+    """The primary keys of the `model` rows named `names`; every name must exist."""
+    found = dict(model.objects.filter(name__in=names).values_list("name", "pk"))
+    missing = set(names) - set(found)
     if missing:
-        raise CommandError(f"No MCP server named {', '.join(sorted(missing))}.")
-    return [server.pk for server in servers]
+        raise CommandError(f"No {label} named {', '.join(sorted(missing))}.")
+    return list(found.values())
