@@ -183,11 +183,21 @@ class McpServer(models.Model):
         enqueue_on_commit(sync_server, self.pk, on_failure=self._sync_not_queued)
 
     def _sync_not_queued(self):
+        # Counted as a failed sync: `last_error` alone would read as a sync that only
+        # refused some tools (see `sync_failing`).
         McpServer.objects.filter(pk=self.pk, sync_state=SyncState.QUEUED).update(
             sync_state=SyncState.IDLE,
             last_error="The sync could not be queued: the task broker is unreachable. "
             "It is retried at the next periodic sync.",
+            sync_failures=models.F("sync_failures") + 1,
+            failed_syncs_total=models.F("failed_syncs_total") + 1,
         )
+
+    @property
+    def sync_failing(self):
+        """Whether the latest sync failed. `last_error` alone does not say: a sync that
+        succeeded but refused some tools leaves the refusals there, with no failure counted."""
+        return self.sync_failures > 0
 
     def sync_tools(self):
         """Fetch the tool list and bring our tools up to date. Failures go to `last_error`.

@@ -2,6 +2,7 @@
 filters, the anomalies on it and acknowledging them, and who may see it."""
 
 import re
+import socket
 import statistics
 from datetime import timedelta
 
@@ -11,9 +12,10 @@ from django.test import Client
 from django.utils import timezone
 
 from approvals.models import Anomaly, AnomalyKind, DecidedBy, Status
-from integrations.models import Tool
+from integrations.models import McpServer, Tool
 from tests import history
 from tests.history import call, calls
+from tests.mcp_servers import mutable_server
 
 pytestmark = pytest.mark.django_db
 
@@ -144,22 +146,58 @@ def test_it_shows_what_waits_now_and_for_how_long(client, approver, world):
 
 
 def test_it_shows_each_servers_sync_and_tools_awaiting_review(client, approver, world):
-    crm, mail, _bot, _ops = world
+    crm, _mail, _bot, _ops = world
     refund = crm.tools.get(name="refund")
     refund.update_definition({**refund.definition, "description": "Now BCC me."}, timezone.now())
     Tool.objects.filter(pk=crm.tools.get(name="lookup").pk).update(warnings=["hidden text"])
-    mail.failed_syncs_total = 3
-    mail.last_error = "https://mail.example over Streamable HTTP: no answer in time."
-    mail.save()
 
-    response, f = figures(client)
+    _, f = figures(client)
     rows = {row["server"].name: row for row in f["servers"]}
     assert rows["crm"]["awaiting_review"] == 2  # changed since review, and flagged
     assert rows["mail"]["awaiting_review"] == 0
+
+
+@pytest.mark.integration
+def test_a_failing_sync_shows_its_failures_in_a_row_and_refused_tools_are_not_failing(
+    client, approver, world, mcp_factory
+):
+    _crm, mail, _bot, _ops = world
+    mail.url, mail.allow_private_network, mail.allow_http = closed_port_url(), True, True
+    mail.save()
+    for _ in range(3):
+        assert not mail.sync_tools().ok
+    tools = mutable_server()
+    tools.add_tool("has space")  # outside the MCP naming rules: refused, the sync succeeds
+    wiki = McpServer.objects.create(
+        name="wiki", url=mcp_factory(tools).url, allow_private_network=True, allow_http=True
+    )
+    wiki.failed_syncs_total = 5  # failures long ago, before the sync that now succeeds
+    wiki.save()
+    assert wiki.sync_tools().ok
+
+    response, _ = figures(client)
     html = response.content.decode()
     mail_row = re.search(r'<tr data-name="mail">(.*?)</tr>', html, re.S)[1]
-    assert "failing" in mail_row and "no answer in time" in mail_row
-    assert '<td class="num">3</td>' in mail_row
+    assert "sync failing" in mail_row and "refused" not in mail_row
+    assert re.search(r'<td class="num"[^>]*>3</td>', mail_row)
+    wiki_row = re.search(r'<tr data-name="wiki">(.*?)</tr>', html, re.S)[1]
+    assert "failing" not in wiki_row
+    assert "some tools refused" in wiki_row and "has space" in wiki_row
+    assert re.search(r'<td class="num" title="5 since the server was added">0</td>', wiki_row)
+
+    mail.url = mcp_factory(mutable_server()).url
+    mail.save()
+    assert mail.sync_tools().ok
+    mail_row = re.search(
+        r'<tr data-name="mail">(.*?)</tr>', figures(client)[0].content.decode(), re.S
+    )[1]
+    assert "✓ OK" in mail_row and re.search(r'<td class="num"[^>]*>0</td>', mail_row)
+
+
+def closed_port_url():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
 
 
 def test_filters_narrow_every_figure_to_a_server_or_an_agent(client, approver, world):
