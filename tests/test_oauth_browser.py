@@ -10,7 +10,7 @@ from playwright.sync_api import expect
 
 from integrations.models import McpServer
 from integrations.oauth import OAuthCredential
-from tests.conftest import launch_chromium
+from tests.conftest import launch_chromium, wait_until
 from tests.oauth_servers import READ, start_oauth_world
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -61,8 +61,8 @@ def test_an_admin_connects_a_server_with_one_consent(admin_page, world, live_ser
     page.get_by_role("button", name="Approve").click()
     server = McpServer.objects.get(name="files")
     expect(page).to_have_url(f"{live_server.url}/admin/integrations/mcpserver/{server.pk}/change/")
-    # (The "Connected files" message may already be gone: the page reloads itself when the
-    # worker's sync ends, which can be at once.)
+    # The page is not reloaded when the worker's sync ends (static/integrations/sync-status.js
+    # updates the sync fields and the tools table in place).
     expect(page.locator("#oauth-status")).to_contain_text("Connected")
     expect(page.locator("#oauth-status")).to_contain_text("by root")
     expect(page.locator("#oauth-status")).to_contain_text(f"Scopes granted: {READ}")
@@ -86,3 +86,55 @@ def test_an_admin_connects_a_server_with_one_consent(admin_page, world, live_ser
     expect(page).to_have_url(f"{live_server.url}/admin/integrations/mcpserver/{server.pk}/change/")
     expect(page.locator("#oauth-status")).to_contain_text("Connected")
     assert OAuthCredential.objects.get(server=server).version > credential.version
+
+
+def test_an_admin_reconnects_a_server_whose_grant_was_revoked(admin_page, world, live_server):
+    auth, mcp = world
+    page = admin_page
+    page.goto(f"{live_server.url}/admin/integrations/mcpserver/add/")
+    page.get_by_label("Name").fill("files")
+    page.get_by_label("Server URL").fill(mcp.url)
+    page.get_by_label("OAuth 2.1").check()
+    page.get_by_label("Allow private network").check()
+    page.get_by_label("Allow plain HTTP").check()
+    page.get_by_role("button", name="Save", exact=True).click()
+    page.get_by_role("button", name="Approve").click()
+    server = McpServer.objects.get(name="files")
+    server_page = f"{live_server.url}/admin/integrations/mcpserver/{server.pk}/change/"
+    expect(page.locator("#sync-status")).to_have_text("OK", timeout=30_000)
+    first = OAuthCredential.objects.get(server=server)
+
+    # The user revokes Toolgate's access at the provider; the next sync's refresh is refused.
+    auth.revoke_everything()
+    page.goto(f"{live_server.url}/admin/integrations/mcpserver/")
+    page.locator(f'input[name="_selected_action"][value="{server.pk}"]').check()
+    page.locator('select[name="action"]').select_option("sync_now")
+    page.get_by_role("button", name="Go").click()
+    expect(page.get_by_text("Sync queued for 1 server(s).")).to_be_visible()
+    # The list shows the state as it was when rendered: look again once the worker gave up.
+    wait_until(lambda: OAuthCredential.objects.get(server=server).needs_reconnect, 30)
+    page.reload()
+    expect(page.locator("#result_list")).to_contain_text("Needs reconnecting")
+
+    page.goto(server_page)
+    status = page.locator("#oauth-status")
+    expect(status).to_contain_text("Needs reconnecting: The token endpoint refused")
+    expect(page.locator("#sync-status")).not_to_have_text("OK")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "oauth-needs-reconnecting.png"), full_page=True)
+
+    status.get_by_role("button", name="Reconnect").click()
+    expect(page.locator("#scopes")).to_have_text(READ)
+    page.get_by_role("button", name="Approve").click()
+    expect(page).to_have_url(server_page)
+    expect(page.get_by_text("Connected files. Its tools are being synced.")).to_be_visible()
+    expect(status).to_contain_text("Connected")
+    expect(status).not_to_contain_text("Needs reconnecting")
+    expect(page.locator("#sync-status")).to_have_text("OK", timeout=30_000)
+
+    credential = OAuthCredential.objects.get(server=server)
+    assert credential.is_connected and credential.version > first.version
+    assert mcp.tokens_seen[-1] == credential.access_token  # the worker synced with the new one
+    html = page.content()
+    for secret in auth.all_secrets():
+        assert secret not in html
