@@ -261,6 +261,7 @@ if _read("BEHIND_TLS_PROXY", _bool, False):
 CELERY_BROKER_URL = _read("CELERY_BROKER_URL", str, "filesystem://")
 CELERY_BROKER_DIR = Path(_read("CELERY_BROKER_DIR", str, str(VAR_DIR / "broker")))
 if CELERY_BROKER_URL.startswith("filesystem://"):
+    CELERY_BROKER_TRANSPORT = "config.file_broker:Transport"  # writes messages atomically
     (CELERY_BROKER_DIR / "queue").mkdir(parents=True, exist_ok=True)
     (CELERY_BROKER_DIR / "processed").mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
