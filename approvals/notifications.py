@@ -162,8 +162,10 @@ class NotificationChannel(models.Model):
         if not self.claim_window():
             return self.batch_until
         ids = list(queued.order_by("pk").values_list("pk", "delivery_id")[:DIGEST_MAX])
-        if not ids:  # taken by a flush that claimed the window just before this one
-            NotificationChannel.objects.filter(pk=self.pk).update(batch_until=None)
+        if not ids:
+            # Sent by a flush whose window ended while this one waited. Keep the window: giving
+            # it back (batch_until=None) could let a flush that just failed to claim it read
+            # None as "nothing to wait for", and drop its deliveries.
             return None
         message_id = ids[0][1] if len(ids) == 1 else uuid.uuid4()
         Delivery.objects.filter(pk__in=[pk for pk, _ in ids], status=DeliveryStatus.QUEUED).update(

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from celery import shared_task
 from django.conf import settings
+from django.db import OperationalError as DatabaseOperationalError
 from django.utils import timezone
 
 from approvals import anomalies, metrics, notifications
@@ -37,9 +38,21 @@ def purge_tool_call_data():
     return ToolCall.purge_old_data()
 
 
-@shared_task
+@shared_task(
+    autoretry_for=(DatabaseOperationalError,),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=8,
+)
 def flush_notifications(channel_id):
-    """Send what is queued for a channel now, or once its digest window ends."""
+    """Send what is queued for a channel now, or once its digest window ends.
+
+    Retried on database errors ("database is locked" once SQLite's busy timeout is spent, a
+    dropped connection): a flush that failed is often the only one enqueued for its deliveries,
+    which would otherwise wait for `resend_stalled`. Safe to retry: the window and the
+    deliveries are claimed with conditional UPDATEs, so an attempt that failed half-way left
+    at most a claimed window, whose end the next attempt waits for."""
     channel = NotificationChannel.objects.filter(pk=channel_id).first()
     if channel is None:
         return

@@ -2,21 +2,30 @@
 receiver on loopback, all sent by the real Celery worker."""
 
 import json
+import os
 import re
+import signal
+import sqlite3
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from approvals.models import Status, ToolCall
 from approvals.notifications import Delivery, NotificationChannel, notify
-from approvals.tasks import remind_pending_calls
+from approvals.tasks import flush_notifications, remind_pending_calls
 from integrations.models import Agent, ApprovalMode, McpServer, Tool
-from tests.conftest import wait_until
+from tests.conftest import (
+    _database_url,
+    private_broker,
+    release_private_broker,
+    spawn_worker,
+    wait_until,
+)
 from tests.receivers import HttpReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -250,6 +259,36 @@ def test_many_calls_arriving_together_make_one_digest_per_window(celery_worker, 
     assert receiver.requests[0].headers["X-Toolgate-Event"] == "digest"
     assert len(receiver.requests) == 2
     assert statuses(hook) == ["sent"] * 8
+
+
+@pytest.mark.skipif(
+    connection.vendor != "sqlite", reason="SQLite's writer lock and its busy timeout"
+)
+def test_a_flush_that_finds_the_database_locked_is_tried_again(receiver, tmp_path):
+    """The flake of the digest test: a flush that met "database is locked" was dropped, and its
+    deliveries waited for resend_stalled. Here the lock outlasts the worker's busy timeout."""
+    server, tool, agent, _ = make_world()
+    hook = channel("webhook", receiver.url())
+    call = pending_call(server, tool, agent)
+    Delivery.about(call, channel=hook, event="call.pending", summary="waits").save()
+    broker, broker_env, _ = private_broker(tmp_path / "broker", "locked")
+    log = tmp_path / "worker.log"
+    worker = spawn_worker(f"{_database_url()}?timeout=1", broker_env, log)
+    writer = sqlite3.connect(connection.settings_dict["NAME"], isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # another process writing, for longer than 1 s
+        with broker:
+            flush_notifications.apply_async(args=[hook.pk], connection=broker)
+        wait_until(lambda: "database is locked" in log.read_text(), timeout=30)
+        writer.execute("COMMIT")
+        wait_until(lambda: statuses(hook) == ["sent"], timeout=60)
+    finally:
+        writer.close()
+        os.killpg(worker.pid, signal.SIGKILL)  # nothing left to finish
+        worker.wait(timeout=20)
+        release_private_broker(broker, "locked")
+    [item] = bodies(receiver)[0]["notifications"]
+    assert item["data"]["call_id"] == call.pk
 
 
 def test_a_slack_digest_lists_the_calls_and_links_the_queue(celery_worker, receiver):
