@@ -3,9 +3,9 @@
 kombu (5.7) opens a message file under its final name, then locks and writes it, while the
 consumer neither locks nor waits: it can take a file that is still empty. The JSON error that
 follows is "unrecoverable" to Celery, and the worker stops taking tasks until it is restarted
-(a flaky notification test found it; at one message in a few thousand under load). Here a
-message is written under a name the consumer ignores, then renamed into place, which is atomic
-within one folder.
+(a flaky notification test found it; a stress test with four senders and a busy reader lost
+3 to 56 messages in 8,000 on a loaded machine). Here a message is written under a name the
+consumer ignores, then renamed into place, which is atomic within one folder.
 """
 
 import os
