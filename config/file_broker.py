@@ -1,7 +1,7 @@
 """The embedded broker: kombu's filesystem transport, with each message written atomically.
 
-kombu (5.7) opens a message file under its final name, then locks and writes it, while the
-consumer neither locks nor waits: it can take a file that is still empty. The JSON error that
+kombu (5.7; celery/kombu#1551, open) opens a message file under its final name, then writes it,
+and the consumer neither locks nor waits: it can take a file still empty. The JSON error that
 follows is "unrecoverable" to Celery, and the worker stops taking tasks until it is restarted
 (a flaky notification test found it; a stress test with four senders and a busy reader lost
 3 to 56 messages in 8,000 on a loaded machine). Here a message is written under a name the
