@@ -287,6 +287,19 @@ def celery_worker(django_db_setup, django_db_blocker, celery_broker, smtp_server
     stop_process_tree(process)
 
 
+@pytest.fixture
+def syncs_kept_here(monkeypatch):
+    """Syncs the code asks a worker for (`request_sync`) are recorded, not queued: returns the
+    list of server pks. A transactional test that syncs by itself would otherwise race with
+    the session's `celery_worker` (started by an earlier test) running the same sync in the
+    background: it renews tokens, sends requests and counts failures while the test asserts."""
+    from integrations.tasks import sync_server
+
+    requested = []
+    monkeypatch.setattr(sync_server, "delay", requested.append)
+    return requested
+
+
 def spawn_worker(database_url, broker_env, log, **extra_env):
     """Start `celery -A config worker` in its own process group; return once it is ready."""
     env = {
