@@ -10,7 +10,7 @@ from django.utils.html import format_html, format_html_join
 from django.views.decorators.debug import sensitive_post_parameters
 
 from approvals.forms import NotificationChannelForm
-from approvals.models import Status, ToolCall
+from approvals.models import Refused, Status, ToolCall
 from approvals.notifications import Delivery, DeliveryStatus, NotificationChannel
 from approvals.rules import PolicyRule
 from approvals.views import DECIDE
@@ -198,7 +198,10 @@ class ToolCallAdmin(admin.ModelAdmin):
     def _decide(self, request, queryset, decision):
         done = 0
         for call in queryset.filter(status=Status.PENDING_APPROVAL):
-            done += getattr(call, decision)(request.user)
+            try:
+                done += getattr(call, decision)(request.user)
+            except Refused as exc:  # e.g. its server needs reconnecting: still pending
+                self.message_user(request, f"#{call.pk}: {exc.message}", messages.WARNING)
         self.message_user(request, f"{done} call(s) {decision}d.")
 
     @admin.action(description="Approve selected pending calls", permissions=["decide"])

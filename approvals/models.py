@@ -199,8 +199,13 @@ class ToolCall(models.Model):
         """A human approves, optionally with edited `arguments`. False when it can't be: someone
         else decided first, it expired, or the policy now refuses it (it is then cancelled,
         with the reason). Edited arguments the policy refuses (schema, deny rules) raise
-        `Refused` and leave the call pending."""
-        if self.cancel_if_refused():
+        `Refused` and leave the call pending, and so does a server that needs reconnecting
+        (policy step 7: an admin's reconnect, not a cancellation, is the way out)."""
+        refusal = self.refusal_now()
+        if refusal and refusal.after_reconnect:
+            raise Refused(refusal.status, refusal.code, refusal.message)
+        if refusal:
+            self.cancel_by_policy(refusal.reasons[0])
             return False
         now = timezone.now()
         approved = self._transition(
@@ -255,7 +260,8 @@ class ToolCall(models.Model):
         the tool, the rules): the refusing Decision if the call must not go ahead, else None.
         Checked when an approver decides and just before the worker runs the call."""
         self.agent = Agent.objects.get(pk=self.agent_id)
-        self.tool = Tool.objects.select_related("server").filter(pk=self.tool_id).first()
+        tools = Tool.objects.select_related("server__oauth")
+        self.tool = tools.filter(pk=self.tool_id).first()
         self.server = self.tool.server if self.tool else None
         decision = policy.decide(
             self.agent, self.tool, self.arguments, validate=False,
@@ -264,9 +270,12 @@ class ToolCall(models.Model):
         return decision if decision.outcome == policy.Outcome.REFUSE else None
 
     def cancel_if_refused(self):
-        """Cancel the pending call, with the reason, if the policy now refuses it."""
+        """Cancel the pending call, with the reason, if the policy now refuses it for good (not
+        only until its server is reconnected)."""
         decision = self.refusal_now()
-        return bool(decision) and self.cancel_by_policy(decision.reasons[0])
+        if not decision or decision.after_reconnect:
+            return False
+        return self.cancel_by_policy(decision.reasons[0])
 
     def cancel_by_policy(self, reason):
         """Cancel the pending call because of `reason` (a policy Reason), e.g. its agent was

@@ -19,6 +19,11 @@ reason codes):
    setting. Rules act here: an ask rule (or a rule whose condition fails to evaluate) makes it
    ask; an allow rule makes an ask of this step run. Nothing loosens steps 1-4.
 6. Arguments that fail the tool's input schema -> refuse (422), before anything is pending.
+7. A run or an ask whose server needs reconnecting (its OAuth grant was refused) -> refuse
+   (503, `needs_reconnect`), remembering what it would be once reconnected (`after_reconnect`):
+   tool lists still show such tools, marked `unavailable`, and pending calls stay pending (an
+   approval is refused with the reason) instead of being cancelled; an admin's reconnect is
+   all it takes.
 
 Precedence between rules follows: deny beats ask beats allow. Every outcome carries its
 reasons, `{code, message}`, stored on the call and shown to the agent, the approver and the
@@ -58,6 +63,7 @@ class Code(models.TextChoices):
     RULE_DENIED = "rule_denied", "A deny rule matches"
     INVALID_ARGUMENTS = "invalid_arguments", "The arguments fail the tool's input schema"
     VALIDATION_TIMEOUT = "validation_timeout", "Checking the arguments took too long"
+    NEEDS_RECONNECT = "needs_reconnect", "The MCP server needs reconnecting"
     # ask
     NOT_REVIEWED = "not_reviewed", "New tool, not yet reviewed"
     CHANGED_SINCE_REVIEW = "changed_since_review", "Changed since review"
@@ -79,6 +85,7 @@ HTTP_STATUS = {
     Code.UNKNOWN_TOOL: 404,
     Code.INVALID_ARGUMENTS: 422,
     Code.VALIDATION_TIMEOUT: 422,
+    Code.NEEDS_RECONNECT: 503,  # Toolgate's side, until an admin reconnects; not the agent's
 }
 
 
@@ -96,6 +103,7 @@ class Decision:
     outcome: str
     reasons: tuple[Reason, ...]
     details: tuple[str, ...] = field(default=())  # the schema's messages, for invalid_arguments
+    after_reconnect: str = ""  # for needs_reconnect: the outcome once the server is reconnected
 
     @property
     def code(self):
@@ -133,6 +141,25 @@ def decide(
     rule conditions). `validate=False` skips the schema (arguments already checked against
     this very definition). `rules` are the rules to apply (default: the active ones in scope).
     """
+    decision = _decide(agent, tool, arguments, fingerprint, requested_at, validate, rules)
+    if decision.outcome == Outcome.REFUSE or not tool.server.reconnect_reason:
+        return decision
+    return Decision(
+        Outcome.REFUSE,
+        (reconnect_reason(tool.server), *decision.reasons),
+        after_reconnect=decision.outcome,
+    )
+
+
+def reconnect_reason(server):
+    message = (
+        f"The MCP server {server.name!r} needs reconnecting by an admin before its tools can "
+        f"run: {server.reconnect_reason}"
+    )
+    return Reason(Code.NEEDS_RECONNECT, message)
+
+
+def _decide(agent, tool, arguments, fingerprint, requested_at, validate, rules):
     refusal = _refusal(agent, tool, fingerprint)
     if refusal:
         return Decision(Outcome.REFUSE, (refusal,))
@@ -296,7 +323,7 @@ def with_active_rules(tools):
     active = Prefetch(
         "server__policy_rules", queryset=PolicyRule.objects.active(), to_attr="active_rules"
     )
-    return tools.select_related("server").prefetch_related(active)
+    return tools.select_related("server__oauth").prefetch_related(active)
 
 
 def applicable_rules(agent, tool):
@@ -314,7 +341,7 @@ def find_tool(agent, server_name, tool_name):
     """(server, tool, refusal) for a request naming a server and a tool; refusal is a Decision
     or None. A server the agent may not use gets the very answer of one that doesn't exist,
     with the same queries, so an agent can't learn which server names exist."""
-    server = agent.servers.filter(name=server_name).first()
+    server = agent.servers.select_related("oauth").filter(name=server_name).first()
     if server is None:
         message = f"This agent has no MCP server named {server_name!r}."
         return None, None, _refuse(Code.UNKNOWN_SERVER, message)
@@ -341,6 +368,7 @@ class ServedTool:
     tool: Tool
     approval: str  # "auto" (runs on its own) or "requires_approval" (waits for a human)
     awaiting_review: bool
+    unavailable: Reason | None  # why no call can run now (step 7), or None
     title: str
     description: str
     input_schema: dict
@@ -358,10 +386,12 @@ class ServedTool:
     @classmethod
     def of(cls, tool, decision):
         reviewed = Tool.fields_from_definition(tool.reviewed_definition or {})
+        outcome = decision.after_reconnect or decision.outcome
         return cls(
             tool=tool,
-            approval="auto" if decision.outcome == Outcome.RUN else "requires_approval",
+            approval="auto" if outcome == Outcome.RUN else "requires_approval",
             awaiting_review=tool.needs_review,
+            unavailable=decision.reasons[0] if decision.after_reconnect else None,
             title=reviewed["title"],
             description=reviewed["description"],
             input_schema=reviewed["input_schema"],
@@ -380,13 +410,15 @@ class ServedTool:
             "annotations": self.annotations,
             "approval": self.approval,
             "awaiting_review": self.awaiting_review,
+            "unavailable": self.unavailable.as_json() if self.unavailable else None,
         }
 
 
 def tools_for_agent(agent):
     """The tools `agent` may call, ordered by server and name, as reviewed. Left out: tools
     the policy refuses (disabled, denied by a rule) and tools no human has reviewed yet (they
-    have no reviewed text to show; calling one by name still asks a human)."""
+    have no reviewed text to show; calling one by name still asks a human). Kept, marked
+    `unavailable`: tools of a server that needs reconnecting (step 7)."""
     prefetch_related_objects([agent], "servers")
     tools = with_active_rules(
         Tool.objects.listed()
@@ -397,7 +429,7 @@ def tools_for_agent(agent):
     served = []
     for tool in tools:
         decision = decide(agent, tool, rules=applicable_rules(agent, tool))
-        if decision.outcome != Outcome.REFUSE:
+        if decision.outcome != Outcome.REFUSE or decision.after_reconnect:
             served.append(ServedTool.of(tool, decision))
     return served
 

@@ -11,6 +11,7 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import Prefetch
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
@@ -55,7 +56,7 @@ def _filters(request):
 def _pending(request):
     return (
         ToolCall.objects.filter(status=Status.PENDING_APPROVAL, **_filters(request))
-        .select_related("agent", "tool__server", "server")
+        .select_related("agent", "tool__server__oauth", "server")
         .order_by("requested_at", "id")
     )
 
@@ -86,7 +87,19 @@ def _card(call, user):
         "scanner_warnings": (tool.warnings if tool else [])[:20],
         "personal_data": find_personal_data(call.arguments),
         "always_allow": _always_allow_offer(call) if user.has_perm(ADD_RULE) else None,
+        **_reconnect_notice(tool, user),
     }
+
+
+def _reconnect_notice(tool, user):
+    """Why no approval is accepted while the server needs reconnecting (policy step 7), and
+    where to reconnect it for those who may."""
+    if tool is None or not tool.server.reconnect_reason:
+        return {}
+    url = ""
+    if user.has_perm("integrations.change_mcpserver"):
+        url = reverse("admin:integrations_mcpserver_change", args=[tool.server_id])
+    return {"needs_reconnect": policy.reconnect_reason(tool.server), "reconnect_url": url}
 
 
 def _always_allow_offer(call):

@@ -115,6 +115,9 @@ def review_label(tool):
 def policy_label(tool):
     """What the policy does with a call to the tool (any allowed agent, before arguments)."""
     decision = policy.decide(None, tool, rules=policy.applicable_rules(None, tool))
+    if decision.after_reconnect:  # policy step 7: only until an admin reconnects the server
+        then = policy.Outcome(decision.after_reconnect).label.lower()
+        return f"Needs reconnecting, then {then}: {decision.reasons[1].message}"
     return f"{policy.Outcome(decision.outcome).label}: {decision.message}"
 
 

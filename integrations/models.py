@@ -150,6 +150,17 @@ class McpServer(models.Model):
     def uses_oauth(self):
         return self.auth_kind == AuthKind.OAUTH
 
+    @property
+    def reconnect_reason(self):
+        """Why only an admin's reconnect can make the server usable again (its OAuth grant was
+        refused or dropped), or "". Reads the `oauth` relation: select_related it for lists."""
+        if not self.uses_oauth:
+            return ""
+        try:
+            return self.oauth.reconnect_reason
+        except oauth.OAuthCredential.DoesNotExist:
+            return ""
+
     def endpoint(self):
         """How to reach the server now. For OAuth, renews the access token first when it is
         about to expire; raises `mcp_client.McpError` (`NeedsReconnect`) when it can't be

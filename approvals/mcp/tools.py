@@ -66,7 +66,8 @@ def mcp_tool(name, served):
     if served.get("approval") != "auto":
         definition["execution"] = {"taskSupport": "optional"}  # 2025-11-25 tasks
     extra = set(served) - {"name", "title", "description", "input_schema", "annotations"}
-    definition["_meta"] = {META + key: served[key] for key in sorted(extra - {"output_schema"})}
+    keys = sorted(key for key in extra - {"output_schema"} if served[key] is not None)
+    definition["_meta"] = {META + key: served[key] for key in keys}
     return definition
 
 
