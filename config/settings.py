@@ -10,9 +10,11 @@ later as a confusing error deep inside Django or Celery.
 
 import json
 import os
+import re
 import secrets
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import environ
 from cryptography.fernet import Fernet
@@ -25,18 +27,68 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env")  # optional; real environment variables win
 
 
+class _Invalid(ValueError):
+    """A malformed value, in words that quote none of it (safe for a value with a password)."""
+
+
 def _read(name, cast, default, secret=False):
-    """Read one variable, turning a malformed value into a start-up error that names it (and
-    quotes it, unless it may hold a password)."""
+    """Read one variable, turning a malformed value into a start-up error that names it. A
+    value that may hold a password (`secret`) is never quoted, and neither is the parser's own
+    message: "Port could not be cast to integer value as 'pa'" is what a password with an
+    unencoded "/" gives, and quotes the start of the password."""
     raw = os.environ.get(name)
     if raw is None:
         return default
     try:
         value = cast(raw)
     except (ValueError, TypeError, environ.ImproperlyConfigured) as exc:
-        shown = name if secret else f"{name}={raw!r}"
-        raise ImproperlyConfigured(f"{shown} is not valid: {exc}") from None
+        if not secret:
+            raise ImproperlyConfigured(f"{name}={raw!r} is not valid: {exc}") from None
+        problem = exc if isinstance(exc, _Invalid) else _url_problem(raw, exc)
+        raise ImproperlyConfigured(
+            f"{name} is not valid: {problem}. (The value is not shown: it may hold a password.)"
+        ) from None
     return value
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]{0,30})://")
+_ENCODE_HINT = (
+    "a password or user name must have its special characters percent-encoded "
+    "(/ : @ # ? % as %2F %3A %40 %23 %3F %25)"
+)
+
+
+def _url_problem(raw, exc):
+    """What is wrong with the URL `raw`, from the parser's exception, quoting none of `raw`."""
+    text = str(exc).lower()
+    if "port" in text:
+        return f"its port is not a number; {_ENCODE_HINT}"
+    if "ipv6" in text:
+        return f"its host is malformed; {_ENCODE_HINT}"
+    if "schem" in text:
+        return _scheme_problem(raw, "a supported scheme")
+    return f"it can't be read as a URL; {_ENCODE_HINT}"
+
+
+def _scheme_problem(raw, expected):
+    match = _SCHEME.match(raw)
+    if not match:
+        return f"it does not start with scheme:// ({expected})"
+    return f"the scheme {match[1]!r} is not {expected}"
+
+
+def _checked_url(raw, schemes):
+    """`raw` if it is a URL with one of `schemes` whose host and port parse; else `_Invalid`."""
+    match = _SCHEME.match(raw)
+    if not match or match[1].lower() not in schemes:
+        expected = " or ".join(f"{scheme}://" for scheme in sorted(schemes))
+        raise _Invalid(_scheme_problem(raw, expected))
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - parses the port, raising ValueError when it isn't one
+    except ValueError as exc:
+        raise _Invalid(_url_problem(raw, exc)) from None
+    return raw
 
 
 def _bool(raw):
@@ -164,15 +216,19 @@ CSRF_FAILURE_VIEW = "config.views.csrf_failure"
 
 
 def _database(raw):
+    _checked_url(raw, {"postgres", "postgresql", "pgsql", "sqlite"})
     config = env.db_url_config(raw)
     if config.get("ENGINE") not in {"django.db.backends.sqlite3", "django.db.backends.postgresql"}:
-        raise ValueError("use a postgres:// or sqlite:/// URL")
+        raise _Invalid("use a postgres:// or sqlite:/// URL")
     return config
 
 
 DATABASES = {
     "default": _read(
-        "DATABASE_URL", _database, _database(f"sqlite:///{VAR_DIR / 'toolgate.sqlite3'}")
+        "DATABASE_URL",
+        _database,
+        _database(f"sqlite:///{VAR_DIR / 'toolgate.sqlite3'}"),
+        secret=True,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -258,7 +314,12 @@ if _read("BEHIND_TLS_PROXY", _bool, False):
 
 # Celery. The embedded default is kombu's filesystem transport: a real broker that needs no
 # server, good for one machine. Production points CELERY_BROKER_URL at Redis.
-CELERY_BROKER_URL = _read("CELERY_BROKER_URL", str, "filesystem://")
+CELERY_BROKER_URL = _read(
+    "CELERY_BROKER_URL",
+    lambda raw: _checked_url(raw, {"filesystem", "redis", "rediss"}),
+    "filesystem://",
+    secret=True,
+)
 CELERY_BROKER_DIR = Path(_read("CELERY_BROKER_DIR", str, str(VAR_DIR / "broker")))
 if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT = "config.file_broker:Transport"  # writes messages atomically
@@ -365,7 +426,12 @@ NOTIFY_SYNC_FAILURES = _read("NOTIFY_SYNC_FAILURES", _positive(int), 3)  # faile
 # E-mail: EMAIL_URL such as smtp+tls://user:pass@host:587 (django-environ's schemes). Unset, a
 # development machine prints mails on the console; a production one uses SMTP on localhost:25.
 _email_default = env.email_url_config("consolemail://" if DEBUG else "smtp:")
-_email = _read("EMAIL_URL", env.email_url_config, _email_default, secret=True)
+_email = _read(
+    "EMAIL_URL",
+    lambda raw: env.email_url_config(_checked_url(raw, set(environ.Env.EMAIL_SCHEMES))),
+    _email_default,
+    secret=True,
+)
 EMAIL_BACKEND = _email["EMAIL_BACKEND"]
 EMAIL_HOST = _email.get("EMAIL_HOST") or "localhost"
 EMAIL_PORT = _email.get("EMAIL_PORT") or 25

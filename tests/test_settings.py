@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,3 +64,48 @@ def test_a_malformed_database_url_is_refused(tmp_path):
     result = start(tmp_path, DATABASE_URL="nosuchdb://x")
     assert result.returncode != 0
     assert "DATABASE_URL" in result.stderr
+
+
+# A URL variable holds a password: its errors name the variable and what is wrong, never the
+# value. A password with an unencoded "/" makes the parser quote its first part as "the port".
+PASSWORD = "Pa55/w0rd-Zq9"
+LEAKS = ("Pa55", "w0rd-Zq9", PASSWORD)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("DATABASE_URL", f"postgres://toolgate:{PASSWORD}@db.internal:5432/toolgate", "port"),
+        ("DATABASE_URL", f"mysql://toolgate:{PASSWORD}x@db.internal/toolgate", "'mysql'"),
+        ("DATABASE_URL", "postgres://toolgate:Pa55w0rd-Zq9@[db/toolgate", "host"),
+        ("CELERY_BROKER_URL", f"redis://:{PASSWORD}@cache.internal:6379/0", "port"),
+        ("CELERY_BROKER_URL", f"amqp://u:{PASSWORD}x@mq.internal//", "'amqp'"),
+        ("CELERY_BROKER_URL", f"{PASSWORD}", "scheme://"),
+        ("EMAIL_URL", f"smtp+tls://mailer:{PASSWORD}@smtp.example:587", "port"),
+        ("EMAIL_URL", f"smtps+x://mailer:{PASSWORD}x@smtp.example:587", "'smtps+x'"),
+    ],
+)
+def test_a_malformed_url_names_the_variable_but_never_its_password(tmp_path, name, value, problem):
+    result = start(tmp_path, **{name: value})
+    assert result.returncode != 0
+    assert f"{name} is not valid:" in result.stderr and problem in result.stderr
+    assert "it may hold a password" in result.stderr
+    for leak in LEAKS:
+        assert leak not in result.stderr + result.stdout
+
+
+def test_a_well_formed_url_with_an_encoded_password_is_accepted(tmp_path):
+    encoded = PASSWORD.replace("/", "%2F")
+    broker = f"redis://:{encoded}@127.0.0.1:6379/0"
+    result = start(tmp_path, CELERY_BROKER_URL=broker, EMAIL_URL=f"smtp://u:{encoded}@h:25")
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_services_probe_of_make_test_never_prints_a_password():
+    probe = [sys.executable, "-m", "tests.services"]
+    database = "postgresql://toolgate:Pa55%zzw0rd-Zq9@127.0.0.1:1/toolgate"  # psycopg quotes it
+    redis_url = f"redis://:{PASSWORD}@127.0.0.1:6379/0"
+    result = subprocess.run([*probe, database, redis_url], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and "Not reachable" in result.stderr
+    for leak in LEAKS:
+        assert leak not in result.stderr + result.stdout
