@@ -268,11 +268,33 @@ def test_it_refuses_a_foreign_origin(toolgate, agent):
 def test_the_rate_limit_applies(toolgate, agent, settings):
     settings.AGENT_RATE_LIMIT = 2
     headers = {"Authorization": f"Bearer {agent.token}"}
-    statuses = [
-        httpx2.post(f"{toolgate.base_url}/mcp/demo/", headers=headers, json={}).status_code
-        for _ in range(3)
+    responses = [
+        httpx2.post(f"{toolgate.base_url}/mcp/demo/", headers=headers, json={}) for _ in range(3)
     ]
-    assert statuses[-1] == 429
+    assert [response.status_code for response in responses][-1] == 429
+    assert 1 <= int(responses[-1].headers["Retry-After"]) <= 60
+    error = responses[-1].json()["error"]
+    assert error["data"] == {"code": "rate_limited", "retry_after": int(
+        responses[-1].headers["Retry-After"]
+    )}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["legacy", "modern"])
+def test_a_rate_limited_call_tells_the_agent_how_long_to_wait(toolgate, agent, settings, kind):
+    # The client's requests before the call (handshake, list) count too; the call is over it.
+    settings.AGENT_RATE_LIMIT = 3 if kind == "legacy" else 1
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token, kind) as client:
+            with pytest.raises(MCPError) as limited:
+                for _ in range(5):
+                    await client.call_tool("add", {"a": 1, "b": 2})
+            return limited.value
+
+    error = run(go)
+    assert "Too many requests from this agent; retry after" in str(error)
+    assert error.error.data["code"] == "rate_limited"
+    assert 1 <= error.error.data["retry_after"] <= 60
 
 
 @pytest.mark.parametrize("kind", ["legacy", "modern"])

@@ -10,7 +10,9 @@
 Before the SDK sees a request: the agent's token (`Authorization: Bearer …`, 401 with
 `WWW-Authenticate` when missing or wrong, the same for an inactive agent), the server (a
 server that doesn't exist, is disabled or is not the agent's: the same 404), the per-agent
-rate limit of the JSON API (429 with `Retry-After`), and the agent's last use. The SDK's
+rate limit of the JSON API (429 with `Retry-After`, and a JSON-RPC error body, which MCP
+clients hand to the caller of the request instead of a bare "error response"), and the
+agent's last use. The SDK's
 transports then check Host and Origin (DNS-rebinding protection, from ALLOWED_HOSTS and
 MCP_ALLOWED_ORIGINS) and serve both protocol eras: Streamable HTTP sessions of the
 `initialize` handshake (owned by the agent and endpoint that opened them: another token or
@@ -114,9 +116,8 @@ class McpApp:
         if status == 404:
             return await _error(send, 404, "not_found", "There is no MCP endpoint at this URL.")
         retry_after = rate_limited(agent)
-        if retry_after:
-            return await _error(send, 429, "rate_limited", "Too many requests; slow down.",
-                                [(b"retry-after", str(retry_after).encode())])  # fmt: skip
+        if retry_after and scope["method"] != "DELETE":  # ending a session frees, never costs
+            return await _rate_limited(send, retry_after)
         await sync_to_async(touch)(agent)
         scope = {**scope, "user": _user(agent, server_name), CALLER: Caller(agent, server_name)}
         await self._serve(scope, receive, send, server_name, kind, headers)
@@ -165,6 +166,26 @@ async def _error(send, status, code, message, extra_headers=()):
     await send(
         {"type": "http.response.start", "status": status, "headers": [*headers, *extra_headers]}
     )
+    await send({"type": "http.response.body", "body": body})
+
+
+RATE_LIMITED = -32000  # JSON-RPC's implementation-defined server error; `data.code` says which
+
+
+async def _rate_limited(send, retry_after):
+    """429 with `Retry-After`, before the JSON-RPC layer (no session or request is touched), with
+    a JSON-RPC error as the body: the id is null (the request was not read), and clients answer
+    their pending request with it (the SDK does), so the agent's model reads why and how long."""
+    message = f"Too many requests from this agent; retry after {retry_after} seconds."
+    error = {"code": RATE_LIMITED, "message": message,
+             "data": {"code": "rate_limited", "retry_after": retry_after}}  # fmt: skip
+    body = json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(retry_after).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
