@@ -69,7 +69,11 @@ class ToolCallAdmin(admin.ModelAdmin):
     # A call's arguments and result often carry personal data: shown, like on the approvers'
     # pages, only to those who may decide calls (approvers, superusers); others see that
     # something is stored. (Credentials are never shown: integrations/secret_admin.py.)
-    CALL_DATA = {"arguments_json": "arguments_hidden", "result_json": "result_hidden"}
+    CALL_DATA = {
+        "arguments_json": "arguments_hidden",
+        "result_json": "result_hidden",
+        "result_warnings": "result_warnings_hidden",  # they may quote the result
+    }
 
     def get_fieldsets(self, request, obj=None):
         fieldsets = super().get_fieldsets(request, obj)
@@ -90,6 +94,10 @@ class ToolCallAdmin(admin.ModelAdmin):
     @admin.display(description="Result")
     def result_hidden(self, call):
         return "Shown only to approvers (and on the approvers' page of the call)."
+
+    @admin.display(description="Warnings about the result")
+    def result_warnings_hidden(self, call):
+        return "Shown only to approvers." if call.warnings else "—"
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         title = f"Tool call #{object_id}" if str(object_id).isdigit() else "Tool call"

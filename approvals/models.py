@@ -100,7 +100,8 @@ class ToolCall(models.Model):
     result_content = EncryptedJSONField(null=True, blank=True)
     structured_content = EncryptedJSONField(null=True, blank=True)
     is_error = models.BooleanField(null=True, blank=True)
-    warnings = models.JSONField(
+    # Encrypted like the result it is about: a warning may quote the result's text.
+    warnings = EncryptedJSONField(
         default=list, blank=True, help_text="Result text that looks like instructions to the model."
     )
     purged_at = models.DateTimeField(

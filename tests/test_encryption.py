@@ -215,3 +215,75 @@ def test_the_migration_encrypts_the_calls_stored_in_clear():
     assert migrated.result_content == [{"type": "text", "text": RESULT}]
     assert migrated.structured_content is None
     assert migrated.arguments_size == len(f'{{"to":"{ARGUMENT}"}}')
+
+
+WARNING = {"code": "instructions", "message": f"Reads like an order: '{RESULT}'", "field": "result"}
+
+
+def test_result_warnings_are_stored_encrypted_and_shown_to_approvers(call, client, admin_client):
+    from approvals.models import ToolCall
+
+    ToolCall.objects.filter(pk=call.pk).update(warnings=[WARNING])
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT warnings FROM approvals_toolcall WHERE id = %s", [call.pk])
+        (raw,) = cursor.fetchone()
+    assert RESULT not in str(raw) and "order" not in str(raw)
+    assert ToolCall.objects.get(pk=call.pk).warnings == [WARNING]
+
+    page = admin_client.get(f"/admin/approvals/toolcall/{call.pk}/change/").content.decode()
+    assert f"Reads like an order: &#x27;{RESULT}&#x27;" in page
+    token = call.agent.rotate_token()
+    answer = client.get(
+        f"/api/v1/tool-calls/{call.pk}", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert answer.json()["warnings"] == [WARNING]
+
+
+def test_staff_who_may_not_decide_calls_do_not_see_the_warnings(call, client, django_user_model):
+    from django.contrib.auth.models import Permission
+
+    from approvals.models import ToolCall
+
+    ToolCall.objects.filter(pk=call.pk).update(warnings=[WARNING])
+    viewer = django_user_model.objects.create_user("viewer", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_toolcall"))
+    client.force_login(viewer)
+    page = client.get(f"/admin/approvals/toolcall/{call.pk}/change/").content.decode()
+    assert "Warnings about the result" in page and "Shown only to approvers." in page
+    assert RESULT not in page and "Reads like an order" not in page
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_encrypts_the_warnings_stored_in_clear():
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
+    before = [("approvals", "0009_encrypt_arguments_and_results"), *others]
+    executor.migrate(before)
+    old = executor.loader.project_state(before).apps
+    server = old.get_model("integrations", "McpServer").objects.create(name="s", url="x")
+    agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")
+    calls = old.get_model("approvals", "ToolCall").objects
+    old_call = calls.create(
+        agent=agent, server=server, server_name="s", tool_name="t", status="succeeded",
+        warnings=[WARNING],
+    )  # fmt: skip
+    plain = calls.create(agent=agent, server=server, server_name="s", tool_name="t")
+
+    def raw(pk):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT warnings FROM approvals_toolcall WHERE id = %s", [pk])
+            return str(cursor.fetchone()[0])
+
+    assert RESULT in raw(old_call.pk)  # in clear before
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+
+    from approvals.models import ToolCall
+
+    assert RESULT not in raw(old_call.pk)
+    assert ToolCall.objects.get(pk=old_call.pk).warnings == [WARNING]
+    assert ToolCall.objects.get(pk=plain.pk).warnings == []
