@@ -1,6 +1,11 @@
-"""Security headers on every response, admin included (Django's admin runs no inline script)."""
+"""Security headers on every response, admin included (Django's admin runs no inline script),
+and the site's own error pages when DEBUG is on."""
+
+import logging
 
 from django.utils.deprecation import MiddlewareMixin
+
+logger = logging.getLogger("django.request")
 
 CONTENT_SECURITY_POLICY = "; ".join(
     [
@@ -26,3 +31,54 @@ class SecurityHeadersMiddleware(MiddlewareMixin):
         response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         response.headers.setdefault("Permissions-Policy", PERMISSIONS_POLICY)
         return response
+
+
+class StyledErrorPagesMiddleware(MiddlewareMixin):
+    """With DEBUG on (`make run`), Django answers a 404 or an uncaught exception with its
+    technical pages: the URL patterns, a traceback, the settings. Those are not what someone
+    trying Toolgate should meet, nor what a page opened from another machine should show. This
+    gives them the site's own 404 and 500 pages (templates/), and puts the traceback in the
+    console log instead. TECHNICAL_ERROR_PAGES=true brings Django's pages back for developing
+    Toolgate itself; with DEBUG off Django already uses the site's pages."""
+
+    def process_exception(self, request, exception):
+        from django.core.exceptions import PermissionDenied
+        from django.http import Http404
+        from django.views import defaults
+
+        from config import views
+
+        if not _styled_in_debug():
+            return None
+        if isinstance(exception, Http404):
+            return defaults.page_not_found(request, exception)
+        if isinstance(exception, PermissionDenied | _handled_by_django()):
+            return None  # Django's own handling (403 page, 400) needs no help
+        logger.error(
+            "Internal Server Error: %s", request.path, exc_info=exception,
+            extra={"status_code": 500, "request": request},
+        )  # fmt: skip
+        return views.server_error(request)
+
+    def process_response(self, request, response):
+        # A path no URL pattern matches never reaches a view (nor process_exception): Django
+        # has answered with its technical 404 by now. No resolver_match tells it apart.
+        if response.status_code == 404 and request.resolver_match is None and _styled_in_debug():
+            from django.http import Http404
+            from django.views import defaults
+
+            return defaults.page_not_found(request, Http404())
+        return response
+
+
+def _styled_in_debug():
+    from django.conf import settings
+
+    return settings.DEBUG and not settings.TECHNICAL_ERROR_PAGES
+
+
+def _handled_by_django():
+    from django.core.exceptions import BadRequest, SuspiciousOperation
+    from django.http.multipartparser import MultiPartParserError
+
+    return BadRequest | SuspiciousOperation | MultiPartParserError

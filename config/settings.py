@@ -191,6 +191,11 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",  # last, as django-axes asks; async-capable
 ]
+# DEBUG (`make run`) would show Django's technical 404 and 500 pages (URL patterns, traceback,
+# settings); the site's own pages are kept unless TECHNICAL_ERROR_PAGES is set.
+TECHNICAL_ERROR_PAGES = _read("TECHNICAL_ERROR_PAGES", _bool, False)
+if DEBUG:
+    MIDDLEWARE.insert(-1, "config.middleware.StyledErrorPagesMiddleware")
 
 ROOT_URLCONF = "config.urls"
 WSGI_APPLICATION = "config.wsgi.application"

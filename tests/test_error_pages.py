@@ -130,3 +130,50 @@ def test_in_a_browser_the_403_page_is_styled_and_logs_out(chromium_path, live_se
         expect(page).to_have_url(f"{live_server.url}/accounts/login/")
         page.goto(f"{live_server.url}/nowhere/")
         expect(page.get_by_role("heading", name="There is nothing at this address")).to_be_visible()
+
+
+# `make run` runs with DEBUG on: Django's technical pages (URL patterns, traceback, settings)
+# must not replace the site's own.
+@pytest.fixture
+def debug_on(settings):
+    settings.DEBUG = True
+    settings.SECRET_TOKEN_FOR_TEST = "must-not-show-123"  # a setting the technical 500 would list
+
+
+def test_with_debug_on_an_unknown_address_gets_the_sites_404(staff_client, debug_on):
+    response = staff_client.get("/approvals/no-such-page/")
+    assert response.status_code == 404
+    html = response.content.decode()
+    assert LAYOUT in html and "There is nothing at this address" in html
+    assert "URLconf" not in html and "DEBUG = True" not in html
+
+
+def test_with_debug_on_a_missing_object_gets_the_sites_404(staff_client, debug_on):
+    User.objects.filter(username="sam").update(is_superuser=True)
+    response = staff_client.get("/approvals/999999/card")
+    assert response.status_code == 404
+    assert LAYOUT in response.content.decode()
+    assert "Raised by:" not in response.content.decode()
+
+
+def test_with_debug_on_a_server_error_gets_the_sites_500_and_the_log_the_traceback(
+    failing_history, debug_on, caplog
+):
+    response = failing_history.get("/approvals/history/")
+    assert response.status_code == 500
+    html = response.content.decode()
+    assert LAYOUT in html and "Something went wrong on Toolgate's side" in html
+    assert "the database went away" not in html and "Traceback" not in html
+    assert "SECRET_TOKEN_FOR_TEST" not in html and "INSTALLED_APPS" not in html
+    assert "the database went away" in caplog.text  # the developer still gets the traceback
+
+
+def test_technical_pages_come_back_when_asked_for(staff_client, debug_on, settings):
+    settings.TECHNICAL_ERROR_PAGES = True
+    response = staff_client.get("/approvals/no-such-page/")
+    assert response.status_code == 404 and "URLconf" in response.content.decode()
+
+
+def test_an_agent_still_gets_json_with_debug_on(debug_on):
+    response = Client().get("/api/v1/nope")
+    assert response.status_code == 404 and response.json()["error"]["code"]
