@@ -18,6 +18,11 @@ spend a rotating refresh token: the loser waits for the winner's new token. A re
 (revoked grant, unknown client) marks the server "needs reconnecting"; its calls then fail at
 once with that reason and are not retried.
 
+When a credential is deleted (its server deleted, or switched away from OAuth), its tokens
+are revoked at the authorization server (RFC 7009, its `revocation_endpoint`), best effort
+and never in the way of the delete: an `OAuthRevocation` row (encrypted) keeps what is
+needed, and a worker sends the revocation after commit, then deletes the row.
+
 The network side (discovery, registration, token requests) is `integrations.oauth_http`.
 """
 
@@ -36,6 +41,8 @@ from django.conf import settings
 from django.db import connection, models
 from django.db.models import F, Q
 from django.db.models.functions import Greatest
+from django.db.models.signals import pre_delete
+from django.dispatch import receiver
 from django.utils import timezone
 from mcp.client.auth import OAuthFlowError, PKCEParameters
 from mcp.client.auth.utils import (
@@ -733,6 +740,77 @@ class OAuthAuthorization(models.Model):
         )
         now = timezone.now()
         return unused.update(status=AuthorizationStatus.EXPIRED, error=reason, finished_at=now) == 1
+
+
+class OAuthRevocation(models.Model):
+    """Tokens of a deleted credential, to revoke at the authorization server (RFC 7009). Made in
+    the delete's transaction; `revoke_oauth_tokens` sends them after commit and deletes it."""
+
+    server_name = models.CharField(max_length=200)  # for the log: the server is gone
+    endpoint = models.CharField(max_length=2000)
+    client = EncryptedJSONField()  # the client's information, its secret included
+    tokens = EncryptedJSONField()  # [[token, token_type_hint], ...], refresh token first
+    allow_private_network = models.BooleanField(default=False)
+    allow_http = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return f"Revocation of the tokens of {self.server_name}"
+
+    @classmethod
+    def schedule(cls, credential):
+        """Keep the credential's tokens for a revocation after commit (nothing if the authorization
+        server offers no revocation endpoint, or there is no token)."""
+        from integrations.queueing import enqueue_on_commit
+        from integrations.tasks import revoke_oauth_tokens
+
+        endpoint = (credential.metadata or {}).get("revocation_endpoint")
+        tokens = [
+            [token, hint]
+            for token, hint in [
+                (credential.refresh_token, "refresh_token"),  # RFC 7009: ends the whole grant
+                (credential.access_token, "access_token"),
+            ]
+            if token
+        ]
+        if not endpoint or not tokens:
+            return None
+        server = credential.server
+        revocation = cls.objects.create(
+            server_name=server.name,
+            endpoint=endpoint,
+            client=credential._client_info().model_dump(mode="json", exclude_none=True),
+            tokens=tokens,
+            allow_private_network=server.allow_private_network,
+            allow_http=server.allow_http,
+        )
+        enqueue_on_commit(revoke_oauth_tokens, revocation.pk)
+        return revocation
+
+    def send(self):
+        """Revoke each token once, log what happened (never a token), and forget them."""
+        client = OAuthClientInformationFull.model_validate(self.client)
+        network = oauth_http.Network(self.allow_private_network, self.allow_http)
+        for token, hint in self.tokens:
+            try:
+                anyio.run(oauth_http.revoke_token, self.endpoint, token, hint, client, network)
+            except oauth_http.OAuthProblem as problem:
+                logger.warning(
+                    "Could not revoke the %s of deleted server %s: %s",
+                    hint.replace("_", " "), self.server_name, problem.message,
+                )  # fmt: skip
+            else:
+                logger.info("Revoked the %s of deleted server %s", hint, self.server_name)
+        self.delete()
+
+
+@receiver(pre_delete, sender=OAuthCredential, dispatch_uid="integrations.revoke_deleted_tokens")
+def revoke_deleted_tokens(sender, instance, **kwargs):
+    """Best effort: a problem reading the credential must not stop the delete."""
+    try:
+        OAuthRevocation.schedule(instance)
+    except Exception:
+        logger.exception("Could not schedule the revocation of the tokens of %s", instance)
 
 
 def credential_for(server):

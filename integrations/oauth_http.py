@@ -170,6 +170,35 @@ async def request_token(token_endpoint, data, client_info, network):
     raise _token_error(response, secrets)
 
 
+async def revoke_token(endpoint, token, hint, client_info, network):
+    """RFC 7009: ask the authorization server to revoke `token`, with the client's
+    authentication, through the same guard as every other request. 200 is success (also
+    for a token it no longer knows); anything else raises `OAuthProblem`, without the token."""
+    _check_url(endpoint, network, "The revocation endpoint")
+    context = OAuthContext(
+        server_url=endpoint,
+        client_metadata=OAuthClientMetadata(redirect_uris=None),
+        storage=None,
+        redirect_handler=None,
+        callback_handler=None,
+        client_info=client_info,
+    )
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+    data = {"token": token, "token_type_hint": hint, "client_id": client_info.client_id}
+    data, headers = context.prepare_token_auth(data, headers)
+    secrets = [token, client_info.client_secret or ""]
+    request = httpx2.Request("POST", endpoint, data=data, headers=headers)
+    timeout = settings.MCP_CONNECT_TIMEOUT + settings.MCP_READ_TIMEOUT
+    async with _client(network) as client, _deadline(timeout):
+        response = await _send(client, request, "the revocation endpoint")
+    _refuse_redirect(response, "the revocation endpoint")
+    if response.status_code != 200:
+        error = _token_error(response, secrets).message.replace(
+            "token endpoint", "revocation endpoint"
+        )
+        raise OAuthProblem(error)
+
+
 def _checked_tokens(response):
     try:
         tokens = OAuthToken.model_validate_json(response.content)

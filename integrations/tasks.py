@@ -22,3 +22,12 @@ def sync_server(server_id):
 def sync_all_servers():
     for server in McpServer.objects.filter(enabled=True).only("pk"):
         server.request_sync()
+
+
+@shared_task
+def revoke_oauth_tokens(revocation_id):
+    from integrations.oauth import OAuthRevocation
+
+    revocation = OAuthRevocation.objects.filter(pk=revocation_id).first()
+    if revocation is not None:  # else: sent already (a message delivered twice)
+        revocation.send()

@@ -52,6 +52,7 @@ from mcp.shared.auth import (
     ProtectedResourceMetadata,
 )
 from starlette.applications import Starlette
+from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -247,6 +248,7 @@ class AuthServer:
 
     authorize_requests: list[AuthorizationParams] = field(default_factory=list)
     token_requests: list[TokenRequest] = field(default_factory=list)
+    revocation_requests: list[dict[str, str]] = field(default_factory=list)
     registrations: list[OAuthClientInformationFull] = field(default_factory=list)
     documents_fetched: list[str] = field(default_factory=list)
     issued_access_tokens: list[str] = field(default_factory=list)
@@ -310,7 +312,11 @@ class AuthServer:
             Route("/authorize", AuthorizationHandler(provider).handle, methods=["GET", "POST"]),
             Route("/consent", self._consent, methods=["GET", "POST"]),
             Route("/token", self._token(token, authenticator), methods=["POST"]),
-            Route("/revoke", RevocationHandler(provider, authenticator).handle, methods=["POST"]),
+            Route(
+                "/revoke",
+                self._revoke(RevocationHandler(provider, authenticator)),
+                methods=["POST"],
+            ),
         ]
         if self.registration:
             handler = RegistrationHandler(provider, options=options)
@@ -350,6 +356,19 @@ class AuthServer:
         form = await request.form()
         location = self.provider.consent(str(form["request"]), form.get("answer") == "approve")
         return RedirectResponse(location, status_code=302)
+
+    def _revoke(self, handler: RevocationHandler):
+        async def revoke(request: Request) -> Response:
+            form = await request.form()
+            self.revocation_requests.append({k: str(v) for k, v in form.items()})
+            if "client_secret" not in form:
+                # The SDK's RevocationRequest requires the field even of a public client, which
+                # RFC 7009 lets send client_id alone: give its handler the empty value RFC 6749
+                # §3.1 treats as omitted (Starlette caches the parsed form on the request).
+                request._form = FormData([*form.multi_items(), ("client_secret", "")])
+            return await handler.handle(request)
+
+        return revoke
 
     def _token(self, handler: TokenHandler, authenticator: ClientAuthenticator):
         async def token(request: Request) -> Response:
