@@ -4,7 +4,7 @@ offered only where it would change what happens to the same request next time.""
 import json
 
 import pytest
-from django.contrib.auth.models import Group, Permission, User
+from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 
 from approvals.models import Status, ToolCall, request_tool_call
@@ -28,12 +28,10 @@ def world():
 
 
 @pytest.fixture
-def approver(client):
-    user = User.objects.create_user("alice")
-    user.groups.add(Group.objects.get(name="Approvers"))
-    user.user_permissions.add(Permission.objects.get(codename="add_policyrule"))
-    client.force_login(user)
-    return user
+def approver(approver):
+    """The shared approver (tests/conftest.py), who may also make rules."""
+    approver.user_permissions.add(Permission.objects.get(codename="add_policyrule"))
+    return approver
 
 
 def decide(client, call, **fields):

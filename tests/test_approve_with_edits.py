@@ -5,7 +5,6 @@ and the agent sees what ran. (The same in a real browser: tests/test_queue_brows
 import json
 
 import pytest
-from django.contrib.auth.models import Group, User
 
 from approvals.models import Status, ToolCall, request_tool_call
 from approvals.rules import PolicyRule
@@ -34,14 +33,6 @@ def world(mcp_factory):
     agent, token = Agent.create_with_token("bot", [server])
     call, _ = request_tool_call(agent, "shop", "refund", {"order": "A-1", "amount": 400})
     return server, token, call
-
-
-@pytest.fixture
-def approver(client):
-    user = User.objects.create_user("alice")
-    user.groups.add(Group.objects.get(name="Approvers"))
-    client.force_login(user)
-    return user
 
 
 def approve(client, call, arguments, **fields):

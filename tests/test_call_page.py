@@ -14,14 +14,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def approver(client):
-    user = User.objects.create_user("alice", password="pw-alice-123")
-    user.groups.add(Group.objects.get(name="Approvers"))
-    client.force_login(user)
-    return user
-
-
-@pytest.fixture
 def call():
     server, tool, agent, _ = make_world()
     return pending_call(server, tool, agent, arguments={"to": "jane@example.com"})

@@ -37,14 +37,6 @@ def pending(agent, server, tool, arguments=None, **kwargs):
     )  # fmt: skip
 
 
-@pytest.fixture
-def approver(client):
-    user = User.objects.create_user("alice", password="pw-alice-123")
-    user.groups.add(Group.objects.get(name="Approvers"))
-    client.force_login(user)
-    return user
-
-
 def test_anonymous_users_are_sent_to_the_login_page(client):
     response = client.get("/approvals/")
     assert response.status_code == 302
