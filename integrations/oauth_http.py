@@ -149,22 +149,8 @@ async def request_token(token_endpoint, data, client_info, network):
     an error message, whatever the server echoes back.
     """
     _check_url(token_endpoint, network, "The token endpoint")
-    context = OAuthContext(
-        server_url=token_endpoint,
-        client_metadata=OAuthClientMetadata(redirect_uris=None),
-        storage=None,
-        redirect_handler=None,
-        callback_handler=None,
-        client_info=client_info,
-    )
-    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-    data, headers = context.prepare_token_auth(dict(data), headers)
     secrets = [*data.values(), client_info.client_secret or ""]
-    request = httpx2.Request("POST", token_endpoint, data=data, headers=headers)
-    timeout = settings.MCP_CONNECT_TIMEOUT + settings.MCP_READ_TIMEOUT  # token_request_timeout()
-    async with _client(network) as client, _deadline(timeout):
-        response = await _send(client, request, "the token endpoint")
-    _refuse_redirect(response, "the token endpoint")
+    response = await _post_as_client(token_endpoint, data, client_info, network, "token")
     if response.status_code in (200, 201):
         return _checked_tokens(response)
     raise _token_error(response, secrets)
@@ -175,6 +161,16 @@ async def revoke_token(endpoint, token, hint, client_info, network):
     authentication, through the same guard as every other request. 200 is success (also
     for a token it no longer knows); anything else raises `OAuthProblem`, without the token."""
     _check_url(endpoint, network, "The revocation endpoint")
+    data = {"token": token, "token_type_hint": hint, "client_id": client_info.client_id}
+    secrets = [token, client_info.client_secret or ""]
+    response = await _post_as_client(endpoint, data, client_info, network, "revocation")
+    if response.status_code != 200:
+        raise _token_error(response, secrets, "revocation")
+
+
+async def _post_as_client(endpoint, data, client_info, network, which):
+    """POST the form `data` to the authorization server's `which` endpoint, authenticated as
+    the client the way the SDK's own flow does it (client_secret_basic, _post or none)."""
     context = OAuthContext(
         server_url=endpoint,
         client_metadata=OAuthClientMetadata(redirect_uris=None),
@@ -184,19 +180,13 @@ async def revoke_token(endpoint, token, hint, client_info, network):
         client_info=client_info,
     )
     headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-    data = {"token": token, "token_type_hint": hint, "client_id": client_info.client_id}
-    data, headers = context.prepare_token_auth(data, headers)
-    secrets = [token, client_info.client_secret or ""]
+    data, headers = context.prepare_token_auth(dict(data), headers)
     request = httpx2.Request("POST", endpoint, data=data, headers=headers)
-    timeout = settings.MCP_CONNECT_TIMEOUT + settings.MCP_READ_TIMEOUT
+    timeout = settings.MCP_CONNECT_TIMEOUT + settings.MCP_READ_TIMEOUT  # token_request_timeout()
     async with _client(network) as client, _deadline(timeout):
-        response = await _send(client, request, "the revocation endpoint")
-    _refuse_redirect(response, "the revocation endpoint")
-    if response.status_code != 200:
-        error = _token_error(response, secrets).message.replace(
-            "token endpoint", "revocation endpoint"
-        )
-        raise OAuthProblem(error)
+        response = await _send(client, request, f"the {which} endpoint")
+    _refuse_redirect(response, f"the {which} endpoint")
+    return response
 
 
 def _checked_tokens(response):
@@ -216,7 +206,7 @@ def _checked_tokens(response):
     return tokens
 
 
-def _token_error(response, secrets):
+def _token_error(response, secrets, which="token"):
     error, description = "", ""
     try:
         body = json.loads(response.content)
@@ -229,7 +219,7 @@ def _token_error(response, secrets):
     if error in ("server_error", "temporarily_unavailable"):
         refused = False
     detail = f": {said}" if said else ""
-    return OAuthProblem(f"The token endpoint refused (HTTP {status}){detail}.", refused=refused)
+    return OAuthProblem(f"The {which} endpoint refused (HTTP {status}){detail}.", refused=refused)
 
 
 def _short(text, secrets, limit=300):
