@@ -186,26 +186,39 @@ def test_rotation_reencrypts_arguments_and_results(call, settings):
     assert ToolCall.objects.get(pk=call.pk).arguments == {"to": ARGUMENT}
 
 
-@pytest.mark.integration
-@pytest.mark.django_db(transaction=True)
-def test_the_migration_encrypts_the_calls_stored_in_clear():
+def before_migration(approvals_migration):
+    """The database as it was at `approvals_migration`: (the ToolCall manager of then, a
+    server and an agent to make calls with)."""
     from django.db.migrations.executor import MigrationExecutor
 
     executor = MigrationExecutor(connection)
     others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
-    before = [("approvals", "0008_anomalies_and_metric_totals"), *others]
+    before = [("approvals", approvals_migration), *others]
     executor.migrate(before)
     old = executor.loader.project_state(before).apps
     server = old.get_model("integrations", "McpServer").objects.create(name="s", url="x")
     agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")
-    old_call = old.get_model("approvals", "ToolCall").objects.create(
+    return old.get_model("approvals", "ToolCall").objects, server, agent
+
+
+def migrate_to_latest():
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_encrypts_the_calls_stored_in_clear():
+    calls, server, agent = before_migration("0008_anomalies_and_metric_totals")
+    old_call = calls.create(
         agent=agent, server=server, server_name="s", tool_name="t", status="succeeded",
         arguments={"to": ARGUMENT}, result_content=[{"type": "text", "text": RESULT}],
     )  # fmt: skip
     assert ARGUMENT in raw_call(old_call)  # in clear before
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(executor.loader.graph.leaf_nodes())
+    migrate_to_latest()
 
     from approvals.models import ToolCall
 
@@ -256,16 +269,7 @@ def test_staff_who_may_not_decide_calls_do_not_see_the_warnings(call, client, dj
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_the_migration_encrypts_the_warnings_stored_in_clear():
-    from django.db.migrations.executor import MigrationExecutor
-
-    executor = MigrationExecutor(connection)
-    others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
-    before = [("approvals", "0009_encrypt_arguments_and_results"), *others]
-    executor.migrate(before)
-    old = executor.loader.project_state(before).apps
-    server = old.get_model("integrations", "McpServer").objects.create(name="s", url="x")
-    agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")
-    calls = old.get_model("approvals", "ToolCall").objects
+    calls, server, agent = before_migration("0009_encrypt_arguments_and_results")
     old_call = calls.create(
         agent=agent, server=server, server_name="s", tool_name="t", status="succeeded",
         warnings=[WARNING],
@@ -278,9 +282,7 @@ def test_the_migration_encrypts_the_warnings_stored_in_clear():
             return str(cursor.fetchone()[0])
 
     assert RESULT in raw(old_call.pk)  # in clear before
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(executor.loader.graph.leaf_nodes())
+    migrate_to_latest()
 
     from approvals.models import ToolCall
 
