@@ -3,6 +3,7 @@ and the site's own error pages when DEBUG is on."""
 
 import logging
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.utils.deprecation import MiddlewareMixin
 
 logger = logging.getLogger("django.request")
@@ -33,13 +34,35 @@ class SecurityHeadersMiddleware(MiddlewareMixin):
         return response
 
 
-class StyledErrorPagesMiddleware(MiddlewareMixin):
+class StyledErrorPagesMiddleware:
     """With DEBUG on (`make run`), Django answers a 404 or an uncaught exception with its
     technical pages: the URL patterns, a traceback, the settings. Those are not what someone
     trying Toolgate should meet, nor what a page opened from another machine should show. This
     gives them the site's own 404 and 500 pages (templates/), and puts the traceback in the
     console log instead. TECHNICAL_ERROR_PAGES=true brings Django's pages back for developing
-    Toolgate itself; with DEBUG off Django already uses the site's pages."""
+    Toolgate itself; with DEBUG off Django already uses the site's pages.
+
+    Async-native: a request that needs no page of ours never leaves the event loop for it."""
+
+    sync_capable = async_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if self.is_async:
+            return self._acall(request)
+        response = self.get_response(request)
+        return _page_not_found(request) if _unmatched(request, response) else response
+
+    async def _acall(self, request):
+        response = await self.get_response(request)
+        if _unmatched(request, response):
+            return await sync_to_async(_page_not_found)(request)
+        return response
 
     def process_exception(self, request, exception):
         from django.core.exceptions import PermissionDenied
@@ -60,15 +83,18 @@ class StyledErrorPagesMiddleware(MiddlewareMixin):
         )  # fmt: skip
         return views.server_error(request)
 
-    def process_response(self, request, response):
-        # A path no URL pattern matches never reaches a view (nor process_exception): Django
-        # has answered with its technical 404 by now. No resolver_match tells it apart.
-        if response.status_code == 404 and request.resolver_match is None and _styled_in_debug():
-            from django.http import Http404
-            from django.views import defaults
 
-            return defaults.page_not_found(request, Http404())
-        return response
+def _unmatched(request, response):
+    """A path no URL pattern matches never reaches a view (nor process_exception): Django has
+    answered with its technical 404 by now. No resolver_match tells it apart."""
+    return response.status_code == 404 and request.resolver_match is None and _styled_in_debug()
+
+
+def _page_not_found(request):
+    from django.http import Http404
+    from django.views import defaults
+
+    return defaults.page_not_found(request, Http404())
 
 
 def _styled_in_debug():

@@ -177,3 +177,12 @@ def test_technical_pages_come_back_when_asked_for(staff_client, debug_on, settin
 def test_an_agent_still_gets_json_with_debug_on(debug_on):
     response = Client().get("/api/v1/nope")
     assert response.status_code == 404 and response.json()["error"]["code"]
+
+
+def test_with_debug_on_the_async_stack_gets_the_sites_404_too(debug_on):
+    from asgiref.sync import async_to_sync
+    from django.test import AsyncClient
+
+    response = async_to_sync(AsyncClient().get)("/approvals/no-such-page/")
+    assert response.status_code == 404
+    assert LAYOUT in response.content.decode() and "URLconf" not in response.content.decode()
