@@ -4,6 +4,7 @@ and the site's own error pages when DEBUG is on."""
 import logging
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.core import signals
 from django.utils.deprecation import MiddlewareMixin
 
 logger = logging.getLogger("django.request")
@@ -77,6 +78,9 @@ class StyledErrorPagesMiddleware:
             return defaults.page_not_found(request, exception)
         if isinstance(exception, PermissionDenied | _handled_by_django()):
             return None  # Django's own handling (403 page, 400) needs no help
+        # What Django's own handling of an uncaught exception does besides its page: the signal
+        # (error reporters listen to it) and the django.request log line (ADMINS' mail, console).
+        signals.got_request_exception.send(sender=None, request=request)
         logger.error(
             "Internal Server Error: %s", request.path, exc_info=exception,
             extra={"status_code": 500, "request": request},
