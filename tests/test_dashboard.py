@@ -344,3 +344,20 @@ def test_its_queries_do_not_grow_with_the_number_of_calls(client, approver, worl
         )
     make_anomaly(ops, AnomalyKind.CALL_RATE, history.this_hour(), 60, first_seen=0)
     assert count_queries() == few
+
+
+def test_the_7_day_window_counts_its_first_hour_and_nothing_before(client, approver, world):
+    crm, _mail, bot, _ops = world
+    first = history.this_hour() - timedelta(hours=24 * 7 - 1)  # the window's first hour
+    call(bot, crm, "refund", first, Status.SUCCEEDED, decision_seconds=10)
+    call(bot, crm, "refund", first + timedelta(minutes=59), Status.SUCCEEDED, decision_seconds=50)
+    call(bot, crm, "refund", first - timedelta(seconds=1), Status.SUCCEEDED, decision_seconds=900)
+    call(bot, crm, "lookup", hour_ago(0), Status.DENIED, decision_seconds=30)
+
+    _, f = figures(client, "?period=7d")
+    assert f["start"] == first and len(f["hourly"]) == 24 * 7
+    assert f["hourly"][0][0] == first and f["hourly"][0][2] == 2
+    assert f["total"] == 3 and f["totals"]["approved"] == 2 and f["totals"]["denied"] == 1
+    assert f["decisions"]["count"] == 3
+    assert f["decisions"]["median"] == timedelta(seconds=30)  # 10, 30, 50: not the 900 outside
+    assert f["decisions"]["p95"] == timedelta(seconds=48)
