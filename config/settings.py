@@ -110,6 +110,13 @@ def _positive(kind):
     return cast
 
 
+def _count(raw):
+    value = int(raw)
+    if value < 0:
+        raise ValueError("expected 0 or more")
+    return value
+
+
 def _list(raw):
     return [item.strip() for item in raw.split(",") if item.strip()]
 
@@ -378,6 +385,10 @@ MCP_MAX_TOOL_DEFINITION_BYTES = _read("MCP_MAX_TOOL_DEFINITION_BYTES", _positive
 MCP_MAX_RESULT_BYTES = _read("MCP_MAX_RESULT_BYTES", _positive(int), 1024 * 1024)
 MCP_EXTRA_BLOCKED_NETWORKS = _read("MCP_EXTRA_BLOCKED_NETWORKS", _list, [])
 MCP_EXTRA_ALLOWED_NETWORKS = _read("MCP_EXTRA_ALLOWED_NETWORKS", _list, [])
+# Open upstream sessions the web process keeps for its next calls (integrations/mcp_pool.py):
+# idle ones kept per connection (0: a fresh session per call), and for how long (seconds).
+MCP_POOL_SESSIONS = _read("MCP_POOL_SESSIONS", _count, 16)
+MCP_POOL_IDLE_TIMEOUT = _read("MCP_POOL_IDLE_TIMEOUT", _positive(float), 60.0)
 
 # OAuth 2.1 to upstream MCP servers (integrations/oauth.py). Toolgate's redirect URI and its
 # Client ID Metadata Document live under SITE_URL: /oauth/callback/, /oauth/client-metadata.json.

@@ -1,11 +1,13 @@
 """The one seam between Toolgate and the network: speaking MCP to remote servers.
 
 Everything that leaves the machine for an MCP server goes through `list_tools`, `call_tool`
-and its async twin `acall_tool` here. Each opens a fresh session over the server's transport
-(Streamable HTTP or the older SSE transport; "auto" tries Streamable HTTP and falls back to
-SSE), with the connection guard of `netguard`, timeouts, and a cap on response size. The SDK
-negotiates the protocol era itself:
-it probes the 2026-07-28 `server/discover` and falls back to the `initialize` handshake.
+and its async twin `acall_tool` here. `list_tools` and `call_tool` (a sync, a worker's call)
+open a fresh session over the server's transport (Streamable HTTP or the older SSE transport;
+"auto" tries Streamable HTTP and falls back to SSE), with the connection guard of `netguard`,
+timeouts, and a cap on response size; `acall_tool` (the web process) leases an open
+Streamable HTTP session from `mcp_pool` instead, built the same way. The SDK negotiates the
+protocol era itself: it probes the 2026-07-28 `server/discover` and falls back to the
+`initialize` handshake (a pooled session adopts the era its key's first session found).
 
 Every failure comes out as `McpError` with a short code, a message fit for an admin page
 (never the URL's path or query, never a token), and `reached_server`: False only when the
@@ -35,6 +37,7 @@ from django.conf import settings
 from mcp import Client, MCPError
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types import LOG_LEVEL_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
@@ -147,6 +150,7 @@ class Endpoint:
     # auth's `secrets` (its tokens) are redacted like the others.
     auth: httpx2.Auth | None = field(default=None, compare=False)
     credential: str = ""
+    server_pk: int | None = field(default=None, compare=False)  # whose pooled sessions these are
 
     @property
     def origin(self):
@@ -274,6 +278,17 @@ class _HttpTrace:
     cancel: Callable[[], None] | None = None  # set by `_run`: ends the conversation now
     bytes_left: int | None = None  # what all responses of this conversation may still carry
     byte_limit: int | None = None
+    unsent: int = 0  # POSTs that could not connect, so never reached the server
+
+    def on_connect_error(self, request):
+        if request.method == "POST":
+            self.unsent += 1
+
+    def never_reached(self):
+        """Whether the conversation provably never got a request to the server: a POST could
+        not connect and no response came back (on an open session, the SDK reports that as a
+        closed connection)."""
+        return self.unsent > 0 and not self.statuses
 
     def fail(self, error):
         """Record why the conversation must end, and end it now."""
@@ -391,15 +406,9 @@ def list_tools(endpoint):
 
 def call_tool(endpoint, name, arguments, *, transport=None, timeout=None, on_declined=None):
     """Call one tool and return its result. `transport` pins the transport a sync found."""
-    call = partial(
-        acall_tool,
-        endpoint,
-        name,
-        arguments,
-        transport=transport,
-        timeout=timeout,
-        on_declined=on_declined,
-    )
+    timeout = timeout or settings.MCP_CALL_TIMEOUT
+    upstream = _UpstreamRequests(endpoint, None, None, on_declined)
+    call = partial(_call_tool, endpoint, name, arguments, transport, timeout, upstream)
     return anyio.run(call)
 
 
@@ -421,10 +430,14 @@ async def acall_tool(
     none is asked for. The server's requests to sample the agent's model or to elicit input
     are declined (a sampling error, an elicitation "decline"), and `on_declined(entry)` is
     told of each for the audit.
+
+    Over Streamable HTTP the call runs on a pooled open session (`mcp_pool`) when
+    MCP_POOL_SESSIONS is not 0.
     """
     timeout = timeout or settings.MCP_CALL_TIMEOUT
     upstream = _UpstreamRequests(endpoint, on_progress, on_log, on_declined)
-    return await _call_tool(endpoint, name, arguments, transport, timeout, upstream)
+    pooled = settings.MCP_POOL_SESSIONS > 0
+    return await _call_tool(endpoint, name, arguments, transport, timeout, upstream, pooled)
 
 
 async def _list_tools(endpoint):
@@ -445,12 +458,17 @@ async def _list_tools(endpoint):
     )
 
 
-async def _call_tool(endpoint, name, arguments, transport, timeout, upstream):
+async def _call_tool(endpoint, name, arguments, transport, timeout, upstream, pooled=False):
     async def call(client, _transport):
-        if upstream.on_log and client.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+        meta = None
+        if upstream.on_log and client.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            meta = {LOG_LEVEL_META_KEY: "debug"}  # a 2026-07-28 server logs what a request asks
+        elif upstream.on_log:
             with contextlib.suppress(MCPError):  # a server without logging still runs the call
                 await client.set_logging_level("debug")
-        result = await client.call_tool(name, arguments, progress_callback=upstream.progress)
+        result = await client.call_tool(
+            name, arguments, progress_callback=upstream.progress, meta=meta
+        )
         if not isinstance(result, mcp_types.CallToolResult):
             raise McpError("protocol", "The server answered the tool call with an unknown result.")
         return ToolResult.capped(
@@ -461,7 +479,10 @@ async def _call_tool(endpoint, name, arguments, transport, timeout, upstream):
 
     if transport in (STREAMABLE_HTTP, SSE):
         endpoint = replace(endpoint, transport=transport)
-    return await _with_fallback(endpoint, call, timeout, upstream.client_options())
+    options = upstream.client_options()
+    return await _with_fallback(
+        endpoint, call, timeout, options, upstream=upstream if pooled else None
+    )
 
 
 class _UpstreamRequests:
@@ -479,7 +500,7 @@ class _UpstreamRequests:
             "elicitation_callback": self.decline_elicitation,
         }
         if self.on_log:
-            options.update(logging_callback=self.log, log_level="debug")
+            options.update(logging_callback=self.log)
         return options
 
     @property
@@ -503,13 +524,11 @@ class _UpstreamRequests:
 
     async def decline_sampling(self, context, params):
         self._declined("sampling/createMessage", "")
-        return mcp_types.ErrorData(
-            code=-1, message="Declined: Toolgate does not let MCP servers sample the agent's model."
-        )
+        return declined_sampling()
 
     async def decline_elicitation(self, context, params):
         self._declined("elicitation/create", getattr(params, "message", ""))
-        return mcp_types.ElicitResult(action="decline")
+        return declined_elicitation()
 
     def _declined(self, method, message):
         logger.info("Declined %s from %s during a tool call", method, self.endpoint.origin)
@@ -518,6 +537,16 @@ class _UpstreamRequests:
             if message:
                 entry["message"] = self.endpoint.redact(str(message))[:500]
             self.on_declined(entry)
+
+
+def declined_sampling():
+    return mcp_types.ErrorData(
+        code=-1, message="Declined: Toolgate does not let MCP servers sample the agent's model."
+    )
+
+
+def declined_elicitation():
+    return mcp_types.ElicitResult(action="decline")
 
 
 async def _all_tools(client):
@@ -544,26 +573,31 @@ def _wire(model):
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-async def _with_fallback(endpoint, operation, timeout, client_options, max_bytes=None):
+async def _with_fallback(
+    endpoint, operation, timeout, client_options, max_bytes=None, upstream=None
+):
     """Run `operation` over the endpoint's transport; for "auto", fall back from Streamable
     HTTP to SSE when the first attempt shows the server doesn't speak it. `max_bytes` caps
-    what all responses of one attempt may carry together."""
+    what all responses of one attempt may carry together. With `upstream` (the call's
+    `_UpstreamRequests`), a Streamable HTTP attempt runs on a pooled session."""
+    run = partial(_run, operation=operation, timeout=timeout, client_options=client_options)
+    run = partial(run, max_bytes=max_bytes, upstream=upstream)
     if endpoint.transport != AUTO:
-        return await _run(
-            endpoint, endpoint.transport, operation, timeout, client_options, max_bytes
-        )
+        return await run(endpoint, endpoint.transport)
     try:
-        return await _run(endpoint, STREAMABLE_HTTP, operation, timeout, client_options, max_bytes)
+        return await run(endpoint, STREAMABLE_HTTP)
     except McpError as first:
         if first.code not in ("not_mcp", "protocol"):
             raise
         try:
-            return await _run(endpoint, SSE, operation, timeout, client_options, max_bytes)
+            return await run(endpoint, SSE)
         except McpError:
             raise first from None
 
 
-async def _run(endpoint, transport, operation, timeout, client_options, max_bytes=None):
+async def _run(
+    endpoint, transport, operation, timeout, client_options, max_bytes=None, upstream=None
+):
     try:
         url = httpx2.URL(endpoint.url)
     except httpx2.InvalidURL:
@@ -574,6 +608,8 @@ async def _run(endpoint, transport, operation, timeout, client_options, max_byte
         with anyio.CancelScope() as stop:
             trace.cancel = stop.cancel
             with anyio.fail_after(timeout):
+                if upstream is not None and transport == STREAMABLE_HTTP:
+                    return await _on_pooled_session(endpoint, transport, operation, trace, upstream)
                 async with _client(endpoint, transport, trace, client_options) as client:
                     return await operation(client, transport)
         raise trace.guard_error  # a guard stopped the conversation (`_HttpTrace.fail`)
@@ -588,7 +624,35 @@ async def _run(endpoint, transport, operation, timeout, client_options, max_byte
         raise error from None
 
 
-def _client(endpoint, transport, trace, client_options):
+@dataclass
+class _Lease:
+    """What a pooled session relays to while it runs one call (`mcp_pool.Relay`)."""
+
+    trace: _HttpTrace
+    upstream: _UpstreamRequests
+    auth: httpx2.Auth | None
+
+
+async def _on_pooled_session(endpoint, transport, operation, trace, upstream):
+    """`operation` on a leased open session; back to the pool only if nothing went wrong."""
+    from integrations import mcp_pool
+
+    pool = mcp_pool.pool()
+    session = await pool.lease(endpoint, transport, _Lease(trace, upstream, endpoint.auth))
+    healthy = False
+    try:
+        result = await operation(session.client, transport)
+        healthy = trace.guard_error is None
+        return result
+    finally:
+        pool.release(session, healthy)
+
+
+def _client(endpoint, transport, trace, client_options, *, auth=None, mode="auto", **options):
+    """An SDK client over the guarded HTTP client. `trace` is the conversation's `_HttpTrace`
+    (or a pooled session's relay to its current call's), `auth` the one to send with (the
+    endpoint's by default), `mode` and `options` go to the SDK (a pooled session's era)."""
+    auth = endpoint.auth if auth is None else auth
     guard = {
         "allow_private_network": endpoint.allow_private_network,
         "extra_blocked": settings.MCP_EXTRA_BLOCKED_NETWORKS,
@@ -604,11 +668,15 @@ def _client(endpoint, transport, trace, client_options):
             timeout=settings.MCP_CONNECT_TIMEOUT,
             sse_read_timeout=settings.MCP_READ_TIMEOUT,
             httpx_client_factory=_traced(netguard.guarded_client_factory(**guard), trace),
-            auth=endpoint.auth,
+            auth=auth,
         )
     else:
         http_client = netguard.guarded_client(
-            headers=endpoint.headers, timeout=timeout, auth=endpoint.auth, **guard
+            headers=endpoint.headers,
+            timeout=timeout,
+            auth=auth,
+            on_connect_error=trace.on_connect_error,
+            **guard,
         )
         http_client.event_hooks = {"request": [trace.on_request], "response": [trace.on_response]}
         connection = streamable_http_client(endpoint.url, http_client=http_client)
@@ -618,7 +686,9 @@ def _client(endpoint, transport, trace, client_options):
         read_timeout_seconds=settings.MCP_READ_TIMEOUT,
         client_info=CLIENT_INFO,
         cache=None,  # a sync must see the server's list as it is now
+        mode=mode,
         **client_options,
+        **options,
     )
 
 
@@ -679,6 +749,8 @@ def _explain(exc, endpoint, transport, trace):
         return exc
     if isinstance(exc, netguard.AddressRefused):
         return McpError("refused", str(exc), reached_server=False)
+    if trace.never_reached():
+        return McpError("unreachable", f"Could not connect to {where}.", reached_server=False)
     if isinstance(exc, netguard.ResponseTooLarge):
         limit = settings.MCP_MAX_RESPONSE_BYTES
         return McpError("too_large", f"{where}: a response exceeded the {limit:,} byte limit.")

@@ -182,6 +182,7 @@ class McpServer(models.Model):
             allow_private_network=self.allow_private_network,
             auth=auth,
             credential=auth.identity if auth else "",
+            server_pk=self.pk,
         )
 
     def request_sync(self):

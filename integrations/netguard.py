@@ -710,20 +710,24 @@ class _GuardedTransport(httpx2.AsyncBaseTransport):
         inner: httpx2.AsyncBaseTransport,
         max_response_bytes: int | None,
         on_guard_error: GuardErrorHook | None,
+        on_connect_error: Callable[[httpx2.Request], None] | None = None,
     ) -> None:
         self._inner = inner
         self._max_response_bytes = max_response_bytes
         self._report = on_guard_error or _ignore
+        self._on_connect_error = on_connect_error
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         if self._max_response_bytes is not None:
             request.headers["Accept-Encoding"] = "identity"
         try:
             response = await self._inner.handle_async_request(request)
-        except httpx2.ConnectError as exc:
+        except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
             if isinstance(exc.__cause__, AddressRefused):
                 self._report(exc.__cause__)
                 raise exc.__cause__ from None
+            if self._on_connect_error is not None:
+                self._on_connect_error(request)
             raise
         if self._max_response_bytes is None:
             return response
@@ -773,6 +777,7 @@ def guarded_client(
     auth: httpx2.Auth | None = None,
     ssl_context: ssl.SSLContext | None = None,
     on_guard_error: GuardErrorHook | None = None,
+    on_connect_error: Callable[[httpx2.Request], None] | None = None,
 ) -> httpx2.AsyncClient:
     """An ``httpx2.AsyncClient`` that can only reach addresses the policy allows.
 
@@ -790,6 +795,9 @@ def guarded_client(
       or refused compressed response just before it is raised. The MCP SDK's SSE
       reader catches every exception and reports a closed connection instead, so
       this is how a caller learns the real reason.
+    * ``on_connect_error`` is called with each request that could not even connect (refused,
+      unreachable, connect timeout): it was never sent. The SDK folds those into a closed
+      connection too.
     """
     if max_response_bytes is not None and max_response_bytes <= 0:
         raise ValueError("max_response_bytes must be a positive number of bytes")
@@ -799,7 +807,10 @@ def guarded_client(
         extra_allowed=extra_allowed,
     )
     transport = _GuardedTransport(
-        _pooled_transport(backend, ssl_context), max_response_bytes, on_guard_error
+        _pooled_transport(backend, ssl_context),
+        max_response_bytes,
+        on_guard_error,
+        on_connect_error,
     )
     return httpx2.AsyncClient(
         transport=transport,

@@ -144,6 +144,7 @@ class RunningServer:
     """Every HTTP request received, oldest first (appended from the server thread)."""
     _uvicorn: uvicorn.Server | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    _socket: socket.socket | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -166,6 +167,8 @@ class RunningServer:
             self._thread.join(timeout=5)
         if self._thread.is_alive():
             raise RuntimeError(f"MCP test server on port {self.port} did not stop")
+        if self._socket is not None:
+            self._socket.close()  # uvicorn leaves a socket it was given open: free the port
 
     def __enter__(self) -> RunningServer:
         return self
@@ -175,10 +178,11 @@ class RunningServer:
 
 
 def start(
-    target: Servable, transport: Transport = "streamable_http", host: str = _HOST
+    target: Servable, transport: Transport = "streamable_http", host: str = _HOST, port: int = 0
 ) -> RunningServer:
     """Serve `target` on a free port of `host` (127.0.0.1, or ::1 for IPv6) in a daemon thread;
-    return once it is listening.
+    return once it is listening. `port` picks the port instead (to restart a server where its
+    clients expect it).
 
     `target` is an `MCPServer` or low-level `Server` (the app for `transport` is built here), an
     `AppFactory`, or a ready ASGI app, which then answers on every path whatever the transport.
@@ -190,7 +194,10 @@ def start(
     # without it every keep-alive reply waits ~40 ms for Nagle's algorithm.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind((host, 0))
+    # Also for the connections it accepts (they inherit it): a restart on the same port binds
+    # while clients still hold connections to the old server.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
     running = RunningServer(host=host, port=sock.getsockname()[1], transport=transport)
     config = uvicorn.Config(
         _RecordRequests(_asgi_app_for(target, transport), running.requests),
@@ -207,7 +214,7 @@ def start(
         name=f"mcp-{transport}-{running.port}",
         daemon=True,
     )
-    running._uvicorn, running._thread = server, thread
+    running._uvicorn, running._thread, running._socket = server, thread, sock
     thread.start()
     deadline = time.monotonic() + _STARTUP_TIMEOUT
     while not server.started:
