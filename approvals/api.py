@@ -149,7 +149,8 @@ async def tool_calls(request):
         return error(refused.status, refused.code, refused.message, **extra)
     if created and call.status == Status.APPROVED and wait > 0:
         await run_here(call, wait)  # the agent waits: run it here rather than through a worker
-    call = await _call_after_wait(request.agent, call.pk, wait)
+    if not call.is_final:  # else `call` is as it was stored, its result included
+        call = await _call_after_wait(request.agent, call.pk, wait)
     return JsonResponse(call_json(call), status=201 if created else 200)
 
 

@@ -371,18 +371,20 @@ class ToolCall(models.Model):
         self._record(result, declined)
         return False
 
-    async def arun(self, *, on_progress=None, on_log=None):
+    async def arun(self, *, on_progress=None, on_log=None, just_decided=False):
         """`run()` in the caller's event loop, for an agent waiting in the web process: the same
         claim (`approved → running`) and finish transitions, so exactly-once holds. A web
         process lost mid-call leaves the call `running`, and the sweeper makes it `unknown`.
         A call that must be retried (it never reached the server) goes to a worker.
+
+        `just_decided`: the policy decided this call in this very request, from the rows as
+        they are, moments ago; the claim does not ask it again.
         """
-        if not await sync_to_async(self._claim)():
+        if not await sync_to_async(self._claim)(recheck=not just_decided):
             return
         declined = []
         try:
-            # endpoint() may renew an OAuth token, which waits on the authorization server.
-            endpoint = await sync_to_async(self.server.endpoint, thread_sensitive=False)()
+            endpoint = await self._aendpoint()
             result = await mcp_client.acall_tool(
                 endpoint,
                 self.tool.name,  # the stored full name, which the fingerprint check vouched for
@@ -399,13 +401,19 @@ class ToolCall(models.Model):
             return
         await sync_to_async(self._record)(result, declined)
 
-    def _claim(self):
-        """Take the call from `approved` to `running` and ask the policy again; False when
-        someone else has it, it is no longer approved, or the policy now refuses it (then it
-        failed, with the reason)."""
+    async def _aendpoint(self):
+        if self.server.uses_oauth:
+            # endpoint() may renew an OAuth token, which waits on the authorization server.
+            return await sync_to_async(self.server.endpoint, thread_sensitive=False)()
+        return self.server.endpoint()  # no database, no network: not worth a thread
+
+    def _claim(self, recheck=True):
+        """Take the call from `approved` to `running` and ask the policy again (unless not
+        `recheck`); False when someone else has it, it is no longer approved, or the policy
+        now refuses it (then it failed, with the reason)."""
         if not self._transition([Status.APPROVED], Status.RUNNING, started_at=timezone.now()):
             return False
-        refusal = self.refusal_now()
+        refusal = self.refusal_now() if recheck else None
         if refusal:
             reasons = [*self.reasons, *refusal.reasons_json()]
             self._finish(

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 HOST = "127.0.0.1"
 REDIS_URL = "redis://127.0.0.1:6379/14"
+POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/postgres"  # where throw-away databases go
 SERVER_NAME = "demo"
 AGENT_NAME = "bench-agent"
 
@@ -93,6 +94,31 @@ def redis_answers(url=REDIS_URL, timeout=1.0):
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def postgres_answers(url=POSTGRES_URL):
+    """True when PostgreSQL accepts a connection at `url`."""
+    import psycopg
+
+    try:
+        psycopg.connect(url, connect_timeout=2).close()
+    except psycopg.Error:
+        return False
+    return True
+
+
+def _create_database(url, name):
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+
+
+def _drop_database(url, name):
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def flush_redis(url=REDIS_URL):
@@ -176,12 +202,14 @@ def journal_mode():
 class Toolgate:
     """See the module docstring. `approval_mode` is the demo server's approval mode;
     `mcp_tests_helper` serves the demo server through `tests.mcp_servers.start` unchanged
-    (see bench/mcp_server.py)."""
+    (see bench/mcp_server.py); `postgres` puts the database in a throw-away PostgreSQL
+    database on `POSTGRES_URL`'s server instead of SQLite."""
 
-    def __init__(self, approval_mode, *, keep=False, mcp_tests_helper=False):
+    def __init__(self, approval_mode, *, keep=False, mcp_tests_helper=False, postgres=False):
         self.approval_mode = approval_mode
         self.keep = keep
         self.mcp_tests_helper = mcp_tests_helper
+        self.postgres = postgres
         self.web = self.worker = self.mcp = None
         self.port = None
         self.broker_url = "filesystem://"
@@ -193,6 +221,14 @@ class Toolgate:
         try:
             self.var_dir = Path(tempfile.mkdtemp(prefix="toolgate-bench-"))
             self._stack.callback(self._remove_var_dir)
+            if self.postgres:
+                name = f"toolgate_bench_{os.getpid()}"
+                _drop_database(POSTGRES_URL, name)
+                _create_database(POSTGRES_URL, name)
+                self._stack.callback(_drop_database, POSTGRES_URL, name)
+                self.database_url = POSTGRES_URL.rpartition("/")[0] + "/" + name
+            else:
+                self.database_url = f"sqlite:///{self.var_dir / 'toolgate.sqlite3'}"
             self.env = self._environment()
             os.environ.update(self.env)
             self._setup_django()
@@ -215,7 +251,7 @@ class Toolgate:
         env.update(
             TOOLGATE_VAR_DIR=str(self.var_dir),
             DEBUG="true",
-            DATABASE_URL=f"sqlite:///{self.var_dir / 'toolgate.sqlite3'}",
+            DATABASE_URL=self.database_url,
             CELERY_BROKER_URL="filesystem://",
             CELERY_BROKER_DIR=str(self.var_dir / "broker"),
             AGENT_RATE_LIMIT="100000",
@@ -238,7 +274,9 @@ class Toolgate:
         from django.conf import settings
 
         django.setup()
-        if Path(settings.DATABASES["default"]["NAME"]).parent != self.var_dir:
+        name = settings.DATABASES["default"]["NAME"]
+        expected = self.database_url.rpartition("/")[2] if self.postgres else None
+        if (name != expected) if self.postgres else (Path(name).parent != self.var_dir):
             raise BenchError("Django was already set up on another database in this process.")
 
     def _migrate(self):

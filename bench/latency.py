@@ -13,7 +13,14 @@ a short warm-up:
   worker, when Redis answers there (that database is flushed before and after);
 - MCP endpoint: ``call_tool("echo", …)`` repeated on one ``mcp.Client`` session opened on
   Toolgate's ``/mcp/demo/`` with the agent's token (embedded defaults; an auto-approved call
-  of a waiting agent runs in the web process, so no broker is involved).
+  of a waiting agent runs in the web process, so no broker is involved);
+- PostgreSQL + Redis: the direct cases, the API and the MCP endpoint again, in a process of
+  their own (``--postgres``) whose Toolgate keeps its database in a throw-away PostgreSQL
+  database, when PostgreSQL answers on 127.0.0.1:5432 and Redis on 127.0.0.1:6379.
+
+After each API case, with the same web process and worker, `bench.throughput` measures
+calls a second with ``--concurrency`` agents for ``--seconds``. A headline block prints each
+target of issue 11 beside what was measured.
 
 For the API cases the stored timestamps of each call split the time into: accept (request sent
 -> call stored), queue (stored -> a worker claimed it), run (claimed -> result stored: a fresh
@@ -30,7 +37,7 @@ import time
 import anyio
 import httpx2
 
-from bench import harness
+from bench import harness, throughput
 
 CALL_TIMEOUT = 30  # seconds, for any single call in any case
 ARGUMENTS = {"text": "hi"}
@@ -41,6 +48,16 @@ def parse_args(argv):
     parser.add_argument("--calls", type=int, default=200, help="timed calls per case")
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls first")
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis broker case")
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="skip the PostgreSQL + Redis cases"
+    )
+    parser.add_argument(
+        "--postgres", action="store_true", help="only the PostgreSQL + Redis cases (a child run)"
+    )
+    parser.add_argument("--concurrency", type=int, default=16, help="agents for the throughput")
+    parser.add_argument(
+        "--seconds", type=float, default=10, help="throughput duration (0: no throughput)"
+    )
     parser.add_argument(
         "--tests-helper",
         action="store_true",
@@ -193,32 +210,12 @@ def _stats(timings):
 
 def run(argv=()):
     args = parse_args(list(argv))
-    results = {"calls": args.calls, "cases": {}, "breakdown": {}, "notes": []}
+    results = {"calls": args.calls, "cases": {}, "breakdown": {}, "throughput": {}, "notes": []}
     if args.tests_helper:
         results["notes"].append("demo MCP server via tests.mcp_servers.start (no TCP_NODELAY)")
-    cases = results["cases"]
-    with harness.Toolgate(
-        "no_approval", keep=args.keep, mcp_tests_helper=args.tests_helper
-    ) as toolgate:
-        from approvals import policy
-        from integrations.models import Tool
-
-        echo = Tool.objects.select_related("server").get(server=toolgate.server, name="echo")
-        decision = policy.decide(None, echo)
-        if decision.outcome != policy.Outcome.RUN:
-            raise harness.BenchError(f"echo is not auto-approved: {decision.message}")
-        url = toolgate.mcp_url
-        print(f"Latency: {args.calls} sequential echo calls per case, {args.warmup} warm-up.")
-
-        print("  direct, one open session ...", flush=True)
-        cases["direct_open"] = _stats(
-            asyncio.run(_direct_open_session(url, args.calls, args.warmup))
-        )
-        print("  direct, fresh session per call ...", flush=True)
-        cases["direct_fresh"] = _stats(
-            asyncio.run(_direct_fresh_session(url, args.calls, args.warmup))
-        )
-
+    if args.postgres:
+        brokers = [("api_pg", harness.REDIS_URL)]
+    else:
         brokers = [("api_file", "filesystem://")]
         if args.no_redis:
             results["notes"].append("Redis case skipped (--no-redis).")
@@ -226,30 +223,84 @@ def run(argv=()):
             brokers.append(("api_redis", harness.REDIS_URL))
         else:
             results["notes"].append("Redis case skipped: nothing answers at 127.0.0.1:6379.")
+    with harness.Toolgate(
+        "no_approval", keep=args.keep, mcp_tests_helper=args.tests_helper, postgres=args.postgres
+    ) as toolgate:
+        _check_auto_approved(toolgate)
+        where = "PostgreSQL + Redis" if args.postgres else harness.journal_mode()
+        print(
+            f"Latency ({where}): {args.calls} sequential echo calls a case, {args.warmup} warm-up."
+        )
+        _direct_cases(toolgate.mcp_url, args, results["cases"])
         for name, broker in brokers:
-            print(f"  API, {_broker_label(broker)} ...", flush=True)
-            if broker.startswith("redis"):
-                harness.flush_redis(broker)
-            try:
-                toolgate.start_app(broker)
-                timings, marks = _api_calls(toolgate, args.calls, args.warmup)
-                if name == "api_file":
-                    print("  MCP endpoint, one open session ...", flush=True)
-                    mcp = asyncio.run(_mcp_open_session(toolgate, args.calls, args.warmup))
-                    cases["mcp_open"] = _stats(mcp)
-            finally:
-                toolgate.stop_app()
-                if broker.startswith("redis"):
-                    harness.flush_redis(broker)
-            cases[name] = _stats(timings)
-            results["breakdown"][name] = _breakdown(marks)
+            _app_cases(toolgate, name, broker, args, results)
+    if not args.postgres:
+        results["postgres"] = None if args.no_postgres else _postgres_run(argv, results["notes"])
     for line in report(results):
         print(line)
     return results
 
 
-def _broker_label(broker):
-    return "Redis broker" if broker.startswith("redis") else "file broker"
+def _check_auto_approved(toolgate):
+    from approvals import policy
+    from integrations.models import Tool
+
+    echo = Tool.objects.select_related("server").get(server=toolgate.server, name="echo")
+    decision = policy.decide(None, echo)
+    if decision.outcome != policy.Outcome.RUN:
+        raise harness.BenchError(f"echo is not auto-approved: {decision.message}")
+
+
+def _direct_cases(url, args, cases):
+    print("  direct, one open session ...", flush=True)
+    cases["direct_open"] = _stats(asyncio.run(_direct_open_session(url, args.calls, args.warmup)))
+    print("  direct, fresh session per call ...", flush=True)
+    cases["direct_fresh"] = _stats(asyncio.run(_direct_fresh_session(url, args.calls, args.warmup)))
+
+
+def _app_cases(toolgate, name, broker, args, results):
+    """The API (and, on the first app, the MCP endpoint) and the throughput on one app."""
+    print(f"  API, {LABELS[name]} ...", flush=True)
+    if broker.startswith("redis"):
+        harness.flush_redis(broker)
+    try:
+        toolgate.start_app(broker)
+        timings, marks = _api_calls(toolgate, args.calls, args.warmup)
+        results["cases"][name] = _stats(timings)
+        results["breakdown"][name] = _breakdown(marks)
+        if name in ("api_file", "api_pg"):
+            print("  MCP endpoint, one open session ...", flush=True)
+            mcp = asyncio.run(_mcp_open_session(toolgate, args.calls, args.warmup))
+            results["cases"]["mcp_pg" if name == "api_pg" else "mcp_open"] = _stats(mcp)
+        if args.seconds > 0:
+            print(f"  throughput, {args.concurrency} agents, {args.seconds:.0f} s ...", flush=True)
+            results["throughput"][name] = throughput.measure(
+                toolgate, args.concurrency, args.seconds
+            )
+    finally:
+        toolgate.stop_app()
+        if broker.startswith("redis"):
+            harness.flush_redis(broker)
+
+
+def _postgres_run(argv, notes):
+    """The PostgreSQL + Redis cases, in a child process (Django is set up once a process)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    if not (harness.redis_answers() and harness.postgres_answers()):
+        notes.append("PostgreSQL + Redis cases skipped: not both reachable on 127.0.0.1.")
+        return None
+    with tempfile.TemporaryDirectory(prefix="toolgate-bench-pg-") as folder:
+        path = Path(folder) / "postgres.json"
+        command = [sys.executable, "-m", "bench", "latency", "--postgres", "--json", str(path)]
+        child = subprocess.run([*command, *argv], cwd=harness.ROOT, check=False)
+        if child.returncode or not path.exists():
+            raise harness.BenchError(f"The PostgreSQL + Redis run failed (exit {child.returncode})")
+        return json.loads(path.read_text())
 
 
 LABELS = {
@@ -258,15 +309,21 @@ LABELS = {
     "api_file": "API ?wait=30, file broker",
     "api_redis": "API ?wait=30, Redis broker",
     "mcp_open": "MCP /mcp/demo/, one open session",
+    "api_pg": "API ?wait=30, PostgreSQL + Redis",
+    "mcp_pg": "MCP /mcp/demo/, PostgreSQL + Redis",
 }
 
+# Issue 11's targets for a call of an agent that waits, as ratios to the direct call on an
+# open session, and the throughput.
+MAX_MEDIAN_RATIO, MAX_P95_RATIO, MIN_CALLS_PER_S = 3.0, 4.0, 200
 
-def report(results):
+
+def report(results, title="Latency of one echo call"):
     cases = results["cases"]
     lines = [
         "",
-        f"Latency of one echo call, {results['calls']} sequential calls per case (ms):",
-        f"  {'case':<36} {'median':>8} {'p95':>8} {'/open':>8} {'/fresh':>8}",
+        f"{title}, {results['calls']} sequential calls per case (ms):",
+        f"  {'case':<36} {'median':>8} {'p95':>8} {'/open':>8} {'p95/open':>9} {'/fresh':>8}",
     ]
     for name, label in LABELS.items():
         if name not in cases:
@@ -274,13 +331,55 @@ def report(results):
         stats = cases[name]
         row = f"  {label:<36} {stats['median_ms']:8.1f} {stats['p95_ms']:8.1f}"
         if name.startswith(("api", "mcp")):
-            open_ratio = stats["median_ms"] / cases["direct_open"]["median_ms"]
+            open_ratio, p95_ratio = _ratios(cases, name)
             fresh_ratio = stats["median_ms"] / cases["direct_fresh"]["median_ms"]
-            row += f" {open_ratio:7.1f}x {fresh_ratio:7.1f}x"
+            row += f" {open_ratio:7.1f}x {p95_ratio:8.1f}x {fresh_ratio:7.1f}x"
         lines.append(row)
-    lines.append("  (ratios: Toolgate median / direct median, for the API and the MCP endpoint)")
+    lines.append(
+        "  (ratios: Toolgate / direct on an open session, median and p95; / fresh session)"
+    )
     for name, phases in results["breakdown"].items():
         parts = ", ".join(f"{phase} {ms:.1f}" for phase, ms in phases.items())
         lines.append(f"  {LABELS[name]}, median phases (ms): {parts}")
+    for name, figures in results.get("throughput", {}).items():
+        lines += throughput.report_lines(f"throughput, {LABELS[name]}", figures)
     lines.extend(f"  note: {note}" for note in results["notes"])
+    if results.get("postgres"):
+        lines += report(results["postgres"], "The same on PostgreSQL + Redis")[1:]
+    if "postgres" in results:  # the top-level run: the targets for every case
+        lines += headline(results)
+    return lines
+
+
+def _ratios(cases, name):
+    direct = cases["direct_open"]
+    return (
+        cases[name]["median_ms"] / direct["median_ms"],
+        cases[name]["p95_ms"] / direct["p95_ms"],
+    )
+
+
+def headline(results):
+    """Each target of issue 11 beside its measured figure."""
+    lines = ["", "Targets (issue 11), measured in this run:"]
+    runs = [results, *([results["postgres"]] if results.get("postgres") else [])]
+
+    def row(label, measured, target, met):
+        lines.append(f"  {'met ' if met else 'MISS'} {label:<52} {measured:>9} (target {target})")
+
+    for run in runs:
+        for name in ("api_file", "api_redis", "mcp_open", "api_pg", "mcp_pg"):
+            if name not in run["cases"]:
+                continue
+            median, p95 = _ratios(run["cases"], name)
+            row(f"{LABELS[name]}, median", f"{median:.1f}x", f"<= {MAX_MEDIAN_RATIO:.0f}x",
+                median <= MAX_MEDIAN_RATIO)  # fmt: skip
+            row(f"{LABELS[name]}, p95", f"{p95:.1f}x", f"<= {MAX_P95_RATIO:.0f}x",
+                p95 <= MAX_P95_RATIO)  # fmt: skip
+        for name, figures in run.get("throughput", {}).items():
+            rate = figures["calls_per_s"]
+            row(f"calls/s, {figures['concurrency']} agents, {LABELS[name].split(', ')[-1]}",
+                f"{rate:.0f}", f">= {MIN_CALLS_PER_S}", rate >= MIN_CALLS_PER_S)  # fmt: skip
+    if len(runs) == 1:
+        lines.append("  (no PostgreSQL + Redis figures in this run)")
     return lines
