@@ -260,7 +260,7 @@ def _direct_cases(url, args, cases):
 
 def _app_cases(toolgate, name, broker, args, results):
     """The API (and, on the first app, the MCP endpoint) and the throughput on one app."""
-    print(f"  API, {LABELS[name]} ...", flush=True)
+    print(f"  {LABELS[name]} ...", flush=True)
     if broker.startswith("redis"):
         harness.flush_redis(broker)
     try:
