@@ -6,6 +6,8 @@ Two things keep a waiting agent (`?wait=`) down to a coroutine instead of a thre
   StaticFiles rather than by WhiteNoise's sync-only middleware;
 - API requests skip Django's per-request thread (`ThreadSensitiveContext`): their short
   database calls share one thread, so hundreds of open requests don't hold hundreds of threads.
+  They also skip the pages' middleware (sessions, users, CSRF, messages, axes:
+  `settings.API_MIDDLEWARE`), each method of which would be a hop to that thread (issue 11).
   Nothing whose cost an agent or a server controls may run on that thread, or every agent
   waits behind it: checking a call's arguments (schema, personal data) runs on the validation
   threads instead (`approvals.models.arequest_tool_call`). tests/test_validation.py pins both
@@ -28,14 +30,33 @@ from approvals.mcp.app import PREFIX as MCP_PREFIX  # noqa: E402
 from approvals.mcp.app import McpApp  # noqa: E402
 
 
+class ApiASGIHandler(ASGIHandler):
+    """The agent API's requests: its own middleware (`settings.API_MIDDLEWARE`), and no
+    per-request thread."""
+
+    def load_middleware(self, is_async=False):
+        # Django builds the chain from settings.MIDDLEWARE; point it at the API's list while
+        # this handler builds its own (once, at import, before any request).
+        pages = settings.MIDDLEWARE
+        settings.MIDDLEWARE = settings.API_MIDDLEWARE
+        try:
+            super().load_middleware(is_async)
+        finally:
+            settings.MIDDLEWARE = pages
+
+    async def __call__(self, scope, receive, send):
+        await self.handle(scope, receive, send)
+
+
 class ToolgateASGIHandler(ASGIHandler):
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/api/"):
-            await self.handle(scope, receive, send)
+            await api_application(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 
 
+api_application = ApiASGIHandler()
 django_application = ToolgateASGIHandler()
 static_files = StaticFiles(directory=settings.STATIC_ROOT, check_dir=False)
 STATIC_PREFIX = "/" + settings.STATIC_URL.strip("/") + "/"

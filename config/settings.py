@@ -204,6 +204,18 @@ TECHNICAL_ERROR_PAGES = _read("TECHNICAL_ERROR_PAGES", _bool, False)
 if DEBUG:
     MIDDLEWARE.insert(-1, "config.middleware.StyledErrorPagesMiddleware")
 
+# The agent API (/api/, config/asgi.py): Bearer tokens, no sessions, users, messages or CSRF
+# (its views are csrf_exempt), so only what sets headers, the same as for the pages but run
+# inline; the pages' middleware would cost it a hop to the shared thread for each method.
+API_MIDDLEWARE = [
+    "config.middleware.InlineSecurityMiddleware",
+    "config.middleware.SecurityHeadersMiddleware",
+    "config.middleware.InlineCommonMiddleware",
+    "config.middleware.InlineXFrameOptionsMiddleware",
+]
+if DEBUG:  # no technical 404/500 pages for agents either
+    API_MIDDLEWARE.append("config.middleware.StyledErrorPagesMiddleware")
+
 ROOT_URLCONF = "config.urls"
 WSGI_APPLICATION = "config.wsgi.application"
 ASGI_APPLICATION = "config.asgi.application"
