@@ -183,7 +183,8 @@ class Session:
         from integrations import mcp_client
 
         self.pool, self.key, self.server_pk = pool, key, endpoint.server_pk
-        self.relay = Relay()
+        url = httpx2.URL(endpoint.url)  # valid: `mcp_client._run` parsed it before the lease
+        self.relay = Relay(mcp_client._HttpTrace((url.scheme, url.host, url.port), endpoint.url))
         mode, prior = era or ("auto", None)
         self.client = mcp_client._client(
             endpoint,
@@ -254,8 +255,9 @@ class Relay:
     """What a pooled session's HTTP hooks, auth and SDK callbacks pass to: the current
     lease's trace, callbacks and auth, so nothing of one call reaches another."""
 
-    def __init__(self):
+    def __init__(self, idle_trace):
         self.state = None
+        self.idle_trace = idle_trace  # between calls: the origin check still applies
 
     def attach(self, state):
         self.state = state
@@ -263,22 +265,22 @@ class Relay:
     def detach(self):
         self.state = None
 
+    @property
+    def trace(self):
+        return self.state.trace if self.state is not None else self.idle_trace
+
     # The _HttpTrace interface, for the guard and the event hooks.
     async def on_request(self, request):
-        if self.state is not None:
-            await self.state.trace.on_request(request)
+        await self.trace.on_request(request)
 
     async def on_response(self, response):
-        if self.state is not None:
-            await self.state.trace.on_response(response)
+        await self.trace.on_response(response)
 
     def on_guard_error(self, exc):
-        if self.state is not None:
-            self.state.trace.on_guard_error(exc)
+        self.trace.on_guard_error(exc)
 
     def on_connect_error(self, request):
-        if self.state is not None:
-            self.state.trace.on_connect_error(request)
+        self.trace.on_connect_error(request)
 
     # The SDK's callbacks, to the current call's `_UpstreamRequests`.
     def client_options(self):
