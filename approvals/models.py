@@ -294,8 +294,8 @@ class ToolCall(models.Model):
         )
 
     def why_not_pending(self):
-        """For an approver whose decision came too late: what happened instead."""
-        who = self.decided_by_user.get_username() if self.decided_by_user else None
+        """For an approver whose decision came too late, and the call page: what happened, in
+        the words of the history ("Denied by alice at 12:03:04: not today.")."""
         if self.status == Status.EXPIRED:
             return "This request expired before a decision; nothing was run."
         if self.status == Status.CANCELLED and self.decided_by == DecidedBy.POLICY:
@@ -304,11 +304,16 @@ class ToolCall(models.Model):
             return "The agent cancelled this request."
         if self.status == Status.BLOCKED:
             return f"Blocked by the policy: {self.error_message}"
-        if self.decided_by == DecidedBy.HUMAN and self.status == Status.DENIED:
-            return f"Already denied by {who}."
         if self.decided_by == DecidedBy.HUMAN:
-            return f"Already approved by {who}."
+            return self.human_decision()
         return f"This request is {self.get_status_display().lower()}."
+
+    def human_decision(self):
+        """ "Denied by alice at 12:03:04: not today." (the approver's time zone is the site's)."""
+        who = self.decided_by_user.get_username() if self.decided_by_user else "an approver"
+        verb = "Denied" if self.status == Status.DENIED else "Approved"
+        at = timezone.localtime(self.decided_at).strftime("%H:%M:%S")
+        return f"{verb} by {who} at {at}" + (f": {sentence(self.note)}" if self.note else ".")
 
     def deny(self, user, note=""):
         now = timezone.now()
@@ -650,6 +655,12 @@ def _close_request(request, run_here):
         _block(call, refused)
         raise refused
     return _store(call, decision, run_here)
+
+
+def sentence(text):
+    """`text` ending with a full stop unless it already ends a sentence."""
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?", "…")) else text + "."
 
 
 def _canonical(value):

@@ -400,7 +400,7 @@ def test_a_denied_call_says_so_with_the_note(toolgate, agent, ask):
 
     result = run(go)
     assert result.is_error is True
-    assert text_of(result) == "Denied by alice: not today The tool was not run."
+    assert text_of(result) == "Denied by alice: not today. The tool was not run."
 
 
 def test_the_hold_ends_as_still_pending_and_a_retry_reattaches(toolgate, agent, ask, settings):

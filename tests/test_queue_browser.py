@@ -150,9 +150,10 @@ def test_two_approvers_racing_end_in_one_decision(chromium, live_server, world):
     assert stored.status in (Status.APPROVED, Status.RUNNING, Status.SUCCEEDED, Status.DENIED)
     who = stored.decided_by_user.username
     winner, loser = (alice_card, bob_card) if who == "alice" else (bob_card, alice_card)
-    verb = "denied" if stored.status == Status.DENIED else "approved"
-    expect(loser.locator(".outcome")).to_contain_text(f"Already {verb} by {who}")
-    expect(winner.locator(".outcome")).not_to_contain_text("Already")
+    verb = "Denied" if stored.status == Status.DENIED else "Approved"
+    other = "bob" if who == "alice" else "alice"
+    expect(loser.locator(".outcome")).to_contain_text(f"{verb} by {who} at ")
+    expect(winner.locator(".outcome")).not_to_contain_text(f"by {other}")
 
 
 def test_a_request_decided_elsewhere_leaves_the_page(chromium, live_server, world):
@@ -162,7 +163,8 @@ def test_a_request_decided_elsewhere_leaves_the_page(chromium, live_server, worl
     card = page.locator(f'[data-call-id="{call["id"]}"]')
     expect(card).to_be_visible()
     ToolCall.objects.get(pk=call["id"]).deny(alice, "from the admin")
-    expect(card.locator(".outcome")).to_contain_text("Already denied by alice")
+    expect(card.locator(".outcome")).to_contain_text("Denied by alice at ")
+    expect(card.locator(".outcome")).to_contain_text("from the admin.")
 
 
 def test_pages_run_under_the_strict_csp_without_violations(chromium, live_server, world):

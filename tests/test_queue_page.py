@@ -1,6 +1,6 @@
 """The approvers' queue page and history, through the test client."""
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.contrib.auth.models import Group, Permission, User
@@ -151,7 +151,8 @@ def test_a_second_decision_sees_who_decided(client, approver):
         headers={"Accept": "application/json"},
     )
     assert response.status_code == 409
-    assert response.json()["message"] == "Already denied by bob."
+    at = timezone.localtime(ToolCall.objects.get(pk=call.pk).decided_at).strftime("%H:%M:%S")
+    assert response.json()["message"] == f"Denied by bob at {at}: no."
     assert ToolCall.objects.get(pk=call.pk).status == Status.DENIED
 
 
@@ -235,6 +236,22 @@ def test_the_call_state_shows_the_outcome(client, approver):
     assert client.get(f"/approvals/{call.pk}/state").json() == {
         "status": "succeeded", "final": True, "outcome": "Succeeded: sent"
     }  # fmt: skip
+
+
+def test_the_call_state_of_a_denied_call_says_who_when_and_why(client, approver, settings):
+    settings.TIME_ZONE = "Europe/Paris"
+    server, tool, agent = make_world()
+    call = pending(agent, server, tool)
+    call.deny(User.objects.create_user("bob"), "not today")
+    ToolCall.objects.filter(pk=call.pk).update(
+        decided_at=datetime(2026, 3, 2, 11, 3, 4, tzinfo=UTC)  # 12:03:04 in Paris
+    )
+    outcome = client.get(f"/approvals/{call.pk}/state").json()["outcome"]
+    assert outcome == "Denied by bob at 12:03:04: not today."
+    assert (
+        "Denied by bob at 12:03:04: not today."
+        in client.get(f"/approvals/{call.pk}/").content.decode()
+    )
 
 
 def test_history_shows_decisions_filters_and_pages(client, approver, settings):

@@ -14,7 +14,7 @@ import re
 
 from mcp.shared.tool_name_validation import TOOL_NAME_REGEX
 
-from approvals.models import Status
+from approvals.models import Status, sentence
 from approvals.policy import tools_for_agent
 
 SEPARATOR = "__"
@@ -99,7 +99,7 @@ def _warning_text(warnings):
 def outcome_message(call):
     """What happened to a call that has no tool result, in words for the agent's model."""
     who = call.decided_by_user.get_username() if call.decided_by_user_id else "a human"
-    note = f": {call.note}" if call.note else "."
+    note = f": {sentence(call.note)}" if call.note else "."
     messages = {
         Status.DENIED: f"Denied by {who}{note} The tool was not run.",
         Status.EXPIRED: "No human decided in time; the request expired and the tool was not run.",
