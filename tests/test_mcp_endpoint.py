@@ -2,6 +2,7 @@
 against a live Toolgate (tests/mcp_live.py) in front of real upstream servers."""
 
 import contextlib
+import json
 import threading
 from typing import Any, Literal
 
@@ -313,6 +314,60 @@ def test_unknown_tools_and_bad_arguments_are_invalid_params(toolgate, agent, kin
     assert invalid.code == types.INVALID_PARAMS and invalid.data["details"]
     # Both refused requests stay in the audit as blocked calls.
     assert list(ToolCall.objects.values_list("status", flat=True)) == [Status.BLOCKED] * 2
+
+
+@pytest.mark.integration  # repeated on PostgreSQL, which refuses NUL in text columns
+def test_names_and_arguments_the_json_api_would_refuse_are_invalid_params(toolgate, agent):
+    async def go():
+        errors = []
+        async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token) as client:
+            for name, arguments in [("ec\x00ho", {}), ("echo", {"text": "a\x00b"})]:
+                with pytest.raises(MCPError) as refused:
+                    await client.call_tool(name, arguments)
+                errors.append(refused.value.error)
+        return errors
+
+    nul_name, nul_text = run(go)
+    assert nul_name.code == nul_text.code == types.INVALID_PARAMS
+    assert "\\u0000" in nul_name.message and "\\u0000" in nul_text.message
+    assert not ToolCall.objects.exists()
+
+
+def _raw_call(toolgate, agent, arguments_json):
+    """A 2026-07-28 `tools/call` of echo as raw JSON (what no SDK client would serialise)."""
+    body = (
+        '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":'
+        + arguments_json
+        + ',"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",'
+        '"io.modelcontextprotocol/clientInfo":{"name":"raw","version":"1"},'
+        '"io.modelcontextprotocol/clientCapabilities":{}}}}'
+    )
+    headers = {
+        "Authorization": f"Bearer {agent.token}", "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2026-07-28",
+        "Mcp-Method": "tools/call", "Mcp-Name": "echo",
+    }  # fmt: skip
+    response = httpx2.post(f"{toolgate.base_url}/mcp/demo/", headers=headers, content=body)
+    data = [line for line in response.text.splitlines() if line.startswith("data:")]
+    return json.loads(data[-1][5:] if data else response.text)
+
+
+def test_huge_numbers_surrogates_and_deep_nesting_are_invalid_params(toolgate, agent):
+    deep = '{"text":"x","more":' + "[" * 300 + "]" * 300 + "}"
+    for arguments in ('{"text":"x","n":1e999}', '{"text":"\\ud800"}', deep):
+        answer = _raw_call(toolgate, agent, arguments)
+        assert answer["error"]["code"] == types.INVALID_PARAMS, answer
+        assert "valid JSON, but" in answer["error"]["message"]
+    assert not ToolCall.objects.exists()
+
+
+def test_a_body_over_the_json_apis_limit_is_refused_with_413(toolgate, agent, settings):
+    headers = {"Authorization": f"Bearer {agent.token}",
+               "Accept": "application/json, text/event-stream"}  # fmt: skip
+    body = b"x" * (settings.API_MAX_BODY_BYTES + 1)  # the SDK's own limit is 4 MiB
+    for path in ("/mcp/demo/", "/mcp/demo/messages/?session_id=0"):
+        response = httpx2.post(f"{toolgate.base_url}{path}", headers=headers, content=body)
+        assert response.status_code == 413, path
 
 
 def test_a_disabled_tool_is_absent_and_refused(toolgate, agent, demo):

@@ -12,7 +12,8 @@ Before the SDK sees a request: the agent's token (`Authorization: Bearer …`, 4
 server that doesn't exist, is disabled or is not the agent's: the same 404), the per-agent
 rate limit of the JSON API (429 with `Retry-After`, and a JSON-RPC error body, which MCP
 clients hand to the caller of the request instead of a bare "error response"), and the
-agent's last use. The SDK's
+agent's last use. Bodies are capped at the JSON API's `API_MAX_BODY_BYTES` (413), not the
+SDK's 4 MiB. The SDK's
 transports then check Host and Origin (DNS-rebinding protection, from ALLOWED_HOSTS and
 MCP_ALLOWED_ORIGINS) and serve both protocol eras: Streamable HTTP sessions of the
 `initialize` handshake (owned by the agent and endpoint that opened them: another token or
@@ -82,14 +83,20 @@ class McpApp:
     def __init__(self):
         self.server = ToolgateServer()
         self.manager = None
-        self.sse = SseServerTransport("/messages/", security_settings=transport_security())
+        self.sse = SseServerTransport(
+            "/messages/",
+            security_settings=transport_security(),
+            max_request_body_size=settings.API_MAX_BODY_BYTES,
+        )
 
     @contextlib.asynccontextmanager
     async def running(self):
         """Run a session manager (one per lifespan: the SDK's can't be restarted) and the
         tool-list watcher."""
         self.manager = StreamableHTTPSessionManager(
-            app=self.server, security_settings=transport_security()
+            app=self.server,
+            security_settings=transport_security(),
+            max_request_body_size=settings.API_MAX_BODY_BYTES,  # the JSON API's (413 over it)
         )
         # Nested, not one `async with`: the watcher stops before the session manager does.
         calls.PROCESS.stopping = False

@@ -11,8 +11,9 @@ The request goes through the one request path (`arequest_tool_call`: the policy,
   is not final re-attaches to it instead of queueing a second request. A held request that
   is cancelled (`notifications/cancelled`, or the client going away) cancels its pending
   call; one ended by the web process shutting down doesn't.
-- refused: `-32602` (invalid params) for an unknown, disabled or unavailable tool and for
-  arguments that fail the tool's schema; an `isError` result with the reason for anything
+- refused: `-32602` (invalid params) for an unknown, disabled or unavailable tool, for
+  arguments that fail the tool's schema, and for a name or arguments the JSON API would refuse
+  as unstorable (`approvals.api.unstorable`); an `isError` result with the reason for anything
   else the policy refuses.
 """
 
@@ -25,6 +26,7 @@ from django.conf import settings
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
+from approvals.api import unstorable
 from approvals.mcp import tasks, tools
 from approvals.models import Refused, Status, ToolCall, arequest_tool_call
 from approvals.policy import Code
@@ -46,8 +48,9 @@ class PROCESS:
 
 
 async def call_tool(ctx, caller, params):
-    server_name, tool_name = await _target(caller, params.name)
     arguments = params.arguments or {}
+    _check_storable(params.name, arguments)
+    server_name, tool_name = await _target(caller, params.name)
     try:
         call, created = await _request(caller.agent, server_name, tool_name, arguments)
     except Refused as refused:
@@ -64,6 +67,14 @@ async def call_tool(ctx, caller, params):
     if wants_task:
         return tasks.created(call, modern=True)
     return await _hold(ctx, call)
+
+
+def _check_storable(name, arguments):
+    """The JSON API's bounds on its body (NUL, unpaired surrogates, 1e999, depth), before
+    anything reaches the database: PostgreSQL refuses NUL in text, json.dumps inf."""
+    problem = unstorable({"name": name, "arguments": arguments})
+    if problem:
+        raise MCPError(code=INVALID_PARAMS, message=f"The tool call is valid JSON, but {problem}.")
 
 
 async def _target(caller, name):
