@@ -76,16 +76,20 @@ def _wait_seconds(request):
     return seconds
 
 
+def decision_json(call):
+    """Who decided the call, when, with which note, and whether they edited the arguments."""
+    if not call.decided_by:
+        return None
+    return {
+        "by": call.decided_by,
+        "user": call.decided_by_user.get_username() if call.decided_by_user else None,
+        "note": call.note,
+        "at": _time(call.decided_at),
+        "edited": call.edited,
+    }
+
+
 def call_json(call):
-    decision = None
-    if call.decided_by:
-        decision = {
-            "by": call.decided_by,
-            "user": call.decided_by_user.get_username() if call.decided_by_user else None,
-            "note": call.note,
-            "at": _time(call.decided_at),
-            "edited": call.edited,
-        }
     result = None
     if call.status == Status.SUCCEEDED:
         result = {
@@ -100,7 +104,7 @@ def call_json(call):
         "server": call.server_name,
         "tool": call.tool_name,
         "arguments": call.arguments,  # those that ran, when an approver edited them
-        "decision": decision,
+        "decision": decision_json(call),
         "reasons": call.reasons,
         "result": result,
         "warnings": call.warnings,

@@ -11,6 +11,8 @@ import httpx2
 import mcp
 import mcp_types as types
 import pytest
+from django.contrib.auth.models import User
+from django.test import Client as DjangoClient
 from mcp.client.extension import ClientExtension, ResultClaim
 from mcp.shared.exceptions import MCPError
 from pydantic import TypeAdapter
@@ -455,7 +457,65 @@ def test_a_denied_call_says_so_with_the_note(toolgate, agent, ask):
 
     result = run(go)
     assert result.is_error is True
-    assert text_of(result) == "Denied by alice: not today. The tool was not run."
+    assert text_of(result) == (
+        "Denied by alice: not today. The tool was not run. "
+        "Why it needed a human: The server's mode is Always Ask."
+    )
+    call = result.meta["toolgate/call"]
+    assert call["decision"]["user"] == "alice" and call["decision"]["note"] == "not today"
+    assert call["reasons"] == ToolCall.objects.get().reasons
+
+
+def approve_with_edits_and_run(arguments):
+    """An approver edits the arguments and approves; the call then runs here, as a worker would."""
+    call = wait_until(lambda: ToolCall.objects.filter(status=Status.PENDING_APPROVAL).first(), 30)
+    browser = DjangoClient()
+    browser.force_login(User.objects.create_superuser("alice", password="pw-alice-123"))
+    response = browser.post(
+        f"/approvals/{call.pk}/decide", {"decision": "approve", "arguments": json.dumps(arguments)}
+    )
+    assert response.status_code == 302
+    ToolCall.objects.get(pk=call.pk).run()
+
+
+def test_an_edited_approval_tells_the_agent_what_ran(toolgate, agent, ask):
+    async def go():
+        url = f"{toolgate.base_url}/mcp/demo/"
+        async with connect(url, agent.token) as client, anyio.create_task_group() as group:
+            group.start_soon(in_thread, approve_with_edits_and_run, {"text": "edited"})
+            return await client.call_tool("echo", {"text": "as sent"})
+
+    result = run(go)
+    assert result.is_error is False
+    ran, note = [block.text for block in result.content]
+    assert ran == "edited"
+    assert note.startswith("Toolgate: alice edited the arguments before approving.")
+    assert note.endswith('not the ones you sent: {"text": "edited"}')
+    call = result.meta["toolgate/call"]
+    assert call["edited"] is True and call["decision"]["edited"] is True
+    assert call["arguments"] == {"text": "edited"}
+    assert call["reasons"] == ToolCall.objects.get().reasons
+
+
+def test_a_call_the_policy_cancelled_says_why(toolgate, agent, ask):
+    def deactivate_when_pending():
+        wait_until(lambda: ToolCall.objects.filter(status=Status.PENDING_APPROVAL).exists(), 30)
+        agent.is_active = False
+        agent.save()  # cancels the agent's pending calls, with the reason
+
+    async def go():
+        url = f"{toolgate.base_url}/mcp/demo/"
+        async with connect(url, agent.token) as client, anyio.create_task_group() as group:
+            group.start_soon(in_thread, deactivate_when_pending)
+            return await client.call_tool("echo", {"text": "x"})
+
+    result = run(go)
+    assert result.is_error is True
+    assert text_of(result) == (
+        "Cancelled by Toolgate's policy: The agent 'bot' has been deactivated. The tool was not "
+        "run. Why it needed a human: The server's mode is Always Ask."
+    )
+    assert result.meta["toolgate/call"]["decision"]["by"] == "policy"
 
 
 def test_the_hold_ends_as_still_pending_and_a_retry_reattaches(toolgate, agent, ask, settings):
@@ -559,6 +619,25 @@ def test_a_task_can_be_cancelled(toolgate, agent, ask):
     assert created.status == "working"
     assert state["status"] == "cancelled"
     assert ToolCall.objects.get().status == Status.CANCELLED
+
+
+def test_a_task_the_policy_cancelled_says_why(toolgate, agent, ask, mcp_factory):
+    other = add_server("other", mcp_factory(demo_server()).url)
+    agent.servers.add(other)  # the agent keeps a server, so its token still opens /mcp/
+
+    async def go():
+        async with connect(
+            f"{toolgate.base_url}/mcp/", agent.token, "modern", extensions=[Tasks()]
+        ) as client:
+            created = await client.session.call_tool(
+                "demo__echo", {"text": "x"}, allow_claimed=True
+            )
+            await in_thread(agent.servers.remove, ask)  # cancels its pending calls there
+            return await task_request(client.session, types.GetTaskRequest, created.task_id)
+
+    state = run(go)
+    assert state["status"] == "cancelled"
+    assert state["statusMessage"].startswith("Cancelled by Toolgate's policy: The agent 'bot' ")
 
 
 def test_another_agents_task_is_not_found(toolgate, agent, ask):

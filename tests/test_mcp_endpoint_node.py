@@ -112,7 +112,10 @@ def test_a_held_typescript_call_gets_progress_and_the_denial(node_client, toolga
     assert events[1]["progress"]["message"].startswith("Waiting for approval by a human since")
     result = events[-1]["result"]
     assert result["isError"] is True
-    assert result["content"][0]["text"] == "Denied by alice: no deleting. The tool was not run."
+    assert result["content"][0]["text"] == (
+        "Denied by alice: no deleting. The tool was not run. "
+        "Why it needed a human: The server's mode is Always Ask."
+    )
 
 
 @pytest.mark.integration

@@ -24,7 +24,7 @@ from django.conf import settings
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, RequestParams
 
-from approvals.mcp.tools import call_result
+from approvals.mcp.tools import call_result, cancelled_message
 from approvals.models import Status, ToolCall
 from approvals.waiting import wait_until_final
 
@@ -65,7 +65,7 @@ def status_message(call):
         Status.RUNNING: f"Approved by {who}, running.",
         Status.SUCCEEDED: "The tool ran; the result is available.",
         Status.DENIED: f"Denied by {who}; the tool was not run.",
-        Status.CANCELLED: "Cancelled; the tool was not run.",
+        Status.CANCELLED: cancelled_message(call),
     }.get(call.status, call.error_message or call.get_status_display())
 
 

@@ -10,11 +10,13 @@ except through a clash, nor on their order.
 """
 
 import hashlib
+import json
 import re
 
 from mcp.shared.tool_name_validation import TOOL_NAME_REGEX
 
-from approvals.models import Status, sentence
+from approvals.api import decision_json
+from approvals.models import DecidedBy, Status, sentence
 from approvals.policy import tools_for_agent
 
 SEPARATOR = "__"
@@ -72,7 +74,10 @@ def mcp_tool(name, served):
 
 
 def call_result(call):
-    """The `CallToolResult` an agent gets for a call in any status (wire form)."""
+    """The `CallToolResult` an agent gets for a call in any status (wire form). What the JSON
+    API's call object says besides the result (the decision, whether an approver edited the
+    arguments and those that ran, the policy's reasons) is in `_meta`, and in words in the
+    content where the agent's model must not miss it: an edit, and why a call didn't run."""
     if call.status == Status.SUCCEEDED:
         result = {"content": list(call.result_content or []), "isError": bool(call.is_error)}
         if call.structured_content is not None:
@@ -80,12 +85,47 @@ def call_result(call):
         if call.warnings:
             result["content"].append({"type": "text", "text": _warning_text(call.warnings)})
     else:
-        result = {"content": [{"type": "text", "text": outcome_message(call)}], "isError": True}
-    result["_meta"] = {META + "call": {"id": call.pk, "status": call.status}}
+        text = outcome_message(call) + _why(call)
+        result = {"content": [{"type": "text", "text": text}], "isError": True}
+    if call.edited:
+        result["content"].append({"type": "text", "text": _edited_text(call)})
+    result["_meta"] = {META + "call": call_meta(call)}
     if call.warnings:
         result["_meta"][META + "warnings"] = call.warnings
     result["resultType"] = "complete"  # required from 2026-07-28, dropped for older clients
     return result
+
+
+def call_meta(call):
+    """The call as `_meta` carries it: the JSON API's call object but the result (which is the
+    tool result itself) and the arguments the agent sent (those that ran when edited)."""
+    meta = {
+        "id": call.pk,
+        "status": call.status,
+        "decision": decision_json(call),
+        "edited": call.edited,
+        "reasons": call.reasons,
+    }
+    if call.edited:
+        meta["arguments"] = call.arguments
+    return meta
+
+
+def _why(call):
+    """The policy's reasons for a call that didn't run (yet), as a sentence to append."""
+    if call.status in (Status.BLOCKED, Status.FAILED):
+        return ""  # the outcome names the refusal
+    asked = [r["message"] for r in call.reasons if r["code"] != call.error_code]
+    return " Why it needed a human: " + sentence("; ".join(asked)) if asked else ""
+
+
+def _edited_text(call):
+    who = call.decided_by_user.get_username() if call.decided_by_user_id else "An approver"
+    arguments = json.dumps(call.arguments, ensure_ascii=False)
+    return (
+        f"Toolgate: {who} edited the arguments before approving. The tool ran with these "
+        f"arguments, not the ones you sent: {arguments}"
+    )
 
 
 def _warning_text(warnings):
@@ -103,13 +143,21 @@ def outcome_message(call):
     messages = {
         Status.DENIED: f"Denied by {who}{note} The tool was not run.",
         Status.EXPIRED: "No human decided in time; the request expired and the tool was not run.",
-        Status.CANCELLED: "The call was cancelled before a human decided; the tool was not run.",
+        Status.CANCELLED: cancelled_message(call),
         Status.FAILED: f"The call could not be run: {call.error_message}",
         Status.UNKNOWN: "The call was interrupted while running; it may or may not have reached "
         "the server. A human will check; it will not be run again on its own.",
         Status.BLOCKED: f"Refused by the policy: {call.error_message}",
     }
     return messages.get(call.status) or still_pending_message(call)
+
+
+def cancelled_message(call):
+    if call.decided_by == DecidedBy.POLICY:
+        return (
+            f"Cancelled by Toolgate's policy: {sentence(call.error_message)} The tool was not run."
+        )
+    return "The call was cancelled before a human decided; the tool was not run."
 
 
 def still_pending_message(call):
