@@ -18,6 +18,7 @@ from django.db import connection, models, transaction
 from django.db.models import prefetch_related_objects
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 
 from approvals import policy
 from approvals.rules import PolicyRule
@@ -41,6 +42,8 @@ class Status(models.TextChoices):
     BLOCKED = "blocked", "Blocked"
     UNKNOWN = "unknown", "Unknown (worker lost mid-call)"
 
+
+LIVE_STATUSES = [Status.PENDING_APPROVAL, Status.APPROVED, Status.RUNNING]  # may still run
 
 FINAL_STATUSES = {
     Status.SUCCEEDED,
@@ -83,6 +86,16 @@ class ToolCall(models.Model):
         default=0, help_text="Bytes of the arguments' canonical JSON, as requested."
     )
     idempotency_key = models.CharField(max_length=200, blank=True)
+    # A keyed digest of the requested arguments (`arguments_digest`): a retried MCP call is
+    # matched by it without decrypting anything, and it tells nothing without SECRET_KEY.
+    arguments_digest = models.CharField(max_length=64, blank=True, editable=False)
+    handed_back_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="When an MCP client was last told the call is still pending: its repeat of "
+        "the call may then re-attach once, even after the call finished.",
+    )
 
     status = models.CharField(max_length=20, choices=Status, db_index=True)
     decided_by = models.CharField(max_length=10, choices=DecidedBy, blank=True)
@@ -148,14 +161,21 @@ class ToolCall(models.Model):
             models.Index(fields=["finished_at"]),
             models.Index(fields=["decided_at"]),
             models.Index(fields=["agent", "server_name", "tool_name", "requested_at"]),
+            # Re-attaching an MCP client's retry: the agent's calls with these arguments that
+            # are not finished (NULL) or finished within MCP_REATTACH_WINDOW.
+            models.Index(fields=["agent", "arguments_digest", "finished_at"]),
         ]
 
     def __str__(self):
         return f"#{self.pk} {self.server_name}/{self.tool_name} ({self.status})"
 
     def save(self, *args, **kwargs):
-        if self.pk is None and not self.arguments_size:
-            self.arguments_size = limits.canonical_size(self.arguments)
+        if self.pk is None and not (self.arguments_size and self.arguments_digest):
+            canonical = limits.canonical_json(self.arguments).encode()
+            self.arguments_size = self.arguments_size or len(canonical)
+            self.arguments_digest = self.arguments_digest or _digest(
+                self.server_name, self.tool_name, canonical
+            )
         super().save(*args, **kwargs)
 
     @property
@@ -176,20 +196,38 @@ class ToolCall(models.Model):
         return changed == 1
 
     @classmethod
-    def pending_twin(cls, agent, server_name, tool_name, arguments):
-        """The agent's call of this tool with exactly these arguments that went to a human and
-        is not final yet, if any: an MCP client that timed out and retries re-attaches to it
-        instead of queueing a second request for the approvers. (Only calls that waited for a
-        human have an expiry.)"""
-        wanted = _canonical(arguments)
+    def twin_to_reattach(cls, agent, server_name, tool_name, arguments):
+        """The agent's call of this tool, requested with exactly these arguments, that an MCP
+        client's repeat of the call re-attaches to instead of queueing a second request for
+        the approvers (and maybe running the tool twice), or None. That is a call that went to
+        a human (only those have an expiry) and is not finished yet, or one the client was
+        told is still pending (`hand_back`) and that finished within MCP_REATTACH_WINDOW:
+        the repeat gets its outcome, once; a later repeat is a new call. Matched on the
+        requested arguments, so an approver's edit doesn't break it."""
+        since = timezone.now() - timedelta(seconds=settings.MCP_REATTACH_WINDOW)
+        not_finished = models.Q(finished_at__isnull=True, status__in=LIVE_STATUSES)
+        handed_back = models.Q(finished_at__gte=since, handed_back_at__isnull=False)
+        digest = _digest(server_name, tool_name, limits.canonical_json(arguments).encode())
         candidates = cls.objects.filter(
-            agent=agent,
-            server_name=server_name,
-            tool_name=tool_name,
-            status__in=[Status.PENDING_APPROVAL, Status.APPROVED, Status.RUNNING],
-            expires_at__isnull=False,
-        ).order_by("-id")[:50]
-        return next((call for call in candidates if _canonical(call.arguments) == wanted), None)
+            not_finished | handed_back,
+            agent=agent, server_name=server_name, tool_name=tool_name,
+            arguments_digest=digest, expires_at__isnull=False,
+        ).only("pk", "finished_at", "handed_back_at")  # fmt: skip
+        for twin in candidates.order_by("-id")[:10]:
+            # The repeat takes the mark: only the next hand-back makes the call re-attachable
+            # after it finished, and a finished call goes to the one repeat that cleared it.
+            marked = cls.objects.filter(pk=twin.pk, handed_back_at__isnull=False)
+            if twin.finished_at is None:
+                if twin.handed_back_at:
+                    marked.update(handed_back_at=None)
+                return twin
+            if marked.update(handed_back_at=None):
+                return twin
+        return None
+
+    def hand_back(self):
+        """An MCP client is told the call is still pending and to repeat it for the outcome."""
+        ToolCall.objects.filter(pk=self.pk).update(handed_back_at=timezone.now())
 
     @property
     def edited(self):
@@ -477,6 +515,7 @@ class ToolCall(models.Model):
         cutoff = timezone.now() - timedelta(days=days)
         return cls.objects.filter(finished_at__lt=cutoff, purged_at__isnull=True).update(
             arguments={},
+            arguments_digest="",
             requested_arguments=None,
             result_content=None,
             structured_content=None,
@@ -663,8 +702,14 @@ def sentence(text):
     return text if text.endswith((".", "!", "?", "…")) else text + "."
 
 
-def _canonical(value):
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+def _digest(server_name, tool_name, canonical_arguments):
+    """HMAC-SHA256, keyed by SECRET_KEY, of a call's server, tool and canonical arguments:
+    equal for equal requests, and no help in guessing arguments without the key."""
+    value = b"\0".join([server_name.encode(), tool_name.encode(), canonical_arguments])
+    return salted_hmac(DIGEST_SALT, value, algorithm="sha256").hexdigest()
+
+
+DIGEST_SALT = "approvals.ToolCall.arguments_digest"
 
 
 MAX_TOOL_NAME = 128  # the MCP naming rules; longer names are refused at sync

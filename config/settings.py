@@ -432,6 +432,9 @@ AGENT_RATE_LIMIT = _read("AGENT_RATE_LIMIT", _positive(int), 600)  # requests a 
 # after this many seconds: below the usual clients' 60 s request timeout.
 MCP_APPROVAL_HOLD = _read("MCP_APPROVAL_HOLD", _positive(float), 50.0)
 MCP_PROGRESS_INTERVAL = _read("MCP_PROGRESS_INTERVAL", _positive(float), 5.0)
+# After a "still pending" answer, the client's repeat of the call gets the outcome of the call
+# it was told about if that finished at most this many seconds before (once).
+MCP_REATTACH_WINDOW = _read("MCP_REATTACH_WINDOW", _positive(int), 600)
 MCP_LIST_CHANGED_INTERVAL = _read("MCP_LIST_CHANGED_INTERVAL", _positive(float), 5.0)
 # Browser origins allowed to call the endpoint (DNS-rebinding protection); requests without an
 # Origin header (every non-browser client) are allowed. Entries may end in ":*" (any port).

@@ -32,10 +32,14 @@ MAX_PATTERN_BYTES = 1_000  # characters of one `pattern` / `patternProperties` k
 PATTERN_MAX_MEM = 1 << 20  # bytes RE2 may use to compile one of them
 
 
+def canonical_json(value):
+    """The canonical JSON of `value` (the form fingerprints are taken of)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_size(value):
-    """Bytes of the canonical JSON of `value` (the form fingerprints are taken of)."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return len(text.encode())
+    """Bytes of the canonical JSON of `value`."""
+    return len(canonical_json(value).encode())
 
 
 def tool_refusal(definition):

@@ -2,8 +2,10 @@
 against a live Toolgate (tests/mcp_live.py) in front of real upstream servers."""
 
 import contextlib
+import hashlib
 import json
 import threading
+from datetime import timedelta
 from typing import Any, Literal
 
 import anyio
@@ -11,14 +13,18 @@ import httpx2
 import mcp
 import mcp_types as types
 import pytest
+from cryptography.fernet import Fernet
 from django.contrib.auth.models import User
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.test import Client as DjangoClient
+from django.utils import timezone
 from mcp.client.extension import ClientExtension, ResultClaim
 from mcp.shared.exceptions import MCPError
 from pydantic import TypeAdapter
 
 from approvals.mcp import sessions, tools
-from approvals.models import Status, ToolCall
+from approvals.models import Status, ToolCall, request_tool_call
 from integrations.models import Agent, McpServer, ToolApproval
 from tests.conftest import wait_until
 from tests.mcp_live import (
@@ -533,6 +539,126 @@ def test_the_hold_ends_as_still_pending_and_a_retry_reattaches(toolgate, agent, 
     assert "make the same call again" in text_of(first)
     assert first.meta["toolgate/call"] == second.meta["toolgate/call"]
     assert ToolCall.objects.count() == 1
+
+
+def decide_and_run(decision="approve", arguments=None):
+    """An approver decides the one call that waits; an approved call then runs here, as a
+    worker would."""
+    call = ToolCall.objects.get(status=Status.PENDING_APPROVAL)
+    approver = User.objects.create_superuser("alice", password="pw-alice-123")
+    if decision == "deny":
+        return call.deny(approver, "no")
+    assert call.approve(approver, arguments=arguments)
+    ToolCall.objects.get(pk=call.pk).run()
+
+
+def test_a_retry_after_the_call_finished_gets_its_outcome_once(toolgate, agent, ask, settings):
+    settings.MCP_APPROVAL_HOLD = 1.0
+    settings.MCP_PROGRESS_INTERVAL = 0.3
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token) as client:
+            pending = await client.call_tool("echo", {"text": "once"})
+            await in_thread(decide_and_run)
+            outcome = await client.call_tool("echo", {"text": "once"})
+            later = await client.call_tool("echo", {"text": "once"})
+            return pending, outcome, later
+
+    pending, outcome, later = run(go)
+    assert "still waiting for a human" in text_of(pending)
+    assert (outcome.is_error, text_of(outcome)) == (False, "once")
+    assert outcome.meta["toolgate/call"]["id"] == pending.meta["toolgate/call"]["id"]
+    # The outcome went to the one repeat: a later call is a new request, for a human again.
+    assert "still waiting for a human" in text_of(later)
+    assert later.meta["toolgate/call"]["id"] != pending.meta["toolgate/call"]["id"]
+    assert list(ToolCall.objects.order_by("id").values_list("status", flat=True)) == [
+        Status.SUCCEEDED, Status.PENDING_APPROVAL,
+    ]  # fmt: skip
+
+
+def test_a_retry_with_the_requested_arguments_reattaches_after_an_edit(
+    toolgate, agent, ask, settings
+):
+    settings.MCP_APPROVAL_HOLD = 1.0
+    settings.MCP_PROGRESS_INTERVAL = 0.3
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token) as client:
+            await client.call_tool("echo", {"text": "as sent"})
+            await in_thread(decide_and_run, "approve", {"text": "edited"})
+            return await client.call_tool("echo", {"text": "as sent"})
+
+    outcome = run(go)
+    assert outcome.content[0].text == "edited"
+    assert outcome.meta["toolgate/call"]["edited"] is True
+    assert ToolCall.objects.count() == 1
+
+
+def test_a_retry_long_after_the_outcome_is_a_new_call(toolgate, agent, ask, settings):
+    settings.MCP_APPROVAL_HOLD = 1.0
+    settings.MCP_PROGRESS_INTERVAL = 0.3
+
+    def deny_long_ago():
+        decide_and_run("deny")
+        ago = timezone.now() - timedelta(seconds=settings.MCP_REATTACH_WINDOW + 1)
+        ToolCall.objects.update(finished_at=ago)
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token) as client:
+            await client.call_tool("echo", {"text": "x"})
+            await in_thread(deny_long_ago)
+            return await client.call_tool("echo", {"text": "x"})
+
+    late = run(go)
+    assert "still waiting for a human" in text_of(late)
+    assert ToolCall.objects.count() == 2
+
+
+def test_a_retry_is_matched_without_decrypting_other_calls(agent, ask, settings):
+    arguments = {"text": "x" * 1000}
+    call, _ = request_tool_call(agent, "demo", "echo", arguments)
+    request_tool_call(agent, "demo", "echo", {"text": "other"})
+    # With only a new key, no stored arguments can be read: matching must not need them.
+    settings.FIELD_ENCRYPTION_KEYS = [Fernet.generate_key().decode()]
+    assert ToolCall.twin_to_reattach(agent, "demo", "echo", dict(arguments)).pk == call.pk
+    assert ToolCall.twin_to_reattach(agent, "demo", "echo", {"text": "y"}) is None
+    assert ToolCall.twin_to_reattach(agent, "demo", "add", arguments) is None
+
+
+def test_the_arguments_digest_is_keyed(agent, ask, settings):
+    call, _ = request_tool_call(agent, "demo", "echo", {"text": "guessable"})
+    canonical = b'demo\x00echo\x00{"text":"guessable"}'
+    assert call.arguments_digest not in (
+        hashlib.sha256(canonical).hexdigest(), hashlib.sha256(b'{"text":"guessable"}').hexdigest()
+    )  # fmt: skip
+    settings.SECRET_KEY = "another-" + "k" * 50
+    again, _ = request_tool_call(agent, "demo", "echo", {"text": "guessable"})
+    assert again.arguments_digest != call.arguments_digest
+
+
+@pytest.mark.integration
+def test_the_migration_digests_the_calls_a_retry_can_still_reattach_to():
+    executor = MigrationExecutor(connection)
+    others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
+    before = [("approvals", "0009_encrypt_arguments_and_results"), *others]
+    executor.migrate(before)
+    old = executor.loader.project_state(before).apps
+    agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")
+    calls = old.get_model("approvals", "ToolCall").objects
+    expires = timezone.now() + timedelta(minutes=5)
+    fields = {"agent": agent, "server_name": "s", "tool_name": "t", "expires_at": expires}
+    edited = calls.create(
+        **fields, status="approved", arguments={"q": 2}, requested_arguments={"q": 1}
+    )
+    calls.create(**fields, status="denied", arguments={"q": 3}, finished_at=timezone.now())
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+
+    agent = Agent.objects.get(pk=agent.pk)
+    assert ToolCall.twin_to_reattach(agent, "s", "t", {"q": 1}).pk == edited.pk
+    assert ToolCall.twin_to_reattach(agent, "s", "t", {"q": 2}) is None
+    assert ToolCall.objects.filter(arguments_digest="").count() == 1  # the finished one
 
 
 def test_cancelling_a_held_call_cancels_the_request(toolgate, agent, ask):

@@ -7,10 +7,12 @@ The request goes through the one request path (`arequest_tool_call`: the policy,
 - waiting for a human: a task for clients that support tasks; for the others the request is
   held open with a progress notification at once and every MCP_PROGRESS_INTERVAL seconds, for
   at most MCP_APPROVAL_HOLD seconds, then answered with an `isError` result saying the call is
-  still pending. The same agent repeating the same call (same tool, same arguments) while it
-  is not final re-attaches to it instead of queueing a second request. A held request that
-  is cancelled (`notifications/cancelled`, or the client going away) cancels its pending
-  call; one ended by the web process shutting down doesn't.
+  still pending. The same agent repeating the same call (same tool, same requested arguments)
+  re-attaches to it instead of queueing a second request: while it is not final, and once
+  after it finished if the hold ended ("still pending", or a restart) and the repeat comes
+  within MCP_REATTACH_WINDOW seconds of the outcome (`ToolCall.twin_to_reattach`). A held
+  request that is cancelled (`notifications/cancelled`, or the client going away) cancels its
+  pending call; one ended by the web process shutting down doesn't.
 - refused: `-32602` (invalid params) for an unknown, disabled or unavailable tool, for
   arguments that fail the tool's schema, and for a name or arguments the JSON API would refuse
   as unstorable (`approvals.api.unstorable`); an `isError` result with the reason for anything
@@ -88,7 +90,7 @@ async def _target(caller, name):
 
 
 async def _request(agent, server_name, tool_name, arguments):
-    twin = await sync_to_async(ToolCall.pending_twin)(agent, server_name, tool_name, arguments)
+    twin = await sync_to_async(ToolCall.twin_to_reattach)(agent, server_name, tool_name, arguments)
     if twin:
         return twin, False
     # The async request path: its decision (schema, personal data, rules) runs off the thread
@@ -138,6 +140,7 @@ async def _hold(ctx, call):
             await ctx.session.report_progress(step, None, tasks.status_message(call))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                await sync_to_async(call.hand_back)()  # "repeat the call for its outcome"
                 return tools.call_result(call)
             await wait_until_final(call.pk, min(settings.MCP_PROGRESS_INTERVAL, remaining))
             call = await _reload(call)
@@ -145,7 +148,9 @@ async def _hold(ctx, call):
                 return tools.call_result(call)
             step += 1
     except anyio.get_cancelled_exc_class():
-        if not PROCESS.stopping:  # the client cancelled or went away, not a restart
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            if PROCESS.stopping:  # a restart: the client will repeat the call, as if told to
+                await sync_to_async(call.hand_back)()
+            else:  # the client cancelled or went away
                 await sync_to_async(call.cancel)()
         raise

@@ -168,5 +168,6 @@ def still_pending_message(call):
         state = f"was approved and is {call.get_status_display().lower()}"
     return (
         f"Toolgate call {call.pk} {state}. To get its outcome, make the same call again with "
-        "the same arguments: it re-attaches to this request instead of queueing a new one."
+        "the same arguments: it re-attaches to this request instead of queueing a new one, "
+        "and returns the outcome if the call has finished in the meantime."
     )
