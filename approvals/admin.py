@@ -73,6 +73,7 @@ class ToolCallAdmin(admin.ModelAdmin):
         "arguments_json": "arguments_hidden",
         "result_json": "result_hidden",
         "result_warnings": "result_warnings_hidden",  # they may quote the result
+        "error": "error_hidden",  # an upstream's error text can echo the arguments
     }
 
     def get_fieldsets(self, request, obj=None):
@@ -98,6 +99,13 @@ class ToolCallAdmin(admin.ModelAdmin):
     @admin.display(description="Warnings about the result")
     def result_warnings_hidden(self, call):
         return "Shown only to approvers." if call.warnings else "—"
+    @admin.display(description="Error")
+    def error_hidden(self, call):
+        if not call.error_code:
+            return "—"
+        return format_html(
+            "<code>{}</code> (the message is shown only to approvers)", call.error_code
+        )
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         title = f"Tool call #{object_id}" if str(object_id).isdigit() else "Tool call"

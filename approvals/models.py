@@ -23,7 +23,7 @@ from django.utils.crypto import salted_hmac
 from approvals import policy
 from approvals.rules import PolicyRule
 from integrations import limits, mcp_client, scanner
-from integrations.fields import EncryptedJSONField
+from integrations.fields import EncryptedJSONField, EncryptedTextField
 from integrations.models import Agent, McpServer, Tool
 from integrations.queueing import enqueue_on_commit
 
@@ -120,14 +120,15 @@ class ToolCall(models.Model):
     purged_at = models.DateTimeField(
         null=True, blank=True, help_text="When arguments and result were removed (retention)."
     )
-    declined_requests = models.JSONField(
+    # Encrypted too: an elicitation's text and an upstream error can echo the arguments.
+    declined_requests = EncryptedJSONField(
         default=list,
         blank=True,
         help_text="Requests the server made during the call (sampling, elicitation) that "
         "Toolgate declined.",
     )
     error_code = models.CharField(max_length=40, blank=True)
-    error_message = models.TextField(blank=True)
+    error_message = EncryptedTextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
 
     requested_at = models.DateTimeField(default=timezone.now)

@@ -72,7 +72,10 @@ def make_oauth_server():
 
 # A tool call's arguments and result are not credentials: approvers (and superusers) see them,
 # on the audit page as on the approvers' pages. Nobody else does, and no credential is shown.
-CALL_DATA = {marker("requested"), marker("argument"), marker("result"), marker("structured")}
+CALL_DATA = {
+    marker("requested"), marker("argument"), marker("result"), marker("structured"),
+    marker("error"), marker("elicited"),
+}  # fmt: skip
 CALL_PAGE = "/admin/approvals/toolcall/"
 
 
@@ -82,6 +85,7 @@ def make_tool_call():
     server, secrets = make_server("called")
     agent, _ = Agent.create_with_token("bot", [server])
     secrets += [marker("requested"), marker("argument"), marker("result"), marker("structured")]
+    secrets += [marker("error"), marker("elicited")]
     call = ToolCall.objects.create(
         agent=agent,
         server=server,
@@ -89,10 +93,13 @@ def make_tool_call():
         server_name=server.name,
         tool_name="echo",
         status=Status.SUCCEEDED,
-        requested_arguments={"to": secrets[-4]},
-        arguments={"to": secrets[-3]},
-        result_content=[{"type": "text", "text": secrets[-2]}],
-        structured_content={"said": secrets[-1]},
+        requested_arguments={"to": secrets[-6]},
+        arguments={"to": secrets[-5]},
+        result_content=[{"type": "text", "text": secrets[-4]}],
+        structured_content={"said": secrets[-3]},
+        error_code="upstream_error",
+        error_message=f"The server said: bad address {secrets[-2]}",
+        declined_requests=[{"method": "elicitation/create", "message": secrets[-1]}],
     )
     return call, secrets
 

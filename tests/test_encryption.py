@@ -109,6 +109,10 @@ ARGUMENT = "alice-PERSONAL-4242@example.com"
 RESULT = "result-PERSONAL-9191"
 
 
+ERROR = "bad recipient alice-PERSONAL-4242"
+ELICITED = "Confirm the PERSONAL card number 4242"
+
+
 @pytest.fixture
 def call(server):
     from django.utils import timezone
@@ -124,6 +128,8 @@ def call(server):
         agent=agent, server=server, tool=tool, server_name="s", tool_name="send",
         status=Status.SUCCEEDED, arguments={"to": ARGUMENT},
         result_content=[{"type": "text", "text": RESULT}], structured_content={"r": RESULT},
+        error_code="upstream_error", error_message=ERROR,
+        declined_requests=[{"method": "elicitation/create", "message": ELICITED}],
         finished_at=timezone.now(),
     )  # fmt: skip
 
@@ -131,8 +137,8 @@ def call(server):
 def raw_call(call):
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT arguments, result_content, structured_content FROM approvals_toolcall "
-            "WHERE id = %s",
+            "SELECT arguments, result_content, structured_content, error_message, "
+            "declined_requests FROM approvals_toolcall WHERE id = %s",
             [call.pk],
         )
         return " ".join(str(value) for value in cursor.fetchone())
@@ -145,6 +151,20 @@ def test_arguments_and_results_are_stored_encrypted(call):
     call.refresh_from_db()
     assert call.arguments == {"to": ARGUMENT}
     assert call.result_content == [{"type": "text", "text": RESULT}]
+
+
+def test_error_texts_and_declined_requests_are_stored_encrypted(call, client):
+    """An upstream's error and an elicitation's text can echo the arguments."""
+    row = raw_call(call)
+    assert "PERSONAL" not in row and "elicitation" not in row
+    call.refresh_from_db()
+    assert call.error_message == ERROR
+    assert call.declined_requests == [{"method": "elicitation/create", "message": ELICITED}]
+    token = call.agent.rotate_token()
+    answer = client.get(
+        f"/api/v1/tool-calls/{call.pk}", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert answer.json()["error"] == {"code": "upstream_error", "message": ERROR}
 
 
 def test_the_api_queue_and_history_still_show_them(call, client, admin_client):
@@ -289,3 +309,32 @@ def test_the_migration_encrypts_the_warnings_stored_in_clear():
     assert RESULT not in raw(old_call.pk)
     assert ToolCall.objects.get(pk=old_call.pk).warnings == [WARNING]
     assert ToolCall.objects.get(pk=plain.pk).warnings == []
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_encrypts_error_texts_and_declined_requests():
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
+    before = [("approvals", "0010_encrypt_warnings"), *others]
+    executor.migrate(before)
+    old = executor.loader.project_state(before).apps
+    agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")
+    calls = old.get_model("approvals", "ToolCall").objects
+    declined = [{"method": "elicitation/create", "message": ELICITED}]
+    fields = {"agent": agent, "server_name": "s", "tool_name": "t", "status": "failed"}
+    failed = calls.create(**fields, error_code="upstream_error", error_message=ERROR)
+    elicited = calls.create(**fields, declined_requests=declined)
+    plain = calls.create(**fields)
+    assert ERROR in raw_call(failed) and ELICITED in raw_call(elicited)  # in clear before
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+
+    from approvals.models import ToolCall
+
+    assert "PERSONAL" not in raw_call(failed) + raw_call(elicited)
+    assert ToolCall.objects.get(pk=failed.pk).error_message == ERROR
+    assert ToolCall.objects.get(pk=failed.pk).declined_requests == []
+    assert ToolCall.objects.get(pk=elicited.pk).declined_requests == declined
+    assert ToolCall.objects.get(pk=plain.pk).error_message == ""
