@@ -209,12 +209,15 @@ class ToolCall(models.Model):
         not_finished = models.Q(finished_at__isnull=True, status__in=LIVE_STATUSES)
         handed_back = models.Q(finished_at__gte=since, handed_back_at__isnull=False)
         digest = _digest(server_name, tool_name, limits.canonical_json(arguments).encode())
+        # Only the digest index, so that no call's large arguments are read: the digest names
+        # the server and the tool (their columns would steer the planner to the (agent,
+        # server_name, tool_name, …) index), and the few candidates are ordered here (ORDER BY
+        # id would steer it to (agent, id)).
         candidates = cls.objects.filter(
             not_finished | handed_back,
-            agent=agent, server_name=server_name, tool_name=tool_name,
-            arguments_digest=digest, expires_at__isnull=False,
-        ).only("pk", "finished_at", "handed_back_at")  # fmt: skip
-        for twin in candidates.order_by("-id")[:10]:
+            agent=agent, arguments_digest=digest, expires_at__isnull=False,
+        ).only("pk", "finished_at", "handed_back_at").order_by()  # fmt: skip
+        for twin in sorted(candidates[:20], key=lambda call: call.pk, reverse=True):
             # The repeat takes the mark: only the next hand-back makes the call re-attachable
             # after it finished, and a finished call goes to the one repeat that cleared it.
             marked = cls.objects.filter(pk=twin.pk, handed_back_at__isnull=False)
@@ -706,7 +709,8 @@ def sentence(text):
 def _digest(server_name, tool_name, canonical_arguments):
     """HMAC-SHA256, keyed by SECRET_KEY, of a call's server, tool and canonical arguments:
     equal for equal requests, and no help in guessing arguments without the key."""
-    value = b"\0".join([server_name.encode(), tool_name.encode(), canonical_arguments])
+    names = json.dumps([server_name, tool_name]).encode()  # no raw NUL: unambiguous
+    value = names + b"\0" + canonical_arguments
     return salted_hmac(DIGEST_SALT, value, algorithm="sha256").hexdigest()
 
 

@@ -627,7 +627,7 @@ def test_a_retry_is_matched_without_decrypting_other_calls(agent, ask, settings)
 
 def test_the_arguments_digest_is_keyed(agent, ask, settings):
     call, _ = request_tool_call(agent, "demo", "echo", {"text": "guessable"})
-    canonical = b'demo\x00echo\x00{"text":"guessable"}'
+    canonical = b'["demo", "echo"]\x00{"text":"guessable"}'
     assert call.arguments_digest not in (
         hashlib.sha256(canonical).hexdigest(), hashlib.sha256(b'{"text":"guessable"}').hexdigest()
     )  # fmt: skip
