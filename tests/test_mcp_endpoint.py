@@ -640,7 +640,7 @@ def test_the_arguments_digest_is_keyed(agent, ask, settings):
 def test_the_migration_digests_the_calls_a_retry_can_still_reattach_to():
     executor = MigrationExecutor(connection)
     others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
-    before = [("approvals", "0009_encrypt_arguments_and_results"), *others]
+    before = [("approvals", "0010_encrypt_warnings"), *others]
     executor.migrate(before)
     old = executor.loader.project_state(before).apps
     agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")

@@ -68,7 +68,7 @@ def decrypt_call_texts(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("approvals", "0009_encrypt_arguments_and_results"),
+        ("approvals", "0010_encrypt_warnings"),
     ]
 
     operations = [
