@@ -99,6 +99,7 @@ class ToolCallAdmin(admin.ModelAdmin):
     @admin.display(description="Warnings about the result")
     def result_warnings_hidden(self, call):
         return "Shown only to approvers." if call.warnings else "—"
+
     @admin.display(description="Error")
     def error_hidden(self, call):
         if not call.error_code:

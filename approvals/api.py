@@ -6,8 +6,6 @@ approvals/waiting.py). The database work is plain Django code run through `sync_
 """
 
 import json
-import math
-import re
 from functools import wraps
 
 from asgiref.sync import sync_to_async
@@ -21,6 +19,7 @@ from approvals.models import Refused, Status, ToolCall, arequest_tool_call
 from approvals.policy import tools_for_agent
 from approvals.running import run_here
 from approvals.waiting import wait_until_final
+from integrations.limits import MAX_BODY_DEPTH, unstorable  # noqa: F401 - MAX_BODY_DEPTH for tests
 
 
 def error(status, code, message, **extra):
@@ -237,27 +236,3 @@ def _parse(request):
 
 def _no_constants(name):
     raise ValueError(f"{name} is not valid JSON")
-
-
-MAX_BODY_DEPTH = 256  # far below the recursion limit that json.dumps meets when saving
-_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
-
-
-def unstorable(value):
-    """Why the database or a JSON encoder would refuse part of a parsed body, or None: JSON
-    lets through numbers too large for a double (1e999 parses as inf), \\u0000 and unpaired
-    surrogates (\\ud800), and nesting deep enough to exhaust the stack when it is saved."""
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if level > MAX_BODY_DEPTH:
-            return f"it is nested deeper than {MAX_BODY_DEPTH} levels"
-        if isinstance(item, dict):
-            stack.extend((child, level + 1) for child in [*item, *item.values()])
-        elif isinstance(item, list):
-            stack.extend((child, level + 1) for child in item)
-        elif isinstance(item, float) and not math.isfinite(item):
-            return "a number in it is too large (such as 1e999)"
-        elif isinstance(item, str) and _UNSTORABLE_TEXT.search(item):
-            return "a string in it contains \\u0000 or an unpaired surrogate (\\ud800-\\udfff)"
-    return None

@@ -593,7 +593,9 @@ class Refused(Exception):
         self.details = details or None
 
 
-def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key="", run_here=False):
+def request_tool_call(
+    agent, server_name, tool_name, arguments, idempotency_key="", run_here=False, reattach=False
+):
     """Decide a new request by the policy and store it, with the policy's reasons. Returns
     (call, created). The one request path of every entry point; the web process's (JSON API,
     MCP endpoint) is `arequest_tool_call`, the same steps.
@@ -601,16 +603,17 @@ def request_tool_call(agent, server_name, tool_name, arguments, idempotency_key=
     A refused request raises `Refused` and leaves only a `blocked` call behind, for the audit.
     An auto-approved call is enqueued for a worker after commit, unless `run_here`: then the
     caller runs it itself (`await call.arun()`), and the sweeper enqueues it should the caller
-    never claim it.
+    never claim it. With `reattach`, the agent's `twin_to_reattach` of the request, if any, is
+    returned instead of a new call (the MCP endpoint's retries).
     """
-    request = _open_request(agent, server_name, tool_name, arguments, idempotency_key)
+    request = _open_request(agent, server_name, tool_name, arguments, idempotency_key, reattach)
     if request.undecided:
         request.decide()
     return _close_request(request, run_here)
 
 
 async def arequest_tool_call(
-    agent, server_name, tool_name, arguments, idempotency_key="", run_here=False
+    agent, server_name, tool_name, arguments, idempotency_key="", run_here=False, reattach=False
 ):
     """`request_tool_call` for the web process, where all API database work shares one thread
     (config/asgi.py): the decision, whose cost the server's schema, the agent's arguments and
@@ -619,7 +622,7 @@ async def arequest_tool_call(
     from approvals.validation import InvalidArguments, off_the_shared_thread
 
     request = await sync_to_async(_open_request)(
-        agent, server_name, tool_name, arguments, idempotency_key
+        agent, server_name, tool_name, arguments, idempotency_key, reattach
     )
     if request.undecided:
         try:
@@ -661,16 +664,21 @@ def _no_queries():
         yield
 
 
-def _open_request(agent, server_name, tool_name, arguments, idempotency_key):
-    """Look the request up: the call already stored for its idempotency key, or a new call
-    (unsaved) with everything its decision needs loaded, or the refusal found on the way."""
-    too_long = _overlong_name(server_name, tool_name)
-    if too_long:
-        raise too_long  # nothing can match it, and no column is cut to fit it
+def _open_request(agent, server_name, tool_name, arguments, idempotency_key, reattach=False):
+    """Look the request up: the call already stored for its idempotency key (or its pending
+    twin, with `reattach`), or a new call (unsaved) with everything its decision needs loaded,
+    or the refusal found on the way. Checks what was sent before any query uses it."""
+    refused = _unusable_request(server_name, tool_name, arguments)
+    if refused:
+        raise refused  # nothing can match it or store it; no column is cut to fit it
     if idempotency_key:
         existing = ToolCall.objects.filter(agent=agent, idempotency_key=idempotency_key).first()
         if existing:
+            _check_same_request(existing, server_name, tool_name, arguments)
             return _Request(existing, existing=True)
+    twin = reattach and ToolCall.twin_to_reattach(agent, server_name, tool_name, arguments)
+    if twin:
+        return _Request(twin, existing=True)
     server, tool, decision = policy.find_tool(agent, server_name, tool_name)
     call = ToolCall(
         agent=agent,
@@ -686,6 +694,19 @@ def _open_request(agent, server_name, tool_name, arguments, idempotency_key):
         return _Request(call, decision=decision)
     prefetch_related_objects([agent], "servers")
     return _Request(call, rules=policy.applicable_rules(agent, tool))
+
+
+def _check_same_request(call, server_name, tool_name, arguments):
+    """A key names one request: reused for another tool or other arguments, it is refused
+    rather than answered with the first call, which the agent would take for the new one's."""
+    sent = call.requested_arguments if call.edited else call.arguments
+    same = (call.server_name, call.tool_name) == (server_name, tool_name)
+    if not same or limits.canonical_json(sent) != limits.canonical_json(arguments):
+        raise Refused(
+            409, "idempotency_key_reused",
+            f"This idempotency key was already used for another request (call {call.pk}): "
+            "use a new key for a new request.",
+        )  # fmt: skip
 
 
 def _close_request(request, run_here):
@@ -720,7 +741,14 @@ DIGEST_SALT = "approvals.ToolCall.arguments_digest"
 MAX_TOOL_NAME = 128  # the MCP naming rules; longer names are refused at sync
 
 
-def _overlong_name(server_name, tool_name):
+def _unusable_request(server_name, tool_name, arguments):
+    """A request no server, tool or row could take, whatever the entry point (the JSON API,
+    the MCP endpoint): a name too long for its column or the MCP rules, or a name or
+    arguments the database or a JSON encoder would refuse (`limits.unstorable`)."""
+    for what, value in (("server", server_name), ("tool", tool_name), ("arguments", arguments)):
+        problem = limits.unstorable(value)
+        if problem:
+            return Refused(400, "bad_request", f"{what} can't be used: {problem}.")
     server_limit = McpServer._meta.get_field("name").max_length
     if len(server_name) > server_limit:
         return Refused(400, "bad_request", f"server must be at most {server_limit} characters.")
@@ -760,6 +788,7 @@ def _store(call, decision, run_here):
                 agent=call.agent, idempotency_key=call.idempotency_key
             ).first()
             if existing:
+                _check_same_request(existing, call.server_name, call.tool_name, call.arguments)
                 return existing, False
         raise
     if call.status == Status.PENDING_APPROVAL:

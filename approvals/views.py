@@ -17,10 +17,10 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from approvals import policy
-from approvals.api import unstorable
 from approvals.models import DecidedBy, Refused, Status, ToolCall
 from approvals.pii import find_personal_data
 from approvals.rules import ALWAYS_ALLOW_DURATIONS, PolicyRule, same_arguments_condition
+from integrations.limits import unstorable
 from integrations.models import Agent, McpServer
 
 DECIDE = "approvals.decide_toolcall"

@@ -18,6 +18,8 @@ Two kinds of bound:
 
 import functools
 import json
+import math
+import re
 
 import re2
 from django.conf import settings
@@ -248,3 +250,29 @@ def _anchors(schema):
         elif isinstance(value, list):
             stack.extend(value)
     return found
+
+
+MAX_BODY_DEPTH = 256  # far below the recursion limit that json.dumps meets when saving
+_UNSTORABLE_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable(value):
+    """Why the database or a JSON encoder would refuse part of a value an agent sent, or None:
+    JSON lets through numbers too large for a double (1e999 parses as inf), \\u0000 (which
+    PostgreSQL refuses in text and jsonb) and unpaired surrogates (\\ud800, which UTF-8 can't
+    encode), and nesting deep enough to exhaust the stack when it is saved. Checked by the one
+    request path (`approvals.models`) for names and arguments, whatever the entry point."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > MAX_BODY_DEPTH:
+            return f"it is nested deeper than {MAX_BODY_DEPTH} levels"
+        if isinstance(item, dict):
+            stack.extend((child, level + 1) for child in [*item, *item.values()])
+        elif isinstance(item, list):
+            stack.extend((child, level + 1) for child in item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "a number in it is too large (such as 1e999)"
+        elif isinstance(item, str) and _UNSTORABLE_TEXT.search(item):
+            return "a string in it contains \\u0000 or an unpaired surrogate (\\ud800-\\udfff)"
+    return None

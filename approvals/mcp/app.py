@@ -39,6 +39,7 @@ from approvals.agent_auth import agent_for, rate_limited, touch
 from approvals.mcp import calls, sessions
 from approvals.mcp.server import CALLER, Caller, ToolgateServer
 from approvals.policy import agent_refusal
+from integrations.limits import unstorable
 
 PREFIX = "/mcp"
 
@@ -60,7 +61,7 @@ def route(path):
     kind = "http"
     if parts and parts[-1] in ("sse", "messages"):
         kind = parts.pop()
-    if len(parts) > 1:
+    if len(parts) > 1 or (parts and unstorable(parts[0])):  # no query may see a NUL
         return None
     return (parts[0] if parts else ""), kind
 

@@ -14,9 +14,10 @@ The request goes through the one request path (`arequest_tool_call`: the policy,
   request that is cancelled (`notifications/cancelled`, or the client going away) cancels its
   pending call; one ended by the web process shutting down doesn't.
 - refused: `-32602` (invalid params) for an unknown, disabled or unavailable tool, for
-  arguments that fail the tool's schema, and for a name or arguments the JSON API would refuse
-  as unstorable (`approvals.api.unstorable`); an `isError` result with the reason for anything
-  else the policy refuses.
+  arguments that fail the tool's schema and for names or arguments no row could store
+  (`bad_request`: \\u0000, unpaired surrogates, 1e999, over-long names; the same check as the
+  JSON API's, in the one request path); an `isError` result with the reason for anything else
+  the policy refuses.
 """
 
 import contextlib
@@ -28,7 +29,6 @@ from django.conf import settings
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
-from approvals.api import unstorable
 from approvals.mcp import tasks, tools
 from approvals.models import Refused, Status, ToolCall, arequest_tool_call
 from approvals.policy import Code
@@ -51,7 +51,6 @@ class PROCESS:
 
 async def call_tool(ctx, caller, params):
     arguments = params.arguments or {}
-    _check_storable(params.name, arguments)
     server_name, tool_name = await _target(caller, params.name)
     try:
         call, created = await _request(caller.agent, server_name, tool_name, arguments)
@@ -71,14 +70,6 @@ async def call_tool(ctx, caller, params):
     return await _hold(ctx, call)
 
 
-def _check_storable(name, arguments):
-    """The JSON API's bounds on its body (NUL, unpaired surrogates, 1e999, depth), before
-    anything reaches the database: PostgreSQL refuses NUL in text, json.dumps inf."""
-    problem = unstorable({"name": name, "arguments": arguments})
-    if problem:
-        raise MCPError(code=INVALID_PARAMS, message=f"The tool call is valid JSON, but {problem}.")
-
-
 async def _target(caller, name):
     """(server, tool) for a tool name on this endpoint."""
     if caller.scope:
@@ -90,12 +81,11 @@ async def _target(caller, name):
 
 
 async def _request(agent, server_name, tool_name, arguments):
-    twin = await sync_to_async(ToolCall.twin_to_reattach)(agent, server_name, tool_name, arguments)
-    if twin:
-        return twin, False
     # The async request path: its decision (schema, personal data, rules) runs off the thread
-    # all the web process's database work shares.
-    return await arequest_tool_call(agent, server_name, tool_name, arguments, run_here=True)
+    # all the web process's database work shares; a retry re-attaches to its pending twin.
+    return await arequest_tool_call(
+        agent, server_name, tool_name, arguments, run_here=True, reattach=True
+    )
 
 
 def _refusal(refused, name):
@@ -105,6 +95,8 @@ def _refusal(refused, name):
         raise MCPError(
             code=INVALID_PARAMS, message=refused.message, data={"details": refused.details}
         )
+    if refused.code == "bad_request":  # a name or arguments nothing could use: the client's
+        raise MCPError(code=INVALID_PARAMS, message=refused.message)
     return {
         "content": [{"type": "text", "text": f"Refused by Toolgate's policy: {refused.message}"}],
         "isError": True,

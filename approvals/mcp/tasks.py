@@ -115,7 +115,7 @@ def wants_task(ctx, params):
 def _load(agent, raw_id):
     pk = raw_id.removeprefix(PREFIX) if raw_id.startswith(PREFIX) else ""
     call = None
-    if pk.isdigit():
+    if pk.isascii() and pk.isdigit() and len(pk) < 19:  # not "²" (isdigit, int() refuses it)
         call = ToolCall.objects.select_related("decided_by_user").filter(pk=pk, agent=agent).first()
     if call is None:
         raise MCPError(code=INVALID_PARAMS, message=f"Failed to retrieve task: no task {raw_id}.")

@@ -1,0 +1,199 @@
+"""Hostile agents: malformed, mistyped and unstorable requests on the JSON API and the MCP
+endpoint (both Streamable HTTP eras and SSE), sent raw to a live Toolgate. Every one is a
+client fault: an HTTP 4xx or a JSON-RPC error with the right code (never 500 or -32603), and
+nothing stored but the audit's blocked call where the policy refused a real request."""
+
+import json
+
+import httpx2
+import mcp_types as types
+import pytest
+
+from approvals.models import Status, ToolCall
+from integrations.models import Agent
+from tests.mcp_live import add_server
+from tests.mcp_servers import demo_server
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+MODERN = "2026-07-28"
+ENVELOPE = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientInfo": {"name": "hostile", "version": "1"},
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+@pytest.fixture
+def agent(mcp_factory):
+    demo = add_server("demo", mcp_factory(demo_server()).url)
+    agent, token = Agent.create_with_token("bot", servers=[demo])
+    agent.token = token
+    return agent
+
+
+class Raw:
+    """An agent speaking JSON-RPC by hand: 2026-07-28 requests (`modern`), or the handshake era
+    (`legacy`, on a session it opens first)."""
+
+    def __init__(self, base_url, token, era, path="/mcp/demo/"):
+        self.url, self.era = base_url + path, era
+        self.headers = {
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+        }
+        if era == "legacy":
+            self._open_session()
+
+    def _open_session(self):
+        hello = {"protocolVersion": "2025-11-25", "capabilities": {},
+                 "clientInfo": {"name": "hostile", "version": "1"}}  # fmt: skip
+        answer = httpx2.post(self.url, headers=self.headers, json=_request("initialize", hello))
+        assert answer.status_code == 200
+        self.headers["Mcp-Session-Id"] = answer.headers["mcp-session-id"]
+        self.headers["MCP-Protocol-Version"] = "2025-11-25"
+        initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert httpx2.post(self.url, headers=self.headers, json=initialized).status_code == 202
+
+    def send(self, method, params, *, body=None, name=None):
+        """(HTTP status, the JSON-RPC message answered or None). `body` replaces the JSON."""
+        headers = dict(self.headers)
+        if self.era == "modern":
+            params = {**params, "_meta": ENVELOPE}
+            headers.update({"MCP-Protocol-Version": MODERN, "Mcp-Method": method})
+            if name is not None:
+                headers["Mcp-Name"] = name
+        content = body(params) if body else json.dumps(_request(method, params))
+        answer = httpx2.post(self.url, headers=headers, content=content, timeout=30)
+        return answer.status_code, _message(answer)
+
+
+def _request(method, params, request_id=1):
+    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+
+
+def _call_body(name, arguments_json):
+    def body(params):
+        rest = json.dumps({**params, "name": name})[1:-1]
+        params = f'{{{rest},"arguments":{arguments_json}}}'
+        return f'{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{params}}}'
+
+    return body
+
+
+def _message(answer):
+    text = answer.text
+    if answer.headers.get("content-type", "").startswith("text/event-stream"):
+        data = [line[5:] for line in text.splitlines() if line.startswith("data:")]
+        text = data[-1] if data else ""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def assert_client_fault(status, message, code=types.INVALID_PARAMS):
+    assert status < 500
+    assert message["error"]["code"] == code, message
+
+
+UNSTORABLE = ['"\\ud800"', '"a\\u0000b"', '{"a\\u0000": 1}', '["\\udfff"]']
+
+
+@pytest.mark.parametrize("era", ["modern", "legacy"])
+@pytest.mark.parametrize("arguments", UNSTORABLE)
+def test_unstorable_text_in_mcp_arguments_is_invalid_params(toolgate, agent, era, arguments):
+    """An unpaired surrogate crashed the save (-32603); \\u0000 went through here while the
+    JSON API refused it, and PostgreSQL refuses it in text."""
+    raw = Raw(toolgate.base_url, agent.token, era)
+    status, message = raw.send(
+        "tools/call", {}, body=_call_body("echo", f'{{"text": {arguments}}}'), name="echo"
+    )
+    if era == "legacy" and message["error"]["code"] == types.PARSE_ERROR:
+        assert "\\ud" in arguments  # that era's parser refuses a lone surrogate itself
+    else:
+        assert_client_fault(status, message)
+        assert "can't be used" in message["error"]["message"]
+    assert not ToolCall.objects.exists()
+
+
+@pytest.mark.parametrize("era", ["modern", "legacy"])
+@pytest.mark.parametrize("name", ["a" * 129, "ec\u0000ho", "\ud800"])
+def test_an_unusable_tool_name_is_a_client_error(toolgate, agent, era, name):
+    """An over-long name was answered as a policy refusal (`isError`), not as invalid params.
+    A NUL or a lone surrogate may be refused earlier by the SDK (parse error, or an Mcp-Name
+    header that can't match), but never reaches a query or an internal error."""
+    raw = Raw(toolgate.base_url, agent.token, era)
+    header = name if name.isprintable() and name.isascii() else "x"
+    status, message = raw.send("tools/call", {}, body=_call_body(name, "{}"), name=header)
+    expected = [types.INVALID_PARAMS]
+    if not name.isprintable() or not name.isascii():
+        expected += [types.PARSE_ERROR, types.HEADER_MISMATCH]
+    assert status < 500 and message["error"]["code"] in expected, message
+    assert not ToolCall.objects.exists()
+
+
+@pytest.mark.parametrize("path", ["/mcp/de%00mo/", "/mcp/de%00mo/sse", "/mcp/%ED%A0%80/"])
+def test_a_nul_or_junk_in_the_server_name_of_the_url_is_not_found(toolgate, agent, path):
+    headers = {"Authorization": f"Bearer {agent.token}", "Accept": "text/event-stream"}
+    answer = httpx2.post(toolgate.base_url + path, headers=headers, json={}, timeout=10)
+    assert answer.status_code == 404
+
+
+@pytest.mark.parametrize("era", ["modern", "legacy"])
+@pytest.mark.parametrize("task_id", ["toolcall-²", "toolcall-" + "9" * 40, "toolcall--1", "x"])
+def test_a_junk_task_id_is_not_found(toolgate, agent, era, task_id):
+    """ "²" passes str.isdigit() and int() refuses it: that was an internal error."""
+    raw = Raw(toolgate.base_url, agent.token, era)
+    if era == "legacy":
+        status, message = raw.send("tasks/get", {"taskId": task_id})
+        assert_client_fault(status, message)
+        assert "no task" in message["error"]["message"]
+    else:  # modern tasks are read with `tasks/get` of the tasks extension
+        status, message = raw.send("tasks/get", {"taskId": task_id})
+        assert_client_fault(status, message)
+
+
+@pytest.mark.parametrize("era", ["modern", "legacy"])
+def test_malformed_mcp_requests_are_client_errors(toolgate, agent, era):
+    """A sweep of wrong types and shapes: each is answered with a JSON-RPC error that blames
+    the client (or a 4xx), none is an internal error, and no call is stored."""
+    raw = Raw(toolgate.base_url, agent.token, era)
+    attacks = [
+        ("tools/call", {"name": "add", "arguments": [1, 2]}, None),
+        ("tools/call", {"name": "add", "arguments": "a=1"}, None),
+        ("tools/call", {"name": 5, "arguments": {}}, None),
+        ("tools/call", {"arguments": {}}, None),
+        ("tools/call", {"name": "add", "arguments": {}, "task": "now"}, None),
+        ("tasks/get", {"taskId": {"id": 1}}, None),
+        ("tasks/list", {"cursor": {"a": 1}}, None),
+        ("tasks/cancel", {"taskId": 7}, None),
+    ]
+    for method, params, name in attacks:
+        name = params.get("name") if isinstance(params.get("name"), str) else name
+        status, message = raw.send(method, params, name=name)
+        assert status < 500, (method, params)
+        if message is not None:
+            assert message["error"]["code"] != types.INTERNAL_ERROR, (method, params, message)
+    for body in [b"{not json", b"", b"\xff\xfe", b"[]", b"\x1f\x8b\x08\x00"]:
+        answer = httpx2.post(raw.url, headers=raw.headers, content=body, timeout=10)
+        assert 400 <= answer.status_code < 500, body
+    assert not ToolCall.objects.exclude(status=Status.BLOCKED).exists()
+
+
+def test_an_idempotency_key_reused_for_another_request_is_refused(toolgate, agent):
+    """It used to answer 200 with the first call, which the agent took for its new one."""
+    url = toolgate.base_url + "/api/v1/tool-calls"
+    headers = {"Authorization": f"Bearer {agent.token}"}
+    first = {"server": "demo", "tool": "add", "arguments": {"a": 1, "b": 2}, "idempotency_key": "k"}
+    assert httpx2.post(url, headers=headers, json=first).status_code == 201
+    assert httpx2.post(url, headers=headers, json=first).status_code == 200  # a true repeat
+    for other in [
+        {**first, "arguments": {"a": 1000, "b": 2}},
+        {**first, "tool": "echo", "arguments": {"text": "x"}},
+    ]:
+        answer = httpx2.post(url, headers=headers, json=other)
+        assert answer.status_code == 409
+        assert answer.json()["error"]["code"] == "idempotency_key_reused"
+    assert ToolCall.objects.count() == 1
