@@ -197,3 +197,36 @@ def test_an_idempotency_key_reused_for_another_request_is_refused(toolgate, agen
         assert answer.status_code == 409
         assert answer.json()["error"]["code"] == "idempotency_key_reused"
     assert ToolCall.objects.count() == 1
+
+
+@pytest.mark.parametrize("era", ["modern", "legacy"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"jsonrpc": "2.0", "id": {"x": 1}, "method": "tools/list", "params": {}},
+        {"jsonrpc": "2.0", "id": 1.5, "method": "tools/list", "params": {}},
+        {"jsonrpc": "2.0", "id": True, "method": "tools/list", "params": {}},
+        [{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}] * 2,
+        [{"jsonrpc": "2.0", "method": "notifications/initialized"}],
+        [],
+    ],
+)
+def test_bad_ids_and_batches_are_invalid_requests(toolgate, agent, era, body):
+    """The handshake era took a request with an object, float or boolean id for a
+    notification (202, and never an answer) and answered batches as invalid params."""
+    raw = Raw(toolgate.base_url, agent.token, era)
+    status, message = raw.send("tools/list", {}, body=lambda params: json.dumps(body))
+    assert status == 400
+    assert message["error"]["code"] == types.INVALID_REQUEST
+    assert message["id"] is None
+
+
+def test_bad_ids_and_batches_on_an_sse_session_are_invalid_requests(toolgate, agent):
+    headers = {"Authorization": f"Bearer {agent.token}"}
+    with httpx2.stream("GET", toolgate.base_url + "/mcp/demo/sse", headers=headers) as stream:
+        lines = stream.iter_lines()
+        endpoint = next(line[5:].strip() for line in lines if line.startswith("data:"))
+        for body in [{"jsonrpc": "2.0", "id": {"x": 1}, "method": "ping"}, [{"a": 1}]]:
+            answer = httpx2.post(toolgate.base_url + endpoint, headers=headers, json=body)
+            assert answer.status_code == 400
+            assert answer.json()["error"]["code"] == types.INVALID_REQUEST

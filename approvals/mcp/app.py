@@ -25,6 +25,7 @@ import json
 from urllib.parse import parse_qs
 
 import anyio
+import pydantic_core
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
@@ -33,7 +34,12 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.sse import SseServerTransport
 from mcp.server.streamable_http import MCP_SESSION_ID_HEADER
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.transport_security import (
+    DEFAULT_MAX_REQUEST_BODY_SIZE,
+    RequestBodyLimitMiddleware,
+    TransportSecuritySettings,
+)
+from mcp_types import INVALID_REQUEST
 
 from approvals.agent_auth import agent_for, rate_limited, touch
 from approvals.mcp import calls, sessions
@@ -131,6 +137,15 @@ class McpApp:
         await self._serve(scope, receive, send, server_name, kind, headers)
 
     async def _serve(self, scope, receive, send, server_name, kind, headers):
+        if scope["method"] == "POST" and kind != "sse":
+            checked = _Envelope(self._route, server_name, kind, headers)
+            await RequestBodyLimitMiddleware(checked, DEFAULT_MAX_REQUEST_BODY_SIZE)(
+                scope, receive, send
+            )
+        else:
+            await self._route(scope, receive, send, server_name, kind, headers)
+
+    async def _route(self, scope, receive, send, server_name, kind, headers):
         if kind == "messages":
             session_id = "sse:" + (_query(scope, "session_id") or "")
             with sessions.request(session_id, "POST", send) as send:
@@ -150,6 +165,58 @@ class McpApp:
         with contextlib.suppress(ValueError), watch:  # ValueError: refused, and answered
             async with self.sse.connect_sse(scope, receive, watch.send) as (read, write):
                 await self.server.run(read, write, self.server.create_initialization_options())
+
+
+class _Envelope:
+    """The JSON-RPC envelope of a POST, checked before the SDK reads it: handshake-era
+    transports take a request whose `id` is an object, a float or a boolean for a
+    notification (answered 202, never answered again: the client waits forever) and answer a
+    batch with a dump of validation errors as invalid params. Both are invalid requests
+    (-32600), as the 2026-07-28 transport already says. Runs inside the SDK's own body limit,
+    so the body arrives whole and bounded."""
+
+    def __init__(self, app, *args):
+        self.app, self.args = app, args
+
+    async def __call__(self, scope, receive, send):
+        message = await receive()
+        problem = (
+            envelope_problem(message.get("body", b""))
+            if message["type"] == "http.request"
+            else None
+        )
+        if problem:
+            return await _jsonrpc_error(send, INVALID_REQUEST, problem)
+        replayed = [message]
+
+        async def replay():
+            return replayed.pop() if replayed else await receive()
+
+        await self.app(scope, replay, send, *self.args)
+
+
+def envelope_problem(body):
+    """Why a POSTed body is not one JSON-RPC message with a usable id, or None (the SDK
+    answers bodies that aren't JSON itself)."""
+    try:
+        value = pydantic_core.from_json(body)
+    except ValueError:
+        return None
+    if isinstance(value, list):
+        return "Batches are not supported: send one JSON-RPC message per request."
+    if isinstance(value, dict) and "method" in value and "id" in value:
+        request_id = value["id"]
+        if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+            return "A request's id must be a string or an integer."
+    return None
+
+
+async def _jsonrpc_error(send, code, message):
+    body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}})
+    body = body.encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _query(scope, name):
