@@ -487,8 +487,10 @@ async def _call_tool(endpoint, name, arguments, transport, timeout, upstream, po
 
 class _UpstreamRequests:
     """What a server may send Toolgate during a call, besides the result: progress and log
-    notifications (passed on when someone listens), sampling and elicitation requests
-    (declined: Toolgate has no model or user to lend a server)."""
+    notifications (passed on when someone listens, without the server's secrets: message,
+    data and logger name), sampling and elicitation requests (declined: Toolgate has no
+    model or user to lend a server). Roots are not offered (no callback, so the capability
+    isn't advertised) and the SDK refuses a `roots/list` itself."""
 
     def __init__(self, endpoint, on_progress, on_log, on_declined):
         self.endpoint = endpoint
@@ -511,7 +513,8 @@ class _UpstreamRequests:
         await self.on_progress(progress, total, message and self.endpoint.redact(message))
 
     async def log(self, params):
-        await self.on_log(params.level, self._redacted(params.data), params.logger)
+        logger_name = params.logger and self.endpoint.redact(params.logger)
+        await self.on_log(params.level, self._redacted(params.data), logger_name)
 
     def _redacted(self, data):
         """The server's log data without the server's own secrets (it goes to the agent)."""

@@ -1,0 +1,137 @@
+"""Hostile upstream servers seen through a live Toolgate's MCP endpoint: credentials echoed
+in what a server sends while a call runs (progress, log lines and their logger names),
+requests it makes back (roots), and a call that hangs while other agents carry on."""
+
+import json
+import threading
+
+import anyio
+import httpx2
+import mcp_types as types
+import pytest
+from mcp.server import Server
+
+from approvals.models import Status, ToolCall
+from integrations.models import Agent
+from tests.conftest import wait_until
+from tests.mcp_live import add_server
+from tests.mcp_servers import _HandshakeOnly, demo_server
+from tests.test_mcp_endpoint import connect, run, text_of
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+SECRET = "sk-upstream-7Qx9Lm2Vb8Rt4Ws6"  # the server's own token, which it echoes back
+
+
+def echoing_server(release=None):
+    """Echoes its own token everywhere it can while a call runs; asks for the client's roots;
+    `hang` waits until `release` is set (or forever)."""
+
+    async def list_tools(ctx, params):
+        schema = {"type": "object", "properties": {}}
+        names = ["echo_secret", "roots", "hang"]
+        return types.ListToolsResult(tools=[types.Tool(name=n, input_schema=schema) for n in names])
+
+    async def call_tool(ctx, params):
+        if params.name == "echo_secret":
+            await ctx.session.report_progress(1, 2, f"using {SECRET}")
+            await ctx.session.send_log_message(
+                "warning", {"token": SECRET}, logger=f"auth.{SECRET}",
+                related_request_id=ctx.request_id,
+            )  # fmt: skip
+            return types.CallToolResult(content=[types.TextContent(type="text", text=SECRET)])
+        if params.name == "roots":
+            try:
+                roots = await ctx.session.list_roots()
+                answer = f"roots: {roots.roots}"
+            except Exception as exc:
+                answer = f"refused: {exc}"
+            return types.CallToolResult(content=[types.TextContent(type="text", text=answer)])
+        while release is None or not release.is_set():
+            await anyio.sleep(0.05)
+        return types.CallToolResult(content=[types.TextContent(type="text", text="late")])
+
+    return Server("echoing", on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+def add_echoing(mcp_factory, release=None):
+    server = add_server("echoing", mcp_factory(_HandshakeOnly(echoing_server(release))).url)
+    server.secret_token = SECRET
+    server.save()
+    assert server.sync_tools().ok
+    return server
+
+
+def test_credentials_echoed_in_progress_and_logs_reach_no_agent(toolgate, mcp_factory):
+    """The log line's logger name went on to the agent as the server wrote it."""
+    server = add_echoing(mcp_factory)
+    _, token = Agent.create_with_token("bot", servers=[server])
+    received = []
+
+    async def on_progress(value, total, message):
+        received.append(message)
+
+    async def on_log(params):
+        received.append(json.dumps([params.logger, params.data]))
+
+    async def go():
+        url = f"{toolgate.base_url}/mcp/echoing/"
+        async with connect(url, token, logging_callback=on_log) as client:
+            await client.set_logging_level("debug")
+            return await client.call_tool("echo_secret", {}, progress_callback=on_progress)
+
+    result = run(go)
+    assert text_of(result) == "[redacted]"
+    assert len(received) == 2 and all("[redacted]" in item for item in received), received
+    assert SECRET not in json.dumps(received)
+    assert SECRET not in json.dumps(ToolCall.objects.get().result_content)
+
+
+def test_a_servers_request_for_roots_is_refused_and_the_call_goes_on(toolgate, mcp_factory):
+    """Roots aren't advertised to upstreams, and a `roots/list` is refused."""
+    server = add_echoing(mcp_factory)
+    _, token = Agent.create_with_token("bot", servers=[server])
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/echoing/", token) as client:
+            return await client.call_tool("roots", {})
+
+    assert text_of(run(go)) == "refused: List roots not supported"
+    assert ToolCall.objects.get().status == Status.SUCCEEDED
+
+
+def test_a_hanging_upstream_call_stalls_no_other_agent(toolgate, mcp_factory):
+    """While one agent's auto-approved call hangs inside Toolgate's web process, another
+    agent lists and calls tools over MCP and the JSON API."""
+    release = threading.Event()
+    hostile = add_echoing(mcp_factory, release)
+    demo = add_server("demo", mcp_factory(demo_server()).url)
+    _, attacker = Agent.create_with_token("attacker", servers=[hostile])
+    _, honest = Agent.create_with_token("honest", servers=[demo])
+
+    async def hang():
+        async with connect(f"{toolgate.base_url}/mcp/echoing/", attacker) as client:
+            return await client.call_tool("hang", {})
+
+    hanging = threading.Thread(target=run, args=(hang,), daemon=True)
+    hanging.start()
+    wait_until(lambda: ToolCall.objects.filter(status=Status.RUNNING).exists(), 30)
+
+    async def ordinary():
+        async with connect(f"{toolgate.base_url}/mcp/demo/", honest) as client:
+            await client.list_tools()
+            return await client.call_tool("add", {"a": 2, "b": 3})
+
+    try:
+        assert text_of(run(ordinary)) == "5"
+        answer = httpx2.post(
+            f"{toolgate.base_url}/api/v1/tool-calls?wait=30",
+            headers={"Authorization": f"Bearer {honest}"},
+            json={"server": "demo", "tool": "add", "arguments": {"a": 1, "b": 1}},
+            timeout=60,
+        )
+        assert answer.json()["status"] == "succeeded"
+        assert ToolCall.objects.get(tool_name="hang").status == Status.RUNNING
+    finally:
+        release.set()
+        hanging.join(timeout=60)
