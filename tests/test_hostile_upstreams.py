@@ -1,6 +1,7 @@
-"""Hostile upstream servers seen through a live Toolgate's MCP endpoint: credentials echoed
-in what a server sends while a call runs (progress, log lines and their logger names),
-requests it makes back (roots), and a call that hangs while other agents carry on."""
+"""Hostile upstream servers: credentials echoed in what a server sends while a call runs
+(progress, log lines and their logger names) and requests it makes back (roots), seen
+through a live Toolgate's MCP endpoint; a call that hangs while other agents carry on; and
+markup in everything a server says, on every page."""
 
 import json
 import threading
@@ -11,11 +12,11 @@ import mcp_types as types
 import pytest
 from mcp.server import Server
 
-from approvals.models import Status, ToolCall
-from integrations.models import Agent
+from approvals.models import Status, ToolCall, request_tool_call
+from integrations.models import Agent, Tool
 from tests.conftest import wait_until
 from tests.mcp_live import add_server
-from tests.mcp_servers import _HandshakeOnly, demo_server
+from tests.mcp_servers import MutableServer, _HandshakeOnly, demo_server
 from tests.test_mcp_endpoint import connect, run, text_of
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
@@ -135,3 +136,50 @@ def test_a_hanging_upstream_call_stalls_no_other_agent(toolgate, mcp_factory):
     finally:
         release.set()
         hanging.join(timeout=60)
+
+
+XSS = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+
+
+def test_html_from_a_server_is_escaped_on_every_page(mcp_factory, admin_client, admin_user):
+    """A server's descriptions, titles, schema texts and results, and an agent's arguments,
+    carry markup: every page shows it as text, under the strict CSP."""
+    upstream = MutableServer()
+    upstream.add_tool(
+        "lookup", description=f"Looks up. {XSS}",
+        input_schema={"type": "object", "properties": {"q": {"description": XSS}}},
+        annotations=types.ToolAnnotations(title=XSS),
+    )  # fmt: skip
+    server = add_server("html", mcp_factory(upstream).url, mode="always_ask")
+    upstream.change_tool("lookup", description=f"Changed. {XSS}", title=XSS)  # a rug pull
+    assert server.sync_tools().ok
+    tool = Tool.objects.get(server=server, name="lookup")
+    agent, _ = Agent.create_with_token("bot", servers=[server])
+    pending, _ = request_tool_call(agent, "html", "lookup", {"q": XSS})
+    done, _ = request_tool_call(agent, "html", "lookup", {"q": XSS + "!"})
+    assert done.approve(admin_user, note=XSS)
+    ToolCall.objects.get(pk=done.pk).run()
+    assert XSS in json.dumps(ToolCall.objects.get(pk=done.pk).result_content)
+    pages = [
+        "/approvals/", f"/approvals/{pending.pk}/", f"/approvals/{pending.pk}/card",
+        f"/approvals/{done.pk}/", "/approvals/history/", "/approvals/dashboard/",
+        f"/admin/integrations/mcpserver/{server.pk}/change/",
+        f"/admin/integrations/mcpserver/{server.pk}/sync-status/",
+        f"/admin/integrations/tool/{tool.pk}/change/", "/admin/integrations/tool/",
+        f"/admin/approvals/toolcall/{done.pk}/change/", "/admin/approvals/toolcall/",
+    ]  # fmt: skip
+    shown = []
+    for page in pages:
+        response = admin_client.get(page)
+        assert response.status_code == 200, page
+        body = response.content.decode()
+        assert "<script>alert(2)" not in body and "<img src=x" not in body, page
+        if "&lt;script&gt;alert(2)" in body:
+            shown.append(page)
+        if page.endswith("/sync-status/"):
+            fields = "".join(response.json()["fields"].values()) + response.json()["tools_html"]
+            assert "<script>alert(2)" not in fields and "<img src=x" not in fields
+        else:
+            assert "script-src 'self'" in response["Content-Security-Policy"], page
+    # It is there, as text, wherever a page shows what the server or the agent said.
+    assert set(pages) - set(shown) == {"/approvals/dashboard/", "/admin/approvals/toolcall/"}
