@@ -16,7 +16,7 @@ from approvals.models import Status, ToolCall, request_tool_call
 from integrations.models import Agent, Tool
 from tests.conftest import wait_until
 from tests.mcp_live import add_server
-from tests.mcp_servers import MutableServer, _HandshakeOnly, demo_server
+from tests.mcp_servers import MutableServer, _asgi_app_for, _HandshakeOnly, demo_server
 from tests.test_mcp_endpoint import connect, run, text_of
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
@@ -183,3 +183,106 @@ def test_html_from_a_server_is_escaped_on_every_page(mcp_factory, admin_client, 
             assert "script-src 'self'" in response["Content-Security-Policy"], page
     # It is there, as text, wherever a page shows what the server or the agent said.
     assert set(pages) - set(shown) == {"/approvals/dashboard/", "/admin/approvals/toolcall/"}
+
+
+class MisbehavingOnCall:
+    """The demo server, except that every `tools/call` gets `behaviour` instead: the sync goes
+    well, the call doesn't."""
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+
+    def build_asgi_app(self, transport):
+        app = _asgi_app_for(demo_server(), transport)
+
+        async def serve(scope, receive, send):
+            if scope["type"] != "http" or scope["method"] != "POST":
+                return await app(scope, receive, send)
+            message = await receive()
+            if b'"tools/call"' in message.get("body", b""):
+                return await BEHAVIOURS[self.behaviour](scope, receive, send)
+            replayed = [message]
+
+            async def replay():
+                return replayed.pop() if replayed else await receive()
+
+            await app(scope, replay, send)
+
+        return serve
+
+
+async def _respond(send, status=200, headers=(), body=b"", more=False):
+    await send({"type": "http.response.start", "status": status, "headers": list(headers)})
+    await send({"type": "http.response.body", "body": body, "more_body": more})
+
+
+async def _hang(scope, receive, send):
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _hang_mid_stream(scope, receive, send):
+    body = b'event: message\ndata: {"jsonrpc"'
+    await _respond(send, headers=[(b"content-type", b"text/event-stream")], body=body, more=True)
+    await _hang(scope, receive, send)
+
+
+async def _huge_header(scope, receive, send):
+    await _respond(
+        send, headers=[(b"x-big", b"a" * 300_000), (b"content-type", b"application/json")]
+    )
+
+
+async def _broken_stream(scope, receive, send):
+    body = b'event: message\ndata: {"jsonrpc": "2.0", "id"'
+    await _respond(send, headers=[(b"content-type", b"text/event-stream")], body=body, more=True)
+
+
+async def _wrong_id(scope, receive, send):
+    body = json.dumps({"jsonrpc": "2.0", "id": 987654, "result": {"content": []}}).encode()
+    await _respond(send, headers=[(b"content-type", b"application/json")], body=body)
+
+
+async def _not_json(scope, receive, send):
+    await _respond(send, headers=[(b"content-type", b"application/json")], body=b"<html>hi</html>")
+
+
+async def _redirect_to_metadata(scope, receive, send):
+    await _respond(send, 307, [(b"location", b"http://169.254.169.254/latest/meta-data/")])
+
+
+async def _redirect_elsewhere(scope, receive, send):
+    await _respond(send, 307, [(b"location", b"https://example.com/mcp")])
+
+
+async def _error_500(scope, receive, send):
+    await _respond(send, 500, [(b"content-type", b"text/plain")], b"Internal Server Error")
+
+
+BEHAVIOURS = {
+    "hang": _hang, "hang_mid_stream": _hang_mid_stream, "huge_header": _huge_header,
+    "broken_stream": _broken_stream, "wrong_id": _wrong_id, "not_json": _not_json,
+    "redirect_to_metadata": _redirect_to_metadata, "redirect_elsewhere": _redirect_elsewhere,
+    "error_500": _error_500,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("behaviour", sorted(BEHAVIOURS))
+def test_a_call_an_upstream_botches_fails_clearly(toolgate, mcp_factory, settings, behaviour):
+    """Whatever the upstream does with the call, the agent gets an `isError` result saying the
+    call failed (never an internal error), the call is `failed`, and nothing followed a
+    redirect."""
+    settings.MCP_CALL_TIMEOUT = 3
+    settings.MCP_READ_TIMEOUT = 3
+    server = add_server("bad", mcp_factory(MisbehavingOnCall(behaviour)).url)
+    _, token = Agent.create_with_token("bot", servers=[server])
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/bad/", token, "modern") as client:
+            return await client.call_tool("add", {"a": 1, "b": 2})
+
+    result = run(go)
+    assert result.is_error, result
+    assert text_of(result).startswith("The call could not be run:"), text_of(result)
+    call = ToolCall.objects.get()
+    assert call.status == Status.FAILED and call.error_message
