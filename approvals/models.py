@@ -6,12 +6,15 @@ message delivered twice therefore end in exactly one outcome. Work is enqueued o
 transaction commits, and the sweeper re-enqueues approved calls that no worker picked up.
 """
 
+import asyncio
 import json
 import logging
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
+import anyio
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, models, transaction
@@ -618,7 +621,28 @@ async def arequest_tool_call(
     """`request_tool_call` for the web process, where all API database work shares one thread
     (config/asgi.py): the decision, whose cost the server's schema, the agent's arguments and
     the rules' conditions set (schema validation, personal data, CEL), runs on the validation
-    threads instead, bounded by its deadline, so no request waits behind another's."""
+    threads instead, bounded by its deadline, so no request waits behind another's.
+
+    With `reattach`, one agent's requests are looked up and stored one at a time in this
+    process, so identical calls sent at once (a client retrying without waiting, several of its
+    sessions) re-attach to one pending call instead of each queueing one for the approvers.
+    The decision of an agent's calls already runs one at a time (`off_the_shared_thread`)."""
+    if not reattach:
+        return await _arequest(agent, server_name, tool_name, arguments, idempotency_key, run_here)
+    locks = _REATTACH_LOCKS.setdefault(asyncio.get_running_loop(), {})
+    async with locks.setdefault(agent.pk, anyio.Lock()):
+        return await _arequest(
+            agent, server_name, tool_name, arguments, idempotency_key, run_here, reattach=True
+        )
+
+
+# event loop -> {agent pk: the lock its re-attaching requests take}; a lock is bound to a loop
+_REATTACH_LOCKS = weakref.WeakKeyDictionary()
+
+
+async def _arequest(
+    agent, server_name, tool_name, arguments, idempotency_key, run_here, reattach=False
+):
     from approvals.validation import InvalidArguments, off_the_shared_thread
 
     request = await sync_to_async(_open_request)(

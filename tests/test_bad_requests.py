@@ -5,14 +5,16 @@ nothing stored but the audit's blocked call where the policy refused a real requ
 
 import json
 
+import anyio
 import httpx2
 import mcp_types as types
 import pytest
 
 from approvals.models import Status, ToolCall
-from integrations.models import Agent
+from integrations.models import Agent, McpServer
 from tests.mcp_live import add_server
 from tests.mcp_servers import demo_server
+from tests.test_mcp_endpoint import connect, run
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
@@ -230,3 +232,30 @@ def test_bad_ids_and_batches_on_an_sse_session_are_invalid_requests(toolgate, ag
             answer = httpx2.post(toolgate.base_url + endpoint, headers=headers, json=body)
             assert answer.status_code == 400
             assert answer.json()["error"]["code"] == types.INVALID_REQUEST
+
+
+def test_the_same_mcp_call_sent_many_times_at_once_queues_one_request(toolgate, agent, settings):
+    """A client that retries without waiting (or several of its sessions) must not flood the
+    approvers: concurrent identical calls re-attach to one pending call."""
+    settings.MCP_APPROVAL_HOLD = 1.0
+    settings.MCP_PROGRESS_INTERVAL = 0.3
+    McpServer.objects.filter(name="demo").update(approval_mode="always_ask")
+
+    async def one():
+        async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token, "modern") as client:
+            return await client.call_tool("echo", {"text": "same"})
+
+    async def many():
+        results = []
+
+        async def collect():
+            results.append(await one())
+
+        async with anyio.create_task_group() as group:
+            for _ in range(6):
+                group.start_soon(collect)
+        return results
+
+    results = run(many)
+    assert len({result.meta["toolgate/call"]["id"] for result in results}) == 1
+    assert ToolCall.objects.count() == 1
