@@ -259,3 +259,30 @@ def test_the_same_mcp_call_sent_many_times_at_once_queues_one_request(toolgate, 
     results = run(many)
     assert len({result.meta["toolgate/call"]["id"] for result in results}) == 1
     assert ToolCall.objects.count() == 1
+
+
+def test_json_api_ids_tokens_and_bodies_that_are_wrong_are_client_errors(toolgate, agent):
+    """Another agent's call, a call id no column can hold, the token in the query string, a
+    body streamed without a length: each a 4xx, the first two the same 404 as an unknown id."""
+    _, other_token = Agent.create_with_token("other", servers=[])
+    base, mine = toolgate.base_url + "/api/v1", {"Authorization": f"Bearer {agent.token}"}
+    call = httpx2.post(f"{base}/tool-calls", headers=mine, json={"server": "demo", "tool": "add",
+                       "arguments": {"a": 1, "b": 2}}).json()  # fmt: skip
+    theirs = {"Authorization": f"Bearer {other_token}"}
+    answers = [
+        httpx2.get(f"{base}/tool-calls/{call['id']}", headers=theirs),
+        httpx2.post(f"{base}/tool-calls/{call['id']}/cancel", headers=theirs),
+        httpx2.get(f"{base}/tool-calls/{'9' * 30}", headers=mine),
+        httpx2.post(f"{base}/tool-calls/{'9' * 30}/cancel", headers=mine),
+    ]
+    assert [answer.status_code for answer in answers] == [404] * 4
+    assert len({answer.json()["error"]["code"] for answer in answers}) == 1
+    assert httpx2.get(f"{base}/tools?token={agent.token}").status_code == 401
+    assert httpx2.get(f"{base}/tools?access_token={agent.token}").status_code == 401
+
+    def streamed():
+        for _ in range(40):
+            yield b" " * 65536
+
+    answer = httpx2.post(f"{base}/tool-calls", headers=mine, content=streamed())
+    assert answer.status_code == 413
