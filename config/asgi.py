@@ -15,6 +15,7 @@ Two things keep a waiting agent (`?wait=`) down to a coroutine instead of a thre
   attack runs).
 """
 
+import json
 import os
 
 import django
@@ -56,8 +57,66 @@ class ToolgateASGIHandler(ASGIHandler):
             await super().__call__(scope, receive, send)
 
 
-api_application = ApiASGIHandler()
-django_application = ToolgateASGIHandler()
+class BodyLimit:
+    """Django's ASGI handler reads a whole request body before any view runs, spooling it to
+    a temporary file past FILE_UPLOAD_MAX_MEMORY_SIZE, with no limit and before anyone is
+    authenticated: a client streaming gigabytes (no Content-Length needed) filled the disk.
+    A body over `limit()` is answered 413 here without reading the rest (JSON on `/api/`);
+    the JSON API and the forms keep their own, smaller limits below it. The MCP endpoint
+    authenticates first and has the JSON API's limit (approvals/mcp/app.py)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    @staticmethod
+    def limit():
+        return max(settings.API_MAX_BODY_BYTES, settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 0)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit()
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > limit:
+            return await self._too_large(scope, send, limit)
+        body, messages = bytearray(), []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                messages.append(message)
+                break
+            body.extend(message.get("body", b""))
+            if len(body) > limit:
+                return await self._too_large(scope, send, limit)
+            if not message.get("more_body", False):
+                break
+        messages.insert(0, {"type": "http.request", "body": bytes(body), "more_body": False})
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(scope, send, limit):
+        text = f"The request body is larger than {limit} bytes."
+        if scope["path"].startswith("/api/"):
+            text = json.dumps({"error": {"code": "too_large", "message": text}})
+            kind = b"application/json"
+        else:
+            kind = b"text/plain; charset=utf-8"
+        body = text.encode()
+        headers = [
+            (b"content-type", kind),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+api_application = BodyLimit(ApiASGIHandler())
+django_application = BodyLimit(ToolgateASGIHandler())
 static_files = StaticFiles(directory=settings.STATIC_ROOT, check_dir=False)
 STATIC_PREFIX = "/" + settings.STATIC_URL.strip("/") + "/"
 mcp_application = McpApp()

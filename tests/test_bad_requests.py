@@ -3,7 +3,10 @@ endpoint (both Streamable HTTP eras and SSE), sent raw to a live Toolgate. Every
 client fault: an HTTP 4xx or a JSON-RPC error with the right code (never 500 or -32603), and
 nothing stored but the audit's blocked call where the policy refused a real request."""
 
+import contextlib
 import json
+import select
+import socket
 
 import anyio
 import httpx2
@@ -286,3 +289,40 @@ def test_json_api_ids_tokens_and_bodies_that_are_wrong_are_client_errors(toolgat
 
     answer = httpx2.post(f"{base}/tool-calls", headers=mine, content=streamed())
     assert answer.status_code == 413
+
+
+def _send_endless_body(port, path, headers=""):
+    """POST a chunked body that never ends, 64 KiB at a time, until Toolgate answers (it
+    must, long before the body could end); returns the status line, or None if it never did."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
+        for _ in range(3000):  # 200 MB at most
+            if select.select([sock], [], [], 0)[0]:
+                break
+            try:
+                sock.sendall(chunk)
+            except OSError:  # it answered and closed: read what it said
+                break
+        else:
+            return None
+        with contextlib.suppress(OSError):
+            return sock.recv(200).split(b"\r\n")[0].decode()
+        return None
+
+
+@pytest.mark.parametrize("path", ["/api/v1/tool-calls", "/admin/login/", "/approvals/1/decide"])
+def test_an_endless_body_is_refused_before_anyone_is_known(toolgate, path):
+    """Django's handler read whole bodies before any view ran, spooling them to disk without
+    limit: anyone could fill the disk without a token or a login."""
+    assert _send_endless_body(toolgate.port, path) == "HTTP/1.1 413 Request Entity Too Large"
+
+
+def test_an_endless_body_to_the_mcp_endpoint_is_refused(toolgate, agent):
+    status = _send_endless_body(
+        toolgate.port, "/mcp/demo/", f"Authorization: Bearer {agent.token}\r\n"
+    )
+    assert status == "HTTP/1.1 413 Request Entity Too Large"
