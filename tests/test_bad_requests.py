@@ -326,3 +326,35 @@ def test_an_endless_body_to_the_mcp_endpoint_is_refused(toolgate, agent):
         toolgate.port, "/mcp/demo/", f"Authorization: Bearer {agent.token}\r\n"
     )
     assert status == "HTTP/1.1 413 Request Entity Too Large"
+
+
+def test_slow_bodies_stall_no_other_agent(toolgate, agent):
+    """Bodies that trickle in (or stop half-way) on every kind of endpoint, while another
+    agent calls a tool over the JSON API and over MCP."""
+    _, other = Agent.create_with_token("other", servers=McpServer.objects.all())
+    slow = []
+    for path in ["/api/v1/tool-calls", "/mcp/demo/", "/admin/login/", "/mcp/demo/messages/"]:
+        sock = socket.create_connection(("127.0.0.1", toolgate.port), timeout=30)
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {agent.token}\r\n"
+            "Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+            'Content-Length: 100000\r\n\r\n{"server": '.encode()
+        )
+        slow.append(sock)
+    try:
+        answer = httpx2.post(
+            f"{toolgate.base_url}/api/v1/tool-calls?wait=30",
+            headers={"Authorization": f"Bearer {other}"},
+            json={"server": "demo", "tool": "add", "arguments": {"a": 2, "b": 2}},
+            timeout=60,
+        )
+        assert answer.json()["status"] == "succeeded"
+
+        async def over_mcp():
+            async with connect(f"{toolgate.base_url}/mcp/demo/", other, "modern") as client:
+                return await client.call_tool("add", {"a": 3, "b": 3})
+
+        assert run(over_mcp).structured_content == {"result": 6}
+    finally:
+        for sock in slow:
+            sock.close()
