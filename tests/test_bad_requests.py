@@ -358,3 +358,17 @@ def test_slow_bodies_stall_no_other_agent(toolgate, agent):
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_made_up_session_ids_leave_nothing_behind(toolgate, agent):
+    """2026-07-28 requests ignore `Mcp-Session-Id`; one that carried a made-up id each left a
+    session mark in memory until the idle timeout."""
+    from approvals.mcp import sessions
+
+    before = len(sessions._by_id)
+    raw = Raw(toolgate.base_url, agent.token, "modern")
+    for number in range(20):
+        raw.headers["Mcp-Session-Id"] = f"made-up-{number}"
+        status, message = raw.send("tools/list", {})
+        assert status == 200 and "tools" in message["result"]
+    assert len(sessions._by_id) == before

@@ -32,7 +32,7 @@ from django.db import close_old_connections
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.sse import SseServerTransport
-from mcp.server.streamable_http import MCP_SESSION_ID_HEADER
+from mcp.server.streamable_http import MCP_PROTOCOL_VERSION_HEADER, MCP_SESSION_ID_HEADER
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
@@ -40,6 +40,7 @@ from mcp.server.transport_security import (
     TransportSecuritySettings,
 )
 from mcp_types import INVALID_REQUEST
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from approvals.agent_auth import agent_for, rate_limited, touch
 from approvals.mcp import calls, sessions
@@ -152,7 +153,7 @@ class McpApp:
                 await self.sse.handle_post_message(scope, receive, send)
         elif kind == "sse":
             await self._sse(scope, receive, send, server_name)
-        elif MCP_SESSION_ID_HEADER in headers:
+        elif MCP_SESSION_ID_HEADER in headers and not _modern(headers):
             with sessions.request(headers[MCP_SESSION_ID_HEADER], scope["method"], send) as send:
                 await self.manager.handle_request(scope, receive, send)
         else:
@@ -217,6 +218,12 @@ async def _jsonrpc_error(send, code, message):
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 400, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _modern(headers):
+    """A 2026-07-28 request: it has no session, whatever `Mcp-Session-Id` it carries, so none
+    is tracked for it (a made-up id would stay in memory until the idle timeout)."""
+    return headers.get(MCP_PROTOCOL_VERSION_HEADER) in MODERN_PROTOCOL_VERSIONS
 
 
 def _query(scope, name):
