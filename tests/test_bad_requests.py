@@ -372,3 +372,19 @@ def test_made_up_session_ids_leave_nothing_behind(toolgate, agent):
         status, message = raw.send("tools/list", {})
         assert status == 200 and "tools" in message["result"]
     assert len(sessions._by_id) == before
+
+
+def test_another_agent_can_not_end_or_listen_to_a_session(toolgate, agent):
+    """A session id that leaked to another agent (or endpoint) neither ends the session
+    (DELETE) nor opens its stream of server messages (GET): the same 404 as no session."""
+    _, other = Agent.create_with_token("other", servers=McpServer.objects.all())
+    owner = Raw(toolgate.base_url, agent.token, "legacy")
+    session = {k: v for k, v in owner.headers.items() if k != "Authorization"}
+    for token, path in [(other, "/mcp/demo/"), (agent.token, "/mcp/")]:
+        stranger = {**session, "Authorization": f"Bearer {token}"}
+        url = toolgate.base_url + path
+        assert httpx2.delete(url, headers=stranger).status_code == 404
+        with httpx2.stream("GET", url, headers=stranger, timeout=10) as stream:
+            assert stream.status_code == 404
+    status, message = owner.send("tools/list", {})
+    assert status == 200 and message["result"]["tools"]
