@@ -3,6 +3,8 @@
 through a live Toolgate's MCP endpoint; a call that hangs while other agents carry on; and
 markup in everything a server says, on every page."""
 
+import functools
+import gzip
 import json
 import threading
 
@@ -255,6 +257,19 @@ async def _redirect_elsewhere(scope, receive, send):
     await _respond(send, 307, [(b"location", b"https://example.com/mcp")])
 
 
+@functools.cache
+def _bomb():
+    """100 MB of JSON-ish zeros (ten times the response limit) in 100 KB of gzip."""
+    return gzip.compress(b'{"jsonrpc": "2.0", "id": 1, "result": {"content": [' + b"0" * 10**8)
+
+
+async def _gzip_bomb(scope, receive, send):
+    """Compressed although the request asked for identity, and inflating past every limit."""
+    bomb = await anyio.to_thread.run_sync(_bomb)
+    headers = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+    await _respond(send, headers=headers, body=bomb)
+
+
 async def _error_500(scope, receive, send):
     await _respond(send, 500, [(b"content-type", b"text/plain")], b"Internal Server Error")
 
@@ -263,7 +278,7 @@ BEHAVIOURS = {
     "hang": _hang, "hang_mid_stream": _hang_mid_stream, "huge_header": _huge_header,
     "broken_stream": _broken_stream, "wrong_id": _wrong_id, "not_json": _not_json,
     "redirect_to_metadata": _redirect_to_metadata, "redirect_elsewhere": _redirect_elsewhere,
-    "error_500": _error_500,
+    "error_500": _error_500, "gzip_bomb": _gzip_bomb,
 }  # fmt: skip
 
 
