@@ -79,21 +79,20 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > limit:
             return await self._too_large(scope, send, limit)
-        body, messages = bytearray(), []
+        body = bytearray()
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                messages.append(message)
-                break
+                return  # the client went away before its body was complete: nothing to answer
             body.extend(message.get("body", b""))
             if len(body) > limit:
                 return await self._too_large(scope, send, limit)
             if not message.get("more_body", False):
                 break
-        messages.insert(0, {"type": "http.request", "body": bytes(body), "more_body": False})
+        messages = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
         async def replay():
-            return messages.pop(0) if messages else await receive()
+            return messages.pop() if messages else await receive()
 
         await self.app(scope, replay, send)
 

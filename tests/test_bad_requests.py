@@ -388,3 +388,29 @@ def test_another_agent_can_not_end_or_listen_to_a_session(toolgate, agent):
             assert stream.status_code == 404
     status, message = owner.send("tools/list", {})
     assert status == 200 and message["result"]["tools"]
+
+
+def test_a_body_cut_short_by_a_disconnect_reaches_no_view():
+    """Buffering the body must not turn half a form into a whole one: a client that goes away
+    mid-body gets nothing done (Django's own reader raised RequestAborted there)."""
+    from config.asgi import BodyLimit
+
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(await receive())
+
+    async def go():
+        messages = [
+            {"type": "http.request", "body": b"decision=approve&note=half", "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+
+        async def receive():
+            return messages.pop(0)
+
+        scope = {"type": "http", "path": "/approvals/1/decide", "headers": []}
+        await BodyLimit(app)(scope, receive, None)
+
+    anyio.run(go)
+    assert reached == []
