@@ -160,7 +160,8 @@ def test_html_from_a_server_is_escaped_on_every_page(mcp_factory, admin_client, 
     pending, _ = request_tool_call(agent, "html", "lookup", {"q": XSS})
     done, _ = request_tool_call(agent, "html", "lookup", {"q": XSS + "!"})
     assert done.approve(admin_user, note=XSS)
-    ToolCall.objects.get(pk=done.pk).run()
+    ToolCall.objects.get(pk=done.pk).run()  # unless a worker of the session took it first
+    wait_until(lambda: ToolCall.objects.get(pk=done.pk).status == Status.SUCCEEDED, 30)
     assert XSS in json.dumps(ToolCall.objects.get(pk=done.pk).result_content)
     pages = [
         "/approvals/", f"/approvals/{pending.pk}/", f"/approvals/{pending.pk}/card",
