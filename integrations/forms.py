@@ -266,6 +266,17 @@ class McpServerForm(forms.ModelForm):
                 "A client secret is stored; leave blank to keep it. " + field.help_text
             )
 
+    def clean_name(self):
+        """A name is part of the server's MCP URL, `/mcp/<name>/`: the endpoint's own routes
+        (`sse`, `messages`) would shadow it, and a slash would split it."""
+        name = self.cleaned_data["name"].strip()
+        if name in ("sse", "messages") or "/" in name or not name.isprintable():
+            raise ValidationError(
+                f"“{name}” can't be a server name: it must be reachable at /mcp/<name>/, so "
+                "no “/”, no control characters, and not “sse” or “messages”."
+            )
+        return name
+
     def clean_url(self):
         url = self.cleaned_data["url"].strip()
         if not url:

@@ -168,6 +168,11 @@ def test_checkboxes_clear_the_token_and_headers(admin_client):
         ({"headers_text": "Host: evil.example"}, "set by Toolgate"),
         ({"headers_text": "Bad Name: x"}, "not a valid header name"),
         ({"headers_text": "Authorization: Basic abc"}, "Authorization is set by the secret token"),
+        # The endpoint's own routes would shadow these at /mcp/<name>/, or split them.
+        ({"name": "sse"}, "can&#x27;t be a server name"),
+        ({"name": "messages"}, "can&#x27;t be a server name"),
+        ({"name": "crm/tools"}, "can&#x27;t be a server name"),
+        ({"name": "crm\ttools"}, "can&#x27;t be a server name"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_changes_nothing(admin_client, overrides, message):

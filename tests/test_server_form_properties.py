@@ -323,9 +323,11 @@ def headers_texts(draw):
 # ------------------------------------------------------------------------------ the form
 
 
+ODD_NAMES = ["", "   ", "x" * 100, "x" * 101, " x ", "existing", "stored", "a\x00b"]
+ODD_NAMES += ["sse", "messages", "a/b", "a\tb"]  # shadowed or split at /mcp/<name>/
 names = weighted(
     (st.from_regex(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,30}", fullmatch=True), 12),
-    (st.sampled_from(["", "   ", "x" * 100, "x" * 101, " x ", "existing", "stored", "a\x00b"]), 2),
+    (st.sampled_from(ODD_NAMES), 2),
     (st.text(max_size=110), 2),
 )
 choices = {
@@ -373,8 +375,9 @@ def submissions(draw, editing=False):
     taken = {"existing", "stored"} - ({"stored"} if editing else set())
     oks = {
         "name": 0 < len(stripped_name) <= 100
-        and "\x00" not in stripped_name
-        and stripped_name not in taken,
+        and stripped_name.isprintable()  # no NUL or other control character
+        and "/" not in stripped_name  # a server's MCP URL is /mcp/<name>/
+        and stripped_name not in {"sse", "messages", *taken},
         "description": "\x00" not in description,
         "url": url_ok,
         "transport": transport in Transport.values,
