@@ -309,6 +309,8 @@ def test_the_migration_encrypts_the_warnings_stored_in_clear():
     assert RESULT not in raw(old_call.pk)
     assert ToolCall.objects.get(pk=old_call.pk).warnings == [WARNING]
     assert ToolCall.objects.get(pk=plain.pk).warnings == []
+
+
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_the_migration_encrypts_error_texts_and_declined_requests():
