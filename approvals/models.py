@@ -227,9 +227,9 @@ class ToolCall(models.Model):
             if twin.finished_at is None:
                 if twin.handed_back_at:
                     marked.update(handed_back_at=None)
-                return twin
+                return cls.objects.get(pk=twin.pk)  # whole: callers read it in async code
             if marked.update(handed_back_at=None):
-                return twin
+                return cls.objects.get(pk=twin.pk)
         return None
 
     def hand_back(self):
