@@ -227,9 +227,9 @@ class ToolCall(models.Model):
             if twin.finished_at is None:
                 if twin.handed_back_at:
                     marked.update(handed_back_at=None)
-                return cls.objects.get(pk=twin.pk)  # whole: callers read it in async code
+                return twin
             if marked.update(handed_back_at=None):
-                return cls.objects.get(pk=twin.pk)
+                return twin
         return None
 
     def hand_back(self):

@@ -58,8 +58,8 @@ async def call_tool(ctx, caller, params):
         return _refusal(refused, params.name)
     if created and call.status == Status.APPROVED:
         await _run_here(ctx, caller, call)
-    if not call.is_final:  # else `call` is as the run stored it
-        call = await _reload(call)
+    if not created or not call.is_final:  # else `call` is as the run stored it
+        call = await _reload(call)  # a twin re-attached to is read with few of its fields
     wants_task, modern = tasks.wants_task(ctx, params)
     if wants_task and not modern:
         return tasks.created(call, modern=False)  # a 2025-11-25 task request gets a task
