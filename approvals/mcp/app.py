@@ -17,7 +17,9 @@ SDK's 4 MiB. The SDK's
 transports then check Host and Origin (DNS-rebinding protection, from ALLOWED_HOSTS and
 MCP_ALLOWED_ORIGINS) and serve both protocol eras: Streamable HTTP sessions of the
 `initialize` handshake (owned by the agent and endpoint that opened them: another token or
-endpoint gets "Session not found") and the 2026-07-28 stateless requests.
+endpoint gets "Session not found") and the 2026-07-28 stateless requests. On the handshake
+era, JSON-RPC batches (2025-03-26) and malformed messages are dealt with by
+`approvals.mcp.batches` before the SDK sees the request.
 """
 
 import contextlib
@@ -43,7 +45,7 @@ from mcp_types import INVALID_REQUEST
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from approvals.agent_auth import agent_for, rate_limited, touch
-from approvals.mcp import calls, sessions
+from approvals.mcp import batches, calls, sessions
 from approvals.mcp.server import CALLER, Caller, ToolgateServer
 from approvals.policy import agent_refusal
 from integrations.limits import unstorable
@@ -155,9 +157,9 @@ class McpApp:
             await self._sse(scope, receive, send, server_name)
         elif MCP_SESSION_ID_HEADER in headers and not _modern(headers):
             with sessions.request(headers[MCP_SESSION_ID_HEADER], scope["method"], send) as send:
-                await self.manager.handle_request(scope, receive, send)
+                await batches.serve(self.manager.handle_request, scope, receive, send)
         else:
-            await self.manager.handle_request(scope, receive, send)
+            await batches.serve(self.manager.handle_request, scope, receive, send)
 
     async def _sse(self, scope, receive, send, server_name):
         root = f"{PREFIX}/{server_name}" if server_name else PREFIX
