@@ -1,9 +1,11 @@
 """Upstream MCP servers this project didn't write, synced and called through Toolgate: the
 reference server `@modelcontextprotocol/server-everything` (npm, Streamable HTTP and SSE), a
-FastMCP server of the Python SDK 1.x (tests/mcp_py1/server.py), and their calls through the
-JSON API and the MCP endpoint."""
+FastMCP server of the Python SDK 1.x (tests/mcp_py1/server.py), a low-level SDK 2.x server
+with odd but valid features (`odd_server`), and their calls through the JSON API and the MCP
+endpoint."""
 
 import contextlib
+import json
 import os
 import socket
 import time
@@ -12,14 +14,17 @@ from pathlib import Path
 import anyio
 import httpx2
 import mcp
+import mcp_types as types
 import pytest
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server import Server
 
 from approvals.models import Status, ToolCall
 from integrations.models import Agent, McpServer
-from tests.mcp_live import approve_when_pending
+from tests.mcp_live import PNG, WAV, approve_when_pending
+from tests.mcp_servers import _HandshakeOnly
 from tests.test_mcp_compat_python1 import HERE as PY1
-from tests.thirdparty import npm_folder, python_venv, start
+from tests.thirdparty import events_of, npm_folder, python_venv, start
 
 pytestmark = pytest.mark.django_db(transaction=True)
 NODE_TOOLS = Path(__file__).parent / "mcp_node_tools"
@@ -256,3 +261,121 @@ def test_a_fastmcp_1x_elicitation_is_declined_and_audited(fastmcp1, toolgate):
     assert [(entry["method"], entry["message"]) for entry in declined] == [
         ("elicitation/create", "Really?")
     ]
+
+
+LONG = "Reads a file. " + "It reads the whole file, however long, and says how big it was. " * 400
+SIZE_SCHEMA = {"type": "object", "properties": {"size": {"type": "integer"}}, "required": ["size"]}
+
+
+def odd_server():
+    """A low-level SDK 2.x server with odd but valid features: tools listed two a page with
+    cursors, names with dots and dashes, a very long description, output schemas and
+    structured content (one with no other content), annotations on tools and on content,
+    every content type, progress and log messages, and an `isError` result."""
+    schema = {"type": "object", "properties": {"path": {"type": "string"}}}
+    tools = [
+        types.Tool(name="files.read-v2", title="Read a file", description=LONG,
+                   input_schema=schema, output_schema=SIZE_SCHEMA,
+                   annotations=types.ToolAnnotations(read_only_hint=True, idempotent_hint=True)),
+        types.Tool(name="size-only", input_schema=schema, output_schema=SIZE_SCHEMA),
+        types.Tool(name="media", input_schema={"type": "object"}),
+        types.Tool(name="report", input_schema={"type": "object"}),
+        types.Tool(name="broken", input_schema={"type": "object"}),
+    ]  # fmt: skip
+
+    async def list_tools(ctx, params):
+        first = int(params.cursor) if params and params.cursor else 0
+        following = str(first + 2) if first + 2 < len(tools) else None
+        return types.ListToolsResult(tools=tools[first : first + 2], next_cursor=following)
+
+    async def call_tool(ctx, params):
+        text = types.TextContent
+        if params.name == "files.read-v2":
+            return types.CallToolResult(content=[text(type="text", text='{"size": 3}')],
+                                        structured_content={"size": 3})  # fmt: skip
+        if params.name == "size-only":
+            return types.CallToolResult(content=[], structured_content={"size": 7})
+        if params.name == "media":
+            audience = types.Annotations(audience=["user"], priority=0.5)
+            return types.CallToolResult(content=[
+                text(type="text", text="for the user", annotations=audience),
+                types.ImageContent(type="image", data=PNG, mime_type="image/png"),
+                types.AudioContent(type="audio", data=WAV, mime_type="audio/wav"),
+                types.EmbeddedResource(type="resource", resource=types.BlobResourceContents(
+                    uri="file:///b.bin", blob=PNG, mime_type="application/octet-stream")),
+                types.ResourceLink(type="resource_link", uri="https://example.com/r", name="r",
+                                   annotations=audience),
+            ])  # fmt: skip
+        if params.name == "report":
+            for step in (1, 2):
+                await ctx.session.report_progress(step, 2, f"part {step}")
+                await ctx.session.send_log_message("info", {"part": step},
+                                                   related_request_id=ctx.request_id)  # fmt: skip
+            return types.CallToolResult(content=[text(type="text", text="reported")])
+        return types.CallToolResult(content=[text(type="text", text="it broke")], is_error=True)
+
+    return Server("odd", on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+@pytest.fixture(params=["streamable_http", "sse", "handshake-only"])
+def odd(request, mcp_factory):
+    """The odd server as an upstream: over each transport, and as a server that speaks only
+    the older `initialize` handshake."""
+    if request.param == "handshake-only":
+        return add("odd", mcp_factory(_HandshakeOnly(odd_server())).url)
+    return add("odd", mcp_factory(odd_server(), request.param).url, request.param)
+
+
+def test_the_odd_servers_tools_sync_from_every_page(odd):
+    assert not odd.last_error, odd.last_error
+    tools = {tool.name: tool for tool in odd.tools.all()}
+    assert set(tools) == {"files.read-v2", "size-only", "media", "report", "broken"}
+    read = tools["files.read-v2"]
+    assert read.description == LONG and read.title == "Read a file"
+    assert read.output_schema == SIZE_SCHEMA and read.annotations["readOnlyHint"] is True
+
+
+def test_the_odd_servers_calls_come_back_through_the_api(odd, toolgate):
+    _, token = Agent.create_with_token("bot", servers=[odd])
+    read = api_call(toolgate, token, "odd", "files.read-v2", {"path": "/x"})
+    assert read["result"]["structured_content"] == {"size": 3}
+    assert api_call(toolgate, token, "odd", "size-only", {})["result"] == {
+        "content": [], "structured_content": {"size": 7}, "is_error": False,
+    }  # fmt: skip
+    broken = api_call(toolgate, token, "odd", "broken", {})
+    assert broken["status"] == "succeeded" and broken["result"]["is_error"] is True
+
+
+def test_the_odd_servers_calls_come_back_through_the_endpoint(odd, toolgate):
+    _, token = Agent.create_with_token("bot", servers=[odd])
+    read, size, media, report = mcp_calls(toolgate, token, "/mcp/", [
+        ("odd__files.read-v2", {"path": "/x"}), ("odd__size-only", {}), ("odd__media", {}),
+        ("odd__report", {}),
+    ])  # fmt: skip
+    assert read[0]["structuredContent"] == {"size": 3}
+    assert size[0]["structuredContent"] == {"size": 7} and size[0]["content"] == []
+    blocks = media[0]["content"]
+    assert [block["type"] for block in blocks] == [
+        "text", "image", "audio", "resource", "resource_link",
+    ]  # fmt: skip
+    assert blocks[0]["annotations"] == {"audience": ["user"], "priority": 0.5}
+    assert blocks[3]["resource"]["blob"] == PNG and blocks[4]["annotations"]["priority"] == 0.5
+    assert [step[2] for step in report[1]] == ["part 1", "part 2"]
+    assert report[2] == [{"part": 1}, {"part": 2}]
+
+
+def test_the_odd_servers_tools_reach_sdk_1x_agents_which_check_the_output_schema(
+    odd, toolgate, sdk1
+):
+    _, token = Agent.create_with_token("bot", servers=[odd])
+    steps = ["list", {"call": "files.read-v2", "arguments": {"path": "/x"}},
+             {"call": "size-only"}]  # fmt: skip
+    spec = {"url": f"{toolgate.base_url}/mcp/odd/", "token": token, "transport": "http",
+            "protocol": None, "steps": steps}  # fmt: skip
+    events = events_of(start([sdk1, str(PY1 / "client.py"), json.dumps(spec)]))
+    assert "error" not in events[-1], events[-1]
+    listed = {tool["name"]: tool for tool in events[1]["tools"]}
+    assert listed["files.read-v2"]["outputSchema"] == SIZE_SCHEMA
+    assert listed["files.read-v2"]["description"] == LONG
+    results = [event["result"] for event in events if "result" in event]
+    assert [result["structuredContent"] for result in results] == [{"size": 3}, {"size": 7}]
