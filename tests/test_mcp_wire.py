@@ -6,8 +6,9 @@ import json
 import httpx2
 import pytest
 
+from approvals.models import Status, ToolCall
 from integrations.models import Agent
-from tests.mcp_live import add_server
+from tests.mcp_live import add_server, approve_when_pending
 from tests.mcp_servers import demo_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -183,3 +184,65 @@ def test_the_origin_is_validated(toolgate, token, settings, origin, status):
     settings.MCP_ALLOWED_ORIGINS = ["http://127.0.0.1:*"]
     session = Session(f"{toolgate.base_url}/mcp/demo/", token, "2025-06-18")
     assert session.post(_request(1, "ping"), Origin=origin).status_code == status
+
+
+def _held_call_dropped(session, request_id, text):
+    """POST a call that waits for a human, read up to its first progress notification, and
+    drop the connection: the ids of the events seen."""
+    params = {"name": "echo", "arguments": {"text": text}, "_meta": {"progressToken": 1}}
+    body = json.dumps(_request(request_id, "tools/call", params))
+    seen = []
+    with httpx2.stream("POST", session.url, headers=session.headers(), content=body,
+                       timeout=30) as stream:  # fmt: skip
+        for line in stream.iter_lines():
+            if line.startswith("id:"):
+                seen.append(line[3:].strip())
+            if line.startswith("data:") and "notifications/progress" in line:
+                return seen
+    raise AssertionError("the held call's stream ended before its progress notification")
+
+
+def _resumed(session, last_event_id, until, timeout=20):
+    """The JSON-RPC messages a GET with `Last-Event-ID` brings, up to one containing `until`."""
+    headers = session.headers(Accept="text/event-stream", **{"Last-Event-ID": last_event_id})
+    found = []
+    with httpx2.stream("GET", session.url, headers=headers, timeout=timeout) as stream:
+        assert stream.status_code == 200
+        for line in stream.iter_lines():
+            if line.startswith("data:") and line[5:].strip():
+                found.append(json.loads(line[5:]))
+                if until in line:
+                    return found
+    raise AssertionError(f"the resumed stream ended without {until!r}: {found}")
+
+
+@pytest.fixture
+def ask(demo):
+    demo.approval_mode = "always_ask"
+    demo.save()
+
+
+def test_a_client_that_lost_a_held_calls_stream_resumes_it_and_gets_the_answer(
+    toolgate, token, ask
+):
+    session = Session(f"{toolgate.base_url}/mcp/demo/", token, "2025-11-25")
+    seen = _held_call_dropped(session, 3, "resume me")
+    assert ToolCall.objects.get().status == Status.PENDING_APPROVAL  # a lost stream: no cancel
+    approve_when_pending("deny", "not now")
+    answer = _resumed(session, seen[-1], "Denied")[-1]
+    assert answer["id"] == 3
+    assert (
+        answer["result"]["content"][0]["text"] == "Denied by alice: not now The tool was not run."
+    )
+
+
+def test_a_resumed_stream_replays_only_its_own_sessions_events(toolgate, token, ask):
+    url = f"{toolgate.base_url}/mcp/demo/"
+    mine, theirs = Session(url, token, "2025-11-25"), Session(url, token, "2025-11-25")
+    seen = _held_call_dropped(mine, 3, "mine")
+    assert "tools" in theirs.call(3, "tools/list")["result"]  # the same request id, elsewhere
+    approve_when_pending("deny", "")
+    replayed = _resumed(mine, seen[0], "Denied")
+    assert not any("tools" in message.get("result", {}) for message in replayed)
+    with pytest.raises((AssertionError, httpx2.ReadTimeout)):  # nor can another session
+        _resumed(theirs, seen[0], "Denied", timeout=2)

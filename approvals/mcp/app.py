@@ -35,7 +35,6 @@ from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.sse import SseServerTransport
 from mcp.server.streamable_http import MCP_PROTOCOL_VERSION_HEADER, MCP_SESSION_ID_HEADER
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
     RequestBodyLimitMiddleware,
@@ -46,6 +45,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from approvals.agent_auth import agent_for, rate_limited, touch
 from approvals.mcp import batches, calls, sessions
+from approvals.mcp.events import SessionManager
 from approvals.mcp.server import CALLER, Caller, ToolgateServer
 from approvals.policy import agent_refusal
 from integrations.limits import unstorable
@@ -102,8 +102,9 @@ class McpApp:
     @contextlib.asynccontextmanager
     async def running(self):
         """Run a session manager (one per lifespan: the SDK's can't be restarted) and the
-        tool-list watcher."""
-        self.manager = StreamableHTTPSessionManager(
+        tool-list watcher. Each session keeps its recent events, so a client can resume a
+        broken stream (approvals/mcp/events.py)."""
+        self.manager = SessionManager(
             app=self.server,
             security_settings=transport_security(),
             max_request_body_size=settings.API_MAX_BODY_BYTES,  # the JSON API's (413 over it)
