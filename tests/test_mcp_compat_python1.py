@@ -141,3 +141,33 @@ def test_a_session_hears_that_its_tool_list_changed(sdk1, toolgate, token, demo,
     events = events_of(process)
     assert {"notification": "tools/list_changed"} in events
     assert "delete_file" not in {tool["name"] for tool in last(events, "tools")}
+
+
+@pytest.mark.integration
+def test_a_task_waits_for_approval_then_returns_the_result(
+    sdk1, toolgate, token, ask, celery_worker
+):
+    step = {"task": "echo", "arguments": {"text": "by task"}}
+    process = agent_run(sdk1, f"{toolgate.base_url}/mcp/demo/", token, [step])
+    approve_when_pending()
+    events = events_of(process)
+    created = last(events, "taskCreated")
+    assert created["status"] == "working" and created["taskId"].startswith("toolcall-")
+    assert created["statusMessage"].startswith("Waiting for approval by a human since")
+    assert last(events, "taskStatus")["status"] == "completed"
+    assert last(events, "result")["content"] == [{"type": "text", "text": "by task"}]
+
+
+def test_a_denied_task_completes_with_the_note(sdk1, toolgate, token, ask):
+    step = {"task": "delete_file", "arguments": {"path": "/etc"}}
+    process = agent_run(sdk1, f"{toolgate.base_url}/mcp/demo/", token, [step])
+    approve_when_pending("deny", "no")
+    result = last(events_of(process), "result")
+    assert result["isError"] is True and result["content"][0]["text"].startswith("Denied by alice")
+
+
+def test_a_task_can_be_cancelled(sdk1, toolgate, token, ask):
+    step = {"task": "echo", "arguments": {"text": "never"}, "cancel": True}
+    events = events_of(agent_run(sdk1, f"{toolgate.base_url}/mcp/demo/", token, [step]))
+    assert last(events, "taskCancelled")["status"] == "cancelled"
+    assert ToolCall.objects.get().status == Status.CANCELLED

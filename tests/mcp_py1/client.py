@@ -4,7 +4,9 @@ throw-away venv's interpreter (tests/mcp_py1/requirements.txt): never imported b
 Usage: python client.py SPEC-JSON, where SPEC is {"url", "token", "transport": "http" | "sse",
 "protocol": a version to ask for in `initialize` or null for the SDK's latest, "steps": [...]}.
 A step is "list", "ping", {"call": NAME, "arguments": {...}, "progress": bool},
-{"level": LEVEL} or {"wait_list_changed": SECONDS}. Prints one JSON line per event.
+{"task": NAME, "arguments": {...}, "cancel": bool} (2025-11-25 tasks: create, poll, result;
+or cancel at once), {"level": LEVEL} or {"wait_list_changed": SECONDS}. Prints one JSON line
+per event.
 """
 
 import asyncio
@@ -69,6 +71,8 @@ async def run_step(session, step, changed):
         changed.clear()
         out(waiting="tools/list_changed")
         await asyncio.wait_for(changed.wait(), step["wait_list_changed"])
+    elif "task" in step:
+        await run_task(session, step)
     elif "call" in step:
 
         async def on_progress(progress, total, message):
@@ -78,6 +82,22 @@ async def run_step(session, step, changed):
             step["call"], step.get("arguments") or {},
             progress_callback=on_progress if step.get("progress") else None,
         )  # fmt: skip
+        out(result=result.model_dump(by_alias=True, exclude_none=True, mode="json"))
+
+
+async def run_task(session, step):
+    tasks = session.experimental
+    created = await tasks.call_tool_as_task(step["task"], step.get("arguments") or {})
+    task_id = created.task.taskId
+    out(taskCreated=created.task.model_dump(mode="json", exclude_none=True))
+    if step.get("cancel"):
+        cancelled = await tasks.cancel_task(task_id)
+        out(taskCancelled=cancelled.model_dump(mode="json", exclude_none=True))
+        return
+    async for status in tasks.poll_task(task_id):
+        out(taskStatus={"status": status.status, "statusMessage": status.statusMessage})
+    if status.status == "completed":
+        result = await tasks.get_task_result(task_id, mcp.types.CallToolResult)
         out(result=result.model_dump(by_alias=True, exclude_none=True, mode="json"))
 
 
