@@ -8,4 +8,6 @@
   holding the request while a human decides, or answering with a task.
 - `tasks.py`: tool calls as MCP tasks, in the 2025-11-25 and the 2026-07-28 extension forms.
 - `tools.py`: served tools as MCP tools, their names on `/mcp/`, calls as `CallToolResult`s.
+- `batches.py`: JSON-RPC batches (2025-03-26) and malformed bodies, before the SDK sees them.
+- `events.py`: each session's recent events, so a client can resume a broken stream.
 """
