@@ -58,9 +58,12 @@ def test_it_initializes_lists_and_calls_on_each_protocol_version(sdk1, toolgate,
     assert ToolCall.objects.get().status == Status.SUCCEEDED
 
 
-def test_it_works_over_the_legacy_sse_transport(sdk1, toolgate, token):
+@pytest.mark.parametrize("protocol", ["2025-11-25", "2024-11-05"])
+def test_it_works_over_the_legacy_sse_transport(sdk1, toolgate, token, protocol):
     steps = ["list", {"call": "echo", "arguments": {"text": "over sse"}}]
-    events = events_of(agent_run(sdk1, f"{toolgate.base_url}/mcp/demo/sse", token, steps, "sse"))
+    url = f"{toolgate.base_url}/mcp/demo/sse"
+    events = events_of(agent_run(sdk1, url, token, steps, "sse", protocol))
+    assert events[0]["initialized"]["protocolVersion"] == protocol
     assert last(events, "result")["content"] == [{"type": "text", "text": "over sse"}]
 
 
