@@ -1,7 +1,8 @@
 """The MCP endpoint with Node MCP clients this project didn't write (tests/mcp_node_tools/, from
-its lockfile): the TypeScript SDK v2 client (`@modelcontextprotocol/client`, both eras) and
-the MCP Inspector's CLI mode. The v1 SDK (`@modelcontextprotocol/sdk`, its Streamable HTTP
-and SSE client transports) is in tests/test_mcp_endpoint_node.py."""
+its lockfile): the TypeScript SDK v2 client (`@modelcontextprotocol/client`, both eras, and
+2025-11-25 tasks through `@modelcontextprotocol/ext-tasks`) and the MCP Inspector's CLI mode.
+The v1 SDK (`@modelcontextprotocol/sdk`, its Streamable HTTP and SSE client transports) is in
+tests/test_mcp_endpoint_node.py."""
 
 import json
 from pathlib import Path
@@ -173,3 +174,17 @@ def test_the_inspector_cli_is_refused_a_bad_token(node_tools, toolgate, demo):
                                "http", "--method", "tools/list")  # fmt: skip
     # The 401's `WWW-Authenticate: Bearer` makes it look for OAuth, which a headless run refuses.
     assert code != 0 and json.loads(err)["error"]["code"] == "auth_required"
+
+
+def test_the_tasks_extension_package_gets_a_task_and_the_denial(node_tools, toolgate, token, ask):
+    step = {"task": "delete_file", "arguments": {"path": "/etc"}}
+    process = ts_client(node_tools, f"{toolgate.base_url}/mcp/demo/", token, ["list", step])
+    approve_when_pending("deny", "no")
+    events = events_of(process)
+    assert last(events, "execution") == {
+        "kind": "task", "handle": {"taskId": "toolcall-1", "operation": "tools/call"},
+    }  # fmt: skip
+    assert last(events, "outcome")["task"]["statusMessage"].startswith("Denied by alice")
+    result = last(events, "result")
+    assert result["isError"] is True
+    assert result["content"][0]["text"] == "Denied by alice: no The tool was not run."

@@ -1,9 +1,11 @@
 // The TypeScript MCP SDK v2 client (@modelcontextprotocol/client), driven by
 // tests/test_mcp_compat_node.py. Usage: node client.mjs SPEC-JSON, where SPEC is
 // {"url", "token", "transport": "http" | "sse", "mode": "legacy" | "auto" | "2026-07-28", "steps": [...]}
-// and a step is "list", "ping", {"call": NAME, "arguments": {...}}, {"level": LEVEL} or
+// and a step is "list", "ping", {"call": NAME, "arguments": {...}}, {"task": NAME, "arguments": {...}}
+// (through @modelcontextprotocol/ext-tasks, 2025-11-25 tasks), {"level": LEVEL} or
 // {"wait_list_changed": SECONDS}. Prints one JSON line per event; exits 1 with {"error": …}.
 import { Client, SSEClientTransport, StreamableHTTPClientTransport } from "@modelcontextprotocol/client";
+import { createTaskSessionFromClient, resultFromTaskOutcome } from "@modelcontextprotocol/ext-tasks/client";
 
 const spec = JSON.parse(process.argv[2]);
 const headers = { Authorization: `Bearer ${spec.token}` };
@@ -32,6 +34,17 @@ try {
       const heard = new Promise((resolve) => (changed = resolve));
       out({ waiting: "tools/list_changed" });
       await Promise.race([heard, new Promise((_, reject) => setTimeout(() => reject(new Error("no list_changed")), step.wait_list_changed * 1000))]);
+    } else if (step.task) {
+      const tasks = createTaskSessionFromClient(client, { endpointId: "toolgate" });
+      try {
+        const execution = await tasks.callTool(step.task, step.arguments ?? {}, { task: { preference: "prefer" } });
+        out({ execution: { kind: execution.kind, handle: JSON.parse(JSON.stringify(execution.handle ?? null)) } });
+        const { outcome } = await execution.settle();
+        out({ outcome: JSON.parse(JSON.stringify({ ...outcome, result: undefined })) });
+        out({ result: resultFromTaskOutcome(outcome) });
+      } finally {
+        await tasks.close();
+      }
     } else if (step.call) {
       const result = await client.callTool(
         { name: step.call, arguments: step.arguments ?? {} },
