@@ -131,9 +131,9 @@ def test_a_batch_is_answered_in_2025_03_26_and_refused_after(session):
         assert "no JSON-RPC batches" in response.json()["error"]["message"]
 
 
-def test_a_batch_of_notifications_only_is_accepted(session):
-    if session.version not in ("2025-03-26", "2024-11-05"):
-        pytest.skip("batches are part of 2025-03-26 only")
+@pytest.mark.parametrize("version", ["2025-03-26", "2024-11-05"])
+def test_a_batch_of_notifications_only_is_accepted(toolgate, token, version):
+    session = Session(f"{toolgate.base_url}/mcp/demo/", token, version)
     response = session.post([{"jsonrpc": "2.0", "method": "notifications/initialized"}])
     assert response.status_code == 202 and not response.content
 
