@@ -181,8 +181,9 @@ def test_the_tasks_extension_package_gets_a_task_and_the_denial(node_tools, tool
     process = ts_client(node_tools, f"{toolgate.base_url}/mcp/demo/", token, ["list", step])
     approve_when_pending("deny", "no")
     events = events_of(process)
+    task_id = f"toolcall-{ToolCall.objects.get().pk}"
     assert last(events, "execution") == {
-        "kind": "task", "handle": {"taskId": "toolcall-1", "operation": "tools/call"},
+        "kind": "task", "handle": {"taskId": task_id, "operation": "tools/call"},
     }  # fmt: skip
     assert last(events, "outcome")["task"]["statusMessage"].startswith("Denied by alice")
     result = last(events, "result")
