@@ -125,7 +125,9 @@ def test_a_denied_ts_v2_call_is_an_error_result_with_the_note(
     approve_when_pending("deny", "not today")
     result = last(events_of(process), "result")
     assert result["isError"] is True
-    assert result["content"][0]["text"] == "Denied by alice: not today The tool was not run."
+    assert result["content"][0]["text"].startswith(
+        "Denied by alice: not today. The tool was not run. Why it needed a human:"
+    )
     assert ToolCall.objects.get().status == Status.DENIED
 
 
@@ -188,4 +190,6 @@ def test_the_tasks_extension_package_gets_a_task_and_the_denial(node_tools, tool
     assert last(events, "outcome")["task"]["statusMessage"].startswith("Denied by alice")
     result = last(events, "result")
     assert result["isError"] is True
-    assert result["content"][0]["text"] == "Denied by alice: no The tool was not run."
+    assert result["content"][0]["text"].startswith(
+        "Denied by alice: no. The tool was not run. Why it needed a human:"
+    )

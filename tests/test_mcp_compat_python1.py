@@ -119,7 +119,9 @@ def test_a_denied_call_is_an_error_result_with_the_note(sdk1, toolgate, token, a
     approve_when_pending("deny", "not today")
     result = last(events_of(process), "result")
     assert result["isError"] is True
-    assert result["content"][0]["text"] == "Denied by alice: not today The tool was not run."
+    assert result["content"][0]["text"].startswith(
+        "Denied by alice: not today. The tool was not run. Why it needed a human:"
+    )
 
 
 def test_a_disabled_tool_is_refused_as_invalid_params(sdk1, toolgate, token, demo):

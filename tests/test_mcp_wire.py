@@ -145,6 +145,21 @@ def test_a_batch_may_not_hold_initialize_nor_be_empty(toolgate, token):
         assert response.status_code == 400 and response.json()["error"]["code"] == -32600
 
 
+def test_a_batch_is_bounded_and_its_ids_checked(toolgate, token):
+    """A batch runs its messages at once as one request of the rate limit: at most 32; and a
+    message in it with an unusable id is refused like one sent alone."""
+    from approvals.mcp.app import MAX_BATCH
+
+    session = Session(f"{toolgate.base_url}/mcp/demo/", token, "2025-03-26")
+    too_many = [_request(n, "ping") for n in range(MAX_BATCH + 1)]
+    bad_id = [_request(1, "ping"), {"jsonrpc": "2.0", "id": 1.5, "method": "ping"}]
+    for batch in (too_many, bad_id):
+        response = session.post(batch)
+        assert response.status_code == 400 and response.json()["error"]["code"] == -32600
+    response = session.post([_request(n, "ping") for n in range(MAX_BATCH)])
+    assert response.status_code == 200 and len(response.json()) == MAX_BATCH
+
+
 def test_get_opens_the_sessions_stream_and_delete_ends_the_session(session):
     headers = session.headers(Accept="text/event-stream")
     with httpx2.stream("GET", session.url, headers=headers, timeout=10) as stream:
@@ -231,8 +246,8 @@ def test_a_client_that_lost_a_held_calls_stream_resumes_it_and_gets_the_answer(
     approve_when_pending("deny", "not now")
     answer = _resumed(session, seen[-1], "Denied")[-1]
     assert answer["id"] == 3
-    assert (
-        answer["result"]["content"][0]["text"] == "Denied by alice: not now The tool was not run."
+    assert answer["result"]["content"][0]["text"].startswith(
+        "Denied by alice: not now. The tool was not run. Why it needed a human:"
     )
 
 

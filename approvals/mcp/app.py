@@ -36,7 +36,6 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.sse import SseServerTransport
 from mcp.server.streamable_http import MCP_PROTOCOL_VERSION_HEADER, MCP_SESSION_ID_HEADER
 from mcp.server.transport_security import (
-    DEFAULT_MAX_REQUEST_BODY_SIZE,
     RequestBodyLimitMiddleware,
     TransportSecuritySettings,
 )
@@ -143,7 +142,7 @@ class McpApp:
     async def _serve(self, scope, receive, send, server_name, kind, headers):
         if scope["method"] == "POST" and kind != "sse":
             checked = _Envelope(self._route, server_name, kind, headers)
-            await RequestBodyLimitMiddleware(checked, DEFAULT_MAX_REQUEST_BODY_SIZE)(
+            await RequestBodyLimitMiddleware(checked, settings.API_MAX_BODY_BYTES)(
                 scope, receive, send
             )
         else:
@@ -176,8 +175,10 @@ class _Envelope:
     transports take a request whose `id` is an object, a float or a boolean for a
     notification (answered 202, never answered again: the client waits forever) and answer a
     batch with a dump of validation errors as invalid params. Both are invalid requests
-    (-32600), as the 2026-07-28 transport already says. Runs inside the SDK's own body limit,
-    so the body arrives whole and bounded."""
+    (-32600), as the 2026-07-28 transport already says; a batch is left to
+    `approvals.mcp.batches` (2025-03-26 sessions may send them) once each of its ids is
+    usable, except on the legacy SSE transport, which takes one message per POST. Runs inside
+    the JSON API's body limit, so the body arrives whole and bounded."""
 
     def __init__(self, app, *args):
         self.app, self.args = app, args
@@ -185,7 +186,7 @@ class _Envelope:
     async def __call__(self, scope, receive, send):
         message = await receive()
         problem = (
-            envelope_problem(message.get("body", b""))
+            envelope_problem(message.get("body", b""), batches=self.args[1] != "messages")
             if message["type"] == "http.request"
             else None
         )
@@ -199,17 +200,29 @@ class _Envelope:
         await self.app(scope, replay, send, *self.args)
 
 
-def envelope_problem(body):
-    """Why a POSTed body is not one JSON-RPC message with a usable id, or None (the SDK
-    answers bodies that aren't JSON itself)."""
+def envelope_problem(body, batches=True):
+    """Why a POSTed body is not a JSON-RPC message (or, with `batches`, a batch of at most
+    MAX_BATCH) with usable ids, or None (the SDK answers bodies that aren't JSON itself)."""
     try:
         value = pydantic_core.from_json(body)
     except ValueError:
         return None
     if isinstance(value, list):
-        return "Batches are not supported: send one JSON-RPC message per request."
-    if isinstance(value, dict) and "method" in value and "id" in value:
-        request_id = value["id"]
+        if not batches:
+            return "Batches are not supported here: send one JSON-RPC message per request."
+        if len(value) > MAX_BATCH:
+            return f"A batch may hold at most {MAX_BATCH} messages."
+        return next(filter(None, map(_id_problem, value)), None)
+    return _id_problem(value)
+
+
+# A batch's messages run at once, as one request of the per-agent rate limit: bounded.
+MAX_BATCH = 32
+
+
+def _id_problem(message):
+    if isinstance(message, dict) and "method" in message and "id" in message:
+        request_id = message["id"]
         if isinstance(request_id, bool) or not isinstance(request_id, str | int):
             return "A request's id must be a string or an integer."
     return None
