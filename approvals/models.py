@@ -23,7 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
-from approvals import policy
+from approvals import policy, wakeup
 from approvals.rules import PolicyRule
 from integrations import limits, mcp_client, scanner
 from integrations.fields import EncryptedJSONField, EncryptedTextField
@@ -195,6 +195,8 @@ class ToolCall(models.Model):
         if changed:
             for name, value in fields.items():
                 setattr(self, name, value)
+            if target in FINAL_STATUSES:
+                wakeup.ring(self.pk)
         else:
             self.refresh_from_db()
         return changed == 1

@@ -117,6 +117,16 @@ def _count(raw):
     return value
 
 
+def _choice(*choices):
+    def cast(raw):
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return cast
+
+
 def _list(raw):
     return [item.strip() for item in raw.split(",") if item.strip()]
 
@@ -414,6 +424,12 @@ TOOL_CALL_MAX_ATTEMPTS = _read("TOOL_CALL_MAX_ATTEMPTS", _positive(int), 4)
 TOOL_CALL_REQUEUE_AFTER = _read("TOOL_CALL_REQUEUE_AFTER", _positive(int), 60)  # seconds
 # A call still `running` this long after it started lost its worker: it becomes `unknown`.
 TOOL_CALL_LOST_AFTER = _read("TOOL_CALL_LOST_AFTER", _positive(int), int(MCP_CALL_TIMEOUT) + 60)
+# How a process that finishes a call wakes the agents waiting for it in the web processes
+# (approvals/wakeup.py): auto (Redis pub/sub on a Redis broker, else PostgreSQL LISTEN/NOTIFY,
+# else a doorbell socket beside the SQLite file), redis, postgres, doorbell or poll (none).
+TOOL_CALL_WAKEUP = _read(
+    "TOOL_CALL_WAKEUP", _choice("auto", "redis", "postgres", "doorbell", "poll"), "auto"
+)
 TOOL_CALL_RETENTION_DAYS = _read("TOOL_CALL_RETENTION_DAYS", _positive(int), 30)
 SWEEP_INTERVAL = _read("SWEEP_INTERVAL", _positive(int), 30)  # seconds
 API_MAX_BODY_BYTES = _read("API_MAX_BODY_BYTES", _positive(int), 1024 * 1024)

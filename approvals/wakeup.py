@@ -1,0 +1,219 @@
+"""Waking the agents that wait for a tool call (approvals/waiting.py) the moment it is final.
+
+The process that moves a call to a final state rings after commit (`ring`): the waiters of its
+own event loops are woken directly, and the other processes through one of these, chosen by
+TOOL_CALL_WAKEUP ("auto": the first that applies):
+- `redis`: a pub/sub channel on the broker's Redis (under the broker's key prefix);
+- `postgres`: LISTEN/NOTIFY on the database (a notification is per database);
+- `doorbell`: the embedded default (SQLite + file broker, one machine): a unix datagram
+  socket per listening event loop in a folder beside the SQLite file, and the finishing
+  process sends the call id to each of them;
+- `poll`: none; waiters learn of the result from the safety poll only.
+A web process has one listener per event loop (not one per waiter), started by its first
+waiter. A lost message costs latency, never an outcome: waiting.py's slow poll is the safety
+net, and the listener asks for a poll each time it (re)connects.
+"""
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+import weakref
+from functools import partial
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection, transaction
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "toolgate_call_finished"
+RECONNECT_SECONDS = 1.0  # after a listener lost its connection
+_local = weakref.WeakKeyDictionary()  # event loop -> callback(call ids), this process's waiters
+
+
+def ring(call_id):
+    """Tell every waiter of `call_id`, in this process and the others, once the transaction
+    that made it final commits (at once outside a transaction)."""
+    transaction.on_commit(partial(_ring_now, call_id))
+
+
+def _ring_now(call_id):
+    for loop, callback in list(_local.items()):
+        with contextlib.suppress(RuntimeError):  # a loop closed since
+            loop.call_soon_threadsafe(callback, [call_id])
+    try:
+        transport().publish(call_id)
+    except Exception:  # the call is final whatever happens here; the safety poll catches up
+        logger.warning("Could not announce that tool call %s finished", call_id, exc_info=True)
+
+
+def subscribe_here(callback):
+    """Have `callback(call_ids)` run in the running loop when a call of this process is final."""
+    _local[asyncio.get_running_loop()] = callback
+
+
+async def listen(on_call_ids, on_connected):
+    """Run until cancelled: `on_call_ids(ids)` for every announcement from another process, and
+    `on_connected()` each time the listener (re)connects (what was announced before is lost)."""
+    while True:
+        try:
+            await transport().listen(on_call_ids, on_connected)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning("Lost the tool-call wake-up listener; reconnecting", exc_info=True)
+        await asyncio.sleep(RECONNECT_SECONDS)
+
+
+def kind():
+    """The transport TOOL_CALL_WAKEUP names, with "auto" resolved."""
+    chosen = settings.TOOL_CALL_WAKEUP
+    if chosen != "auto":
+        return chosen
+    if settings.CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+        return "redis"
+    if connection.vendor == "postgresql":
+        return "postgres"
+    if connection.vendor == "sqlite":
+        return "doorbell"
+    return "poll"
+
+
+def transport():
+    return {"redis": Redis, "postgres": Postgres, "doorbell": Doorbell, "poll": Poll}[kind()]()
+
+
+def _parse(payloads):
+    ids = []
+    for payload in payloads:
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            ids.append(int(payload))
+    return ids
+
+
+class Poll:
+    def publish(self, call_id):
+        pass
+
+    async def listen(self, on_call_ids, on_connected):
+        on_connected()
+        await asyncio.Event().wait()  # forever
+
+
+class Redis:
+    """Pub/sub on the broker's Redis, the channel under the broker's key prefix (so test runs
+    and deployments sharing a Redis don't wake each other)."""
+
+    _clients = {}  # url -> a thread-safe client with its own pool
+
+    def __init__(self):
+        self.url = settings.CELERY_BROKER_URL
+        prefix = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("global_keyprefix", "")
+        self.channel = f"{prefix}{CHANNEL}"
+
+    def publish(self, call_id):
+        import redis
+
+        client = self._clients.get(self.url)
+        if client is None:
+            client = self._clients[self.url] = redis.Redis.from_url(self.url, socket_timeout=2)
+        client.publish(self.channel, str(call_id))
+
+    async def listen(self, on_call_ids, on_connected):
+        import redis.asyncio
+
+        client = redis.asyncio.Redis.from_url(self.url)
+        try:
+            async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                await pubsub.subscribe(self.channel)
+                on_connected()
+                async for message in pubsub.listen():
+                    on_call_ids(_parse([message["data"]]))
+        finally:
+            await client.aclose()
+
+
+class Postgres:
+    """LISTEN/NOTIFY: the finishing process notifies on its own database connection, after
+    commit; each listener holds one connection of its own."""
+
+    def publish(self, call_id):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, str(call_id)])
+
+    async def listen(self, on_call_ids, on_connected):
+        import psycopg
+
+        # What Django connects with (OPTIONS such as sslmode included), less its sync classes.
+        params = connection.get_connection_params()
+        for django_only in ("cursor_factory", "context", "prepare_threshold"):
+            params.pop(django_only, None)
+        async with await psycopg.AsyncConnection.connect(**params, autocommit=True) as conn:
+            await conn.execute(f"LISTEN {CHANNEL}")
+            on_connected()
+            async for notify in conn.notifies():
+                on_call_ids(_parse([notify.payload]))
+
+
+class Doorbell:
+    """A unix datagram socket per listener in `<SQLite file>-wake/`: the processes that share
+    the database file share the doorbells. Sending is a non-blocking sendto per listener; a
+    socket whose listener died refuses the datagram and is removed."""
+
+    _names = itertools.count()
+
+    def __init__(self):
+        self.folder = Path(f"{connection.settings_dict['NAME']}-wake")
+
+    def publish(self, call_id):
+        try:
+            paths = list(self.folder.iterdir())
+        except FileNotFoundError:
+            return  # nobody listens
+        payload = str(call_id).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            for path in paths:
+                try:
+                    sock.sendto(payload, str(path))
+                except ConnectionRefusedError:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                except OSError as exc:  # a full buffer, a socket just removed: poll catches up
+                    if exc.errno not in (errno.EAGAIN, errno.ENOENT):
+                        raise
+
+    async def listen(self, on_call_ids, on_connected):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{os.getpid()}-{next(self._names)}.sock"
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(str(path))  # fails when the path is too long (108 bytes): poll only
+            ready = asyncio.Event()
+            loop.add_reader(sock.fileno(), ready.set)
+            try:
+                on_connected()
+                while True:
+                    await ready.wait()
+                    ready.clear()
+                    on_call_ids(_parse(_drain(sock)))
+            finally:
+                loop.remove_reader(sock.fileno())
+        finally:
+            sock.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _drain(sock):
+    payloads = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            payloads.append(sock.recv(64))
+    return payloads
