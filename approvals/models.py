@@ -16,6 +16,7 @@ from datetime import timedelta
 
 import anyio
 from asgiref.sync import sync_to_async
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import connection, models, transaction
 from django.db.models import prefetch_related_objects
@@ -490,7 +491,13 @@ class ToolCall(models.Model):
     def _record_failure(self, exc, declined=()):
         """Write a failed run onto the row; True when it never reached the server and may be
         retried."""
-        if not isinstance(exc, mcp_client.McpError):
+        if isinstance(exc, SoftTimeLimitExceeded):  # the worker's limit, not the server's
+            exc = mcp_client.McpError(
+                "timeout",
+                f"The call ran past the worker's time limit ({settings.TOOL_CALL_TIME_LIMIT} s)."
+                " It may have reached the server; it will not be run again on its own.",
+            )
+        elif not isinstance(exc, mcp_client.McpError):
             logger.error("Tool call %s failed unexpectedly", self.pk, exc_info=exc)
             exc = mcp_client.McpError("internal", "Internal error.")
         if declined:

@@ -16,17 +16,15 @@ net, and the listener asks for a poll each time it (re)connects.
 
 import asyncio
 import contextlib
-import errno
-import itertools
 import logging
-import os
-import socket
 import weakref
 from functools import partial
 from pathlib import Path
 
 from django.conf import settings
 from django.db import connection, transaction
+
+from integrations import doorbell
 
 logger = logging.getLogger(__name__)
 
@@ -160,60 +158,32 @@ class Postgres:
 
 
 class Doorbell:
-    """A unix datagram socket per listener in `<SQLite file>-wake/`: the processes that share
-    the database file share the doorbells. Sending is a non-blocking sendto per listener; a
-    socket whose listener died refuses the datagram and is removed."""
-
-    _names = itertools.count()
+    """A doorbell (integrations/doorbell.py) per listener in `<SQLite file>-wake/`: the
+    processes that share the database file share the doorbells."""
 
     def __init__(self):
         self.folder = Path(f"{connection.settings_dict['NAME']}-wake")
 
     def publish(self, call_id):
-        try:
-            paths = list(self.folder.iterdir())
-        except FileNotFoundError:
-            return  # nobody listens
-        payload = str(call_id).encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
-            for path in paths:
-                try:
-                    sock.sendto(payload, str(path))
-                except ConnectionRefusedError:
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                except OSError as exc:  # a full buffer, a socket just removed: poll catches up
-                    if exc.errno not in (errno.EAGAIN, errno.ENOENT):
-                        raise
+        doorbell.ring(self.folder, str(call_id).encode())
 
     async def listen(self, on_call_ids, on_connected):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{os.getpid()}-{next(self._names)}.sock"
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            sock.setblocking(False)
-            sock.bind(str(path))  # fails when the path is too long (108 bytes): poll only
-            ready = asyncio.Event()
-            loop.add_reader(sock.fileno(), ready.set)
-            try:
-                on_connected()
-                while True:
-                    await ready.wait()
-                    ready.clear()
-                    on_call_ids(_parse(_drain(sock)))
-            finally:
-                loop.remove_reader(sock.fileno())
+            bell = doorbell.Doorbell(self.folder)
+        except OSError:  # e.g. a path longer than a socket address allows
+            logger.warning(
+                "No doorbell in %s: waiters rely on the poll", self.folder, exc_info=True
+            )
+            return await Poll().listen(on_call_ids, on_connected)
+        ready = asyncio.Event()
+        loop.add_reader(bell.fileno(), ready.set)
+        try:
+            on_connected()
+            while True:
+                await ready.wait()
+                ready.clear()
+                on_call_ids(_parse(bell.drain()))
         finally:
-            sock.close()
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-
-def _drain(sock):
-    payloads = []
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            payloads.append(sock.recv(64))
-    return payloads
+            loop.remove_reader(bell.fileno())
+            bell.close()

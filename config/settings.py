@@ -356,7 +356,6 @@ CELERY_BROKER_URL = _read(
 )
 CELERY_BROKER_DIR = Path(_read("CELERY_BROKER_DIR", str, str(VAR_DIR / "broker")))
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    CELERY_BROKER_TRANSPORT = "config.file_broker:Transport"  # writes messages atomically
     (CELERY_BROKER_DIR / "queue").mkdir(parents=True, exist_ok=True)
     (CELERY_BROKER_DIR / "processed").mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -365,8 +364,11 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "processed_folder": str(CELERY_BROKER_DIR / "processed"),
         "control_folder": str(CELERY_BROKER_DIR / "control"),
         "store_processed": False,
-        "polling_interval": 0.2,
+        # A worker is woken by the doorbell of integrations/filebroker.py when a message is
+        # sent; this is only how often an idle one looks anyway (for a missed ring).
+        "polling_interval": 1.0,
     }
+    CELERY_BROKER_TRANSPORT = "integrations.filebroker:Transport"
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {}
 # A prefix for every key Toolgate puts in Redis, so that several deployments (or test runs) can
@@ -381,15 +383,19 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
-# Deliveries of notifications have a queue of their own, so a slow mail server never holds up
-# tool calls; periodic maintenance stays on the default `celery` queue.
-# A worker started without -Q consumes every queue listed here.
-CELERY_TASK_QUEUES = [Queue("celery"), Queue("notifications")]
+# Queues: tool calls, syncs and notification deliveries each have their own, so a sync fan-out
+# (up to MCP_SYNC_TIMEOUT per server) or a slow mail server never sits in front of a call a
+# human approved; periodic maintenance stays on the default `celery` queue. A worker started
+# without -Q consumes every queue listed here (`make run`'s does); `-Q calls` gives calls
+# workers of their own (README.md, "Production").
+CELERY_TASK_QUEUES = [Queue("celery"), Queue("calls"), Queue("syncs"), Queue("notifications")]
 CELERY_TASK_ROUTES = {
+    "approvals.tasks.run_tool_call": {"queue": "calls"},
+    "integrations.tasks.sync_server": {"queue": "syncs"},
+    "integrations.tasks.sync_all_servers": {"queue": "syncs"},
     "approvals.tasks.flush_notifications": {"queue": "notifications"},
     "approvals.tasks.send_notification": {"queue": "notifications"},
 }
-
 # MCP servers.
 MCP_SYNC_INTERVAL = _read("MCP_SYNC_INTERVAL", _positive(int), 900)  # seconds between syncs
 MCP_CONNECT_TIMEOUT = _read("MCP_CONNECT_TIMEOUT", _positive(float), 10.0)
@@ -422,14 +428,36 @@ OAUTH_MAX_RESPONSE_BYTES = 1024 * 1024  # metadata, registration and token respo
 APPROVAL_TIMEOUT = _read("APPROVAL_TIMEOUT", _positive(int), 600)  # seconds a request may wait
 TOOL_CALL_MAX_ATTEMPTS = _read("TOOL_CALL_MAX_ATTEMPTS", _positive(int), 4)
 TOOL_CALL_REQUEUE_AFTER = _read("TOOL_CALL_REQUEUE_AFTER", _positive(int), 60)  # seconds
+# A worker's time limit on one call (soft: the call fails with `timeout` and is never re-run;
+# the hard limit, TASK_HARD_LIMIT_MARGIN later, kills the worker process, and the sweeper makes
+# the call `unknown`). Above MCP_CALL_TIMEOUT, which normally ends a slow call first.
+TOOL_CALL_TIME_LIMIT = _read("TOOL_CALL_TIME_LIMIT", _positive(int), int(MCP_CALL_TIMEOUT) + 30)
+SYNC_TIME_LIMIT = _read("SYNC_TIME_LIMIT", _positive(int), int(MCP_SYNC_TIMEOUT) + 30)  # one sync
+TASK_TIME_LIMIT = _read("TASK_TIME_LIMIT", _positive(int), 300)  # any other task (soft)
+TASK_HARD_LIMIT_MARGIN = 15  # seconds from a task's soft time limit to its hard one
 # A call still `running` this long after it started lost its worker: it becomes `unknown`.
-TOOL_CALL_LOST_AFTER = _read("TOOL_CALL_LOST_AFTER", _positive(int), int(MCP_CALL_TIMEOUT) + 60)
+TOOL_CALL_LOST_AFTER = _read("TOOL_CALL_LOST_AFTER", _positive(int), TOOL_CALL_TIME_LIMIT + 60)
+if TOOL_CALL_LOST_AFTER <= TOOL_CALL_TIME_LIMIT + TASK_HARD_LIMIT_MARGIN:
+    raise ImproperlyConfigured(
+        f"TOOL_CALL_LOST_AFTER ({TOOL_CALL_LOST_AFTER}) must be above the hard time limit of a "
+        f"call ({TOOL_CALL_TIME_LIMIT + TASK_HARD_LIMIT_MARGIN} s, TOOL_CALL_TIME_LIMIT + "
+        f"{TASK_HARD_LIMIT_MARGIN}): else a call still running would be handed to a human."
+    )
 # How a process that finishes a call wakes the agents waiting for it in the web processes
 # (approvals/wakeup.py): auto (Redis pub/sub on a Redis broker, else PostgreSQL LISTEN/NOTIFY,
 # else a doorbell socket beside the SQLite file), redis, postgres, doorbell or poll (none).
 TOOL_CALL_WAKEUP = _read(
     "TOOL_CALL_WAKEUP", _choice("auto", "redis", "postgres", "doorbell", "poll"), "auto"
 )
+CELERY_TASK_SOFT_TIME_LIMIT = TASK_TIME_LIMIT
+CELERY_TASK_TIME_LIMIT = TASK_TIME_LIMIT + TASK_HARD_LIMIT_MARGIN
+CELERY_TASK_ANNOTATIONS = {
+    name: {"soft_time_limit": limit, "time_limit": limit + TASK_HARD_LIMIT_MARGIN}
+    for name, limit in [
+        ("approvals.tasks.run_tool_call", TOOL_CALL_TIME_LIMIT),
+        ("integrations.tasks.sync_server", SYNC_TIME_LIMIT),
+    ]
+}
 TOOL_CALL_RETENTION_DAYS = _read("TOOL_CALL_RETENTION_DAYS", _positive(int), 30)
 SWEEP_INTERVAL = _read("SWEEP_INTERVAL", _positive(int), 30)  # seconds
 API_MAX_BODY_BYTES = _read("API_MAX_BODY_BYTES", _positive(int), 1024 * 1024)

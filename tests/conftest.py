@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, Phase
 from kombu import Connection
 
 from config.celery import app as celery_app
-from config.file_broker import Transport as FileTransport
 
 pytest_plugins = ["tests.mcp_servers", "tests.receivers", "tests.mcp_live"]
 
@@ -234,7 +233,8 @@ def private_broker(folder, name):
     if not _ON_REDIS:
         options, queue = _file_broker_options(folder)
         env = {"CELERY_BROKER_URL": "filesystem://", "CELERY_BROKER_DIR": str(folder)}
-        connection = Connection("filesystem://", transport=FileTransport, transport_options=options)
+        transport = settings.CELERY_BROKER_TRANSPORT  # with the doorbell, as the app sends
+        connection = Connection("filesystem://", transport=transport, transport_options=options)
         return connection, env, queue
     prefix = f"toolgate-test-{RUN_ID}-{name}:"
     options = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "global_keyprefix": prefix}
