@@ -1,4 +1,4 @@
-"""``python -m bench [latency|waiters] [options]``.
+"""``python -m bench [latency|waiters|click] [options]``.
 
 Without a name, every benchmark runs, each in a process of its own (Django is set up once per
 process, on that benchmark's own temporary var dir), and a summary follows. Options after a
@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCHMARKS = ("latency", "waiters")
+BENCHMARKS = ("latency", "waiters", "click")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,6 +23,10 @@ def _module(name):
         from bench import latency
 
         return latency
+    if name == "click":
+        from bench import click
+
+        return click
     from bench import waiters
 
     return waiters

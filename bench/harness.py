@@ -205,11 +205,18 @@ class Toolgate:
     (see bench/mcp_server.py); `postgres` puts the database in a throw-away PostgreSQL
     database on `POSTGRES_URL`'s server instead of SQLite."""
 
-    def __init__(self, approval_mode, *, keep=False, mcp_tests_helper=False, postgres=False):
+    def __init__(
+        self, approval_mode, *, keep=False, mcp_tests_helper=False, postgres=False,
+        database_url=None,
+    ):  # fmt: skip
         self.approval_mode = approval_mode
         self.keep = keep
         self.mcp_tests_helper = mcp_tests_helper
         self.postgres = postgres
+        # A postgres:// URL naming a database this run creates, uses and drops (it must not
+        # exist); `postgres` picks such a name on POSTGRES_URL's server; by default a fresh
+        # SQLite file in the var dir.
+        self.database_url = database_url
         self.web = self.worker = self.mcp = None
         self.port = None
         self.broker_url = "filesystem://"
@@ -221,7 +228,9 @@ class Toolgate:
         try:
             self.var_dir = Path(tempfile.mkdtemp(prefix="toolgate-bench-"))
             self._stack.callback(self._remove_var_dir)
-            if self.postgres:
+            if self.database_url:
+                self._create_database()
+            elif self.postgres:
                 name = f"toolgate_bench_{os.getpid()}"
                 _drop_database(POSTGRES_URL, name)
                 _create_database(POSTGRES_URL, name)
@@ -275,9 +284,26 @@ class Toolgate:
 
         django.setup()
         name = settings.DATABASES["default"]["NAME"]
-        expected = self.database_url.rpartition("/")[2] if self.postgres else None
-        if (name != expected) if self.postgres else (Path(name).parent != self.var_dir):
+        if self.database_url.startswith("sqlite"):
+            elsewhere = Path(name).parent != self.var_dir
+        else:
+            elsewhere = name != self.database_url.rsplit("/", 1)[1]
+        if elsewhere:
             raise BenchError("Django was already set up on another database in this process.")
+
+    def _create_database(self):
+        """Create the run's PostgreSQL database (from the server's `postgres` database), and
+        drop it when the run ends."""
+        import psycopg
+
+        server, name = self.database_url.rsplit("/", 1)
+
+        def execute(sql):
+            with psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=5) as db:
+                db.execute(sql)
+
+        execute(f'CREATE DATABASE "{name}"')
+        self._stack.callback(execute, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def _migrate(self):
         done = subprocess.run(
@@ -350,15 +376,16 @@ class Toolgate:
     def auth(self):
         return {"Authorization": f"Bearer {self.token}"}
 
-    def start_app(self, broker_url="filesystem://", *, web_open_files=None):
+    def start_app(self, broker_url="filesystem://", *, web_open_files=None, env=None):
         """Start uvicorn and a Celery worker on `broker_url`; return once both are up.
 
         `web_open_files` sets the web process's soft limit on open files (to see how a host
         with the usual default of 1024 fares); by default it inherits this process's limit.
+        `env` adds variables for both (e.g. CELERY_BROKER_KEY_PREFIX).
         """
         self.stop_app()
         self.broker_url = broker_url
-        env = {**self.env, "CELERY_BROKER_URL": broker_url}
+        env = {**self.env, "CELERY_BROKER_URL": broker_url, **(env or {})}
         tag = "redis" if broker_url.startswith("redis") else "file"
         self.port = free_port()
         web = [PYTHON, "-m", "uvicorn", "config.asgi:application"]
