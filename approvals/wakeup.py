@@ -118,7 +118,9 @@ class Redis:
 
         client = self._clients.get(self.url)
         if client is None:
-            client = self._clients[self.url] = redis.Redis.from_url(self.url, socket_timeout=2)
+            # Short timeouts: a Redis that is down must not hold up the finishing process long.
+            client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+            self._clients[self.url] = client
         client.publish(self.channel, str(call_id))
 
     async def listen(self, on_call_ids, on_connected):
