@@ -366,10 +366,14 @@ def private_broker(tmp_path, monkeypatch):
         if queue_folder is not None:
             return [path.read_text() for path in sorted(queue_folder.iterdir())]
         prefix = connection.transport_options["global_keyprefix"]  # LRANGE isn't prefixed
-        raw = connection.default_channel.client.lrange(f"{prefix}celery", 0, -1)
-        return [message.decode() for message in reversed(raw)]  # LPUSHed: oldest last
+        messages = []
+        for name in celery_app.amqp.queues:  # calls, syncs, notifications, celery
+            raw = connection.default_channel.client.lrange(f"{prefix}{name}", 0, -1)
+            messages += [message.decode() for message in reversed(raw)]  # LPUSHed: oldest last
+        return messages
 
-    celery_app.amqp.queues["celery"](connection.default_channel).declare()
+    for queue in celery_app.amqp.queues.values():
+        queue(connection.default_channel).declare()
     for task in (sync_server, run_tool_call):
         monkeypatch.setattr(
             task,
