@@ -249,6 +249,16 @@ def release_private_broker(connection, name):
         _forget_redis_keys(f"toolgate-test-{RUN_ID}-{name}:")
 
 
+@pytest.fixture
+def own_broker(tmp_path, request):
+    """A broker only this test's worker listens to (the session's worker can't take what is
+    sent there, and it stays there until the test looks): (kombu connection, worker env)."""
+    name = request.module.__name__.rpartition(".")[2]
+    connection, env, _ = private_broker(tmp_path, name)
+    yield connection, env
+    release_private_broker(connection, name)
+
+
 def _database_url():
     """The URL of the test database, for a worker process to open the same one."""
     db = connection.settings_dict

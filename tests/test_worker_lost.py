@@ -13,21 +13,11 @@ from approvals.tasks import run_tool_call
 from integrations.models import Agent, ApprovalMode, McpServer
 from tests.conftest import (
     _database_url,
-    private_broker,
-    release_private_broker,
     spawn_worker,
     wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-    """A broker only this test's worker listens to, so the session's worker can't take the call."""
-    connection, env, _ = private_broker(tmp_path, "worker-lost")
-    yield connection, env
-    release_private_broker(connection, "worker-lost")
 
 
 def tool_calls_received(running):

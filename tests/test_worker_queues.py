@@ -11,21 +11,11 @@ from integrations.models import Agent, ApprovalMode, McpServer
 from integrations.tasks import sync_all_servers, sync_server
 from tests.conftest import (
     _database_url,
-    private_broker,
-    release_private_broker,
     spawn_worker,
     wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-    """A broker nobody else reads: what is sent there stays there until we look."""
-    connection, env, _ = private_broker(tmp_path, "queues")
-    yield connection, env
-    release_private_broker(connection, "queues")
 
 
 def waiting_messages(connection, queue):
