@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,17 +52,17 @@ def python_venv(requirements):
         )  # fmt: skip
         if install.returncode != 0:
             shutil.rmtree(home, ignore_errors=True)
-            pytest.skip(f"Could not install {requirements}: {install.stderr.strip()[-500:]}")
+            _unavailable(f"Could not install {requirements}: {install.stderr.strip()[-500:]}")
         (home / ".installed").touch()
     return str(python)
 
 
 def npm_folder(folder, marker):
     """`npm ci` in `folder` (committed package.json and lockfile) unless `marker` is installed;
-    returns the folder. Skips, saying why, when npm can't install it here."""
+    returns the folder. Skips (fails in CI), saying why, when npm can't install it."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
-        pytest.skip("Node.js and npm are not installed.")
+        _unavailable("Node.js and npm are not installed.")
     folder = Path(folder)
     with _locked(f"npm-{folder.name}"):
         if not (folder / "node_modules" / marker).exists():
@@ -70,8 +71,17 @@ def npm_folder(folder, marker):
                 text=True, timeout=600,
             )  # fmt: skip
             if install.returncode != 0:
-                pytest.skip(f"npm ci in {folder} failed: {install.stderr.strip()[-500:]}")
+                _unavailable(f"npm ci in {folder} failed: {install.stderr.strip()[-500:]}")
     return folder
+
+
+def _unavailable(reason):
+    """A third-party client that can't be installed: skipped on a developer's machine (say, no
+    registry), but a failure in CI, where the registries are reachable, so a broken pin can't
+    pass unnoticed as a skip."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def start(command, **options):
