@@ -392,3 +392,26 @@ def chromium_path():
     if not Path(path).exists():
         pytest.fail("Chromium is needed for the browser tests: apt-get install chromium")
     return path
+
+
+def before_migration(approvals_migration):
+    """The database as it was at `approvals_migration`: (the ToolCall manager of then, a
+    server and an agent to make calls with)."""
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
+    before = [("approvals", approvals_migration), *others]
+    executor.migrate(before)
+    old = executor.loader.project_state(before).apps
+    server = old.get_model("integrations", "McpServer").objects.create(name="s", url="x")
+    agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")
+    return old.get_model("approvals", "ToolCall").objects, server, agent
+
+
+def migrate_to_latest():
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())

@@ -9,6 +9,7 @@ from django.db import connection
 
 from integrations.fields import DecryptionError
 from integrations.models import McpServer
+from tests.conftest import before_migration, migrate_to_latest
 
 URL = "https://mcp.example.com/v1/k-SECRETPATH-123"
 TOKEN = "tok-VERYSECRET-456"
@@ -206,29 +207,6 @@ def test_rotation_reencrypts_arguments_and_results(call, settings):
     assert ToolCall.objects.get(pk=call.pk).arguments == {"to": ARGUMENT}
 
 
-def before_migration(approvals_migration):
-    """The database as it was at `approvals_migration`: (the ToolCall manager of then, a
-    server and an agent to make calls with)."""
-    from django.db.migrations.executor import MigrationExecutor
-
-    executor = MigrationExecutor(connection)
-    others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
-    before = [("approvals", approvals_migration), *others]
-    executor.migrate(before)
-    old = executor.loader.project_state(before).apps
-    server = old.get_model("integrations", "McpServer").objects.create(name="s", url="x")
-    agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")
-    return old.get_model("approvals", "ToolCall").objects, server, agent
-
-
-def migrate_to_latest():
-    from django.db.migrations.executor import MigrationExecutor
-
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(executor.loader.graph.leaf_nodes())
-
-
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_the_migration_encrypts_the_calls_stored_in_clear():
@@ -314,24 +292,14 @@ def test_the_migration_encrypts_the_warnings_stored_in_clear():
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_the_migration_encrypts_error_texts_and_declined_requests():
-    from django.db.migrations.executor import MigrationExecutor
-
-    executor = MigrationExecutor(connection)
-    others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
-    before = [("approvals", "0010_encrypt_warnings"), *others]
-    executor.migrate(before)
-    old = executor.loader.project_state(before).apps
-    agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")
-    calls = old.get_model("approvals", "ToolCall").objects
+    calls, _, agent = before_migration("0010_encrypt_warnings")
     declined = [{"method": "elicitation/create", "message": ELICITED}]
     fields = {"agent": agent, "server_name": "s", "tool_name": "t", "status": "failed"}
     failed = calls.create(**fields, error_code="upstream_error", error_message=ERROR)
     elicited = calls.create(**fields, declined_requests=declined)
     plain = calls.create(**fields)
     assert ERROR in raw_call(failed) and ELICITED in raw_call(elicited)  # in clear before
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(executor.loader.graph.leaf_nodes())
+    migrate_to_latest()
 
     from approvals.models import ToolCall
 

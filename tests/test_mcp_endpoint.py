@@ -15,8 +15,6 @@ import mcp_types as types
 import pytest
 from cryptography.fernet import Fernet
 from django.contrib.auth.models import User
-from django.db import connection
-from django.db.migrations.executor import MigrationExecutor
 from django.test import Client as DjangoClient
 from django.utils import timezone
 from mcp.client.extension import ClientExtension, ResultClaim
@@ -26,7 +24,7 @@ from pydantic import TypeAdapter
 from approvals.mcp import sessions, tools
 from approvals.models import Status, ToolCall, request_tool_call
 from integrations.models import Agent, McpServer, ToolApproval
-from tests.conftest import wait_until
+from tests.conftest import before_migration, migrate_to_latest, wait_until
 from tests.mcp_live import (
     PNG,
     add_server,
@@ -638,22 +636,14 @@ def test_the_arguments_digest_is_keyed(agent, ask, settings):
 
 @pytest.mark.integration
 def test_the_migration_digests_the_calls_a_retry_can_still_reattach_to():
-    executor = MigrationExecutor(connection)
-    others = [node for node in executor.loader.graph.leaf_nodes() if node[0] != "approvals"]
-    before = [("approvals", "0010_encrypt_warnings"), *others]
-    executor.migrate(before)
-    old = executor.loader.project_state(before).apps
-    agent = old.get_model("integrations", "Agent").objects.create(name="a", token_hash="h")
-    calls = old.get_model("approvals", "ToolCall").objects
+    calls, _, agent = before_migration("0010_encrypt_warnings")
     expires = timezone.now() + timedelta(minutes=5)
     fields = {"agent": agent, "server_name": "s", "tool_name": "t", "expires_at": expires}
     edited = calls.create(
         **fields, status="approved", arguments={"q": 2}, requested_arguments={"q": 1}
     )
     calls.create(**fields, status="denied", arguments={"q": 3}, finished_at=timezone.now())
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(executor.loader.graph.leaf_nodes())
+    migrate_to_latest()
 
     agent = Agent.objects.get(pk=agent.pk)
     assert ToolCall.twin_to_reattach(agent, "s", "t", {"q": 1}).pk == edited.pk
