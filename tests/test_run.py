@@ -174,16 +174,19 @@ def test_run_starts_everything_shows_the_demo_and_stops_on_ctrl_c(tmp_path):
     finally:
         stop(process)
 
-    # With the demo's port taken, everything else still starts, and the output says why.
+    # With the demo's port taken, everything else still starts, and the output says why. The
+    # squatter takes whatever port the kernel gives it: rebinding the earlier runs' port can fail,
+    # since once it is free any outgoing connection on the machine may be given it.
     with socket.socket() as squatter:
-        # SO_REUSEADDR: the previous run's connections to that port may linger in TIME_WAIT.
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", int(env["DEMO_MCP_PORT"])))
+        squatter.bind(("127.0.0.1", 0))
         squatter.listen()
-        process = manage(env, "run", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        taken = str(squatter.getsockname()[1])
+        process = manage(
+            {**env, "DEMO_MCP_PORT": taken}, "run", stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         try:
             output = read_until(process, r"Press Ctrl-C")
-            assert f"port {env['DEMO_MCP_PORT']} is taken" in output
+            assert f"port {taken} is taken" in output
             assert len(psutil.Process(process.pid).children()) == 3  # web, worker, beat
         finally:
             stop(process)
