@@ -418,6 +418,7 @@ class ToolCall(models.Model):
                 self.arguments,
                 transport=self.server.server_info.get("transport"),
                 on_declined=declined.append,
+                pooled=True,  # on this process's loop thread, on an open session if one is idle
             )
         except Exception as exc:
             return self._record_failure(exc, declined)

@@ -1,11 +1,12 @@
 """The one seam between Toolgate and the network: speaking MCP to remote servers.
 
 Everything that leaves the machine for an MCP server goes through `list_tools`, `call_tool`
-and its async twin `acall_tool` here. `list_tools` and `call_tool` (a sync, a worker's call)
-open a fresh session over the server's transport (Streamable HTTP or the older SSE transport;
-"auto" tries Streamable HTTP and falls back to SSE), with the connection guard of `netguard`,
-timeouts, and a cap on response size; `acall_tool` (the web process) leases an open
-Streamable HTTP session from `mcp_pool` instead, built the same way. The SDK negotiates the
+and its async twin `acall_tool` here. `list_tools` and `call_tool` (a sync; a worker's call
+unless pooled) open a fresh session over the server's transport (Streamable HTTP or the older
+SSE transport; "auto" tries Streamable HTTP and falls back to SSE), with the connection guard
+of `netguard`, timeouts, and a cap on response size; `acall_tool` (the web process, and a
+worker's call on its process's loop thread) leases an open Streamable HTTP session from
+`mcp_pool` instead, built the same way. The SDK negotiates the
 protocol era itself: it probes the 2026-07-28 `server/discover` and falls back to the
 `initialize` handshake (a pooled session adopts the era its key's first session found).
 
@@ -404,9 +405,22 @@ def list_tools(endpoint):
     return anyio.run(_list_tools, endpoint)
 
 
-def call_tool(endpoint, name, arguments, *, transport=None, timeout=None, on_declined=None):
-    """Call one tool and return its result. `transport` pins the transport a sync found."""
+def call_tool(
+    endpoint, name, arguments, *, transport=None, timeout=None, on_declined=None, pooled=False
+):
+    """Call one tool and return its result. `transport` pins the transport a sync found.
+
+    `pooled` (a worker's call): when MCP_POOL_SESSIONS is not 0, `acall_tool` on the process's
+    loop thread (`mcp_pool.run_in_loop_thread`), so the next call to the same server finds
+    the session open; otherwise a fresh session in an event loop of the call's own.
+    """
     timeout = timeout or settings.MCP_CALL_TIMEOUT
+    if pooled and settings.MCP_POOL_SESSIONS > 0:
+        from integrations import mcp_pool
+
+        options = {"transport": transport, "timeout": timeout, "on_declined": on_declined}
+        call = partial(acall_tool, endpoint, name, arguments, **options)
+        return mcp_pool.run_in_loop_thread(call)
     upstream = _UpstreamRequests(endpoint, None, None, on_declined)
     call = partial(_call_tool, endpoint, name, arguments, transport, timeout, upstream)
     return anyio.run(call)

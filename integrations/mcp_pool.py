@@ -28,6 +28,11 @@ process's run path) leases a session from the pool of its event loop:
 
 Each session is owned by a task of its own: the SDK's task groups must be exited by the task
 that entered them, and a lease outlives no caller.
+
+A sync caller (a Celery worker's task, `mcp_client.call_tool(pooled=True)`) has no event loop
+that outlives its call, so each process has one on a thread of its own (`run_in_loop_thread`),
+with its own pool: made on first use in the process that uses it, never inherited across a
+fork (a prefork child makes its own).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 import weakref
@@ -70,6 +76,59 @@ def drop_server(server_pk):
             continue
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(found.drop_server, server_pk)
+
+
+_loop_thread = None  # (pid, loop): this process's loop for sync callers, made on first use
+_loop_thread_lock = threading.Lock()
+
+
+def _forget_loop_thread():
+    """In a forked child: the parent's loop thread did not come along (only the forking
+    thread does), and its lock may have been held at the fork."""
+    global _loop_thread, _loop_thread_lock
+    _loop_thread, _loop_thread_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_loop_thread)
+
+
+def loop_thread():
+    """This process's event loop for sync callers, running on a daemon thread of its own."""
+    global _loop_thread
+    with _loop_thread_lock:
+        if _loop_thread is None or _loop_thread[0] != os.getpid():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="mcp-pool-loop", daemon=True)
+            thread.start()
+            _loop_thread = (os.getpid(), loop)
+        return _loop_thread[1]
+
+
+def run_in_loop_thread(make_coroutine, grace=5.0):
+    """`await make_coroutine()` on this process's loop thread (`loop_thread`), from a thread
+    without a loop, and return or raise what it did.
+
+    Whatever interrupts the wait in the calling thread (Celery's soft time limit raises
+    `SoftTimeLimitExceeded` there, from a signal handler) cancels the coroutine on the loop
+    and is raised again once the coroutine has ended, or after `grace` seconds: its leased
+    session is closed, not returned, and nothing of the call carries on behind the caller's
+    back (the hard time limit ends the process anyway)."""
+    ended = threading.Event()
+
+    async def run():
+        try:
+            return await make_coroutine()
+        finally:
+            ended.set()
+
+    future = asyncio.run_coroutine_threadsafe(run(), loop_thread())
+    try:
+        return future.result()
+    except BaseException:
+        if not future.done():
+            future.cancel()  # cancels the task on the loop (thread-safe)
+            ended.wait(grace)
+        raise
 
 
 def connection_key(endpoint, transport):
