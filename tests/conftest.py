@@ -310,8 +310,9 @@ def syncs_kept_here(monkeypatch):
     return requested
 
 
-def spawn_worker(database_url, broker_env, log, **extra_env):
-    """Start `celery -A config worker` in its own process group; return once it is ready."""
+def spawn_worker(database_url, broker_env, log, concurrency=2, **extra_env):
+    """Start `celery -A config worker` (`concurrency` prefork children) in its own process
+    group; return once it is ready."""
     env = {
         **os.environ,
         **broker_env,
@@ -326,7 +327,7 @@ def spawn_worker(database_url, broker_env, log, **extra_env):
     command = [sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO"]
     command += [
         "--concurrency",
-        "2",
+        str(concurrency),
         "--without-mingle",
         "--without-gossip",
         "-n",
