@@ -78,7 +78,7 @@ def drop_server(server_pk):
             loop.call_soon_threadsafe(found.drop_server, server_pk)
 
 
-_loop_thread = None  # (pid, loop): this process's loop for sync callers, made on first use
+_loop_thread = None  # (pid, loop, thread): this process's loop for sync callers, made on first use
 _loop_thread_lock = threading.Lock()
 
 
@@ -96,12 +96,29 @@ def loop_thread():
     """This process's event loop for sync callers, running on a daemon thread of its own."""
     global _loop_thread
     with _loop_thread_lock:
-        if _loop_thread is None or _loop_thread[0] != os.getpid():
+        found = _loop_thread
+        if found is None or found[0] != os.getpid() or not found[2].is_alive():
             loop = asyncio.new_event_loop()
             thread = threading.Thread(target=loop.run_forever, name="mcp-pool-loop", daemon=True)
             thread.start()
-            _loop_thread = (os.getpid(), loop)
-        return _loop_thread[1]
+            _loop_thread = found = (os.getpid(), loop, thread)
+        return found[1]
+
+
+def close_loop_thread_sessions(timeout=5.0):
+    """Close every open session of this process's loop thread, if it has one, and forget
+    the eras it learned (the tests, between tests: a later server may get the same port)."""
+    found = _loop_thread
+    if found is None or found[0] != os.getpid() or not found[2].is_alive():
+        return
+
+    async def close():
+        with _pools_lock:
+            found_pool = _pools.get(asyncio.get_running_loop())
+        if found_pool is not None:
+            found_pool.close_all()
+
+    asyncio.run_coroutine_threadsafe(close(), found[1]).result(timeout)
 
 
 def run_in_loop_thread(make_coroutine, grace=5.0):
@@ -193,6 +210,15 @@ class Pool:
                 sessions.remove(session)
                 session.close()
         for session in Session.busy_of(self, server_pk):
+            session.retire = True  # closed when its call ends
+
+    def close_all(self):
+        for sessions in self.idle.values():
+            for session in sessions:
+                session.close()
+        self.idle.clear()
+        self.eras.clear()
+        for session in [s for s in Session._busy if s.pool is self]:
             session.retire = True  # closed when its call ends
 
     def _take_idle(self, key):

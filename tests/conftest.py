@@ -55,6 +55,17 @@ def _fast_mcp_timeouts(settings):
 
 
 @pytest.fixture(autouse=True)
+def _no_pooled_sessions_across_tests():
+    """A worker's call run in this process (`ToolCall.run`) leaves its session open on the
+    process's loop thread (integrations/mcp_pool.py): closed after each test, so no test's
+    call meets another test's server on a port the kernel gave out again."""
+    yield
+    from integrations import mcp_pool
+
+    mcp_pool.close_loop_thread_sessions()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_cache():
     """The cache holds rate-limit counters keyed by agent id; ids repeat across tests."""
     cache.clear()

@@ -163,3 +163,13 @@ def test_a_forked_child_makes_a_loop_thread_of_its_own():
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert mcp_pool.loop_thread() is parent
+
+
+def test_the_loop_threads_sessions_can_be_closed_at_once(upstream):
+    mcp_client.call_tool(endpoint_of(upstream), "echo", {"text": "x"}, pooled=True)
+    pool = mcp_pool.run_in_loop_thread(lambda: asyncio.sleep(0, mcp_pool.pool()))
+    assert pool.idle_count() == 1
+    mcp_pool.close_loop_thread_sessions()
+    assert (pool.idle_count(), len(pool.eras)) == (0, 0)
+    mcp_client.call_tool(endpoint_of(upstream), "echo", {"text": "x"}, pooled=True)
+    assert upstream.recording.count("server/discover") == 2  # the era learned again
