@@ -6,9 +6,9 @@ unless pooled) open a fresh session over the server's transport (Streamable HTTP
 SSE transport; "auto" tries Streamable HTTP and falls back to SSE), with the connection guard
 of `netguard`, timeouts, and a cap on response size; `acall_tool` (the web process, and a
 worker's call on its process's loop thread) leases an open Streamable HTTP session from
-`mcp_pool` instead, built the same way. The SDK negotiates the
-protocol era itself: it probes the 2026-07-28 `server/discover` and falls back to the
-`initialize` handshake (a pooled session adopts the era its key's first session found).
+`mcp_pool` instead, built the same way. The SDK negotiates the protocol era itself: it
+probes the 2026-07-28 `server/discover` and falls back to the `initialize` handshake (a
+pooled session adopts the era its key's first session found).
 
 Every failure comes out as `McpError` with a short code, a message fit for an admin page
 (never the URL's path or query, never a token), and `reached_server`: False only when the

@@ -127,9 +127,9 @@ def run_in_loop_thread(make_coroutine, grace=5.0):
 
     Whatever interrupts the wait in the calling thread (Celery's soft time limit raises
     `SoftTimeLimitExceeded` there, from a signal handler) cancels the coroutine on the loop
-    and is raised again once the coroutine has ended, or after `grace` seconds: its leased
-    session is closed, not returned, and nothing of the call carries on behind the caller's
-    back (the hard time limit ends the process anyway)."""
+    and is raised again once the coroutine has ended (`grace` seconds at most): its leased
+    session is closed, not returned, so nothing of the call carries on behind the caller's
+    back (a call that won't end by then is ended by the hard time limit, with the process)."""
     ended = threading.Event()
 
     async def run():
