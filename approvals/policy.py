@@ -414,17 +414,18 @@ class ServedTool:
         }
 
 
-def tools_for_agent(agent):
+def tools_for_agent(agent, server_name=None, tool_name=None):
     """The tools `agent` may call, ordered by server and name, as reviewed. Left out: tools
     the policy refuses (disabled, denied by a rule) and tools no human has reviewed yet (they
     have no reviewed text to show; calling one by name still asks a human). Kept, marked
-    `unavailable`: tools of a server that needs reconnecting (step 7)."""
+    `unavailable`: tools of a server that needs reconnecting (step 7). With `server_name` and
+    `tool_name`, only that one tool, if it is listed (each tool's decision is its own)."""
     prefetch_related_objects([agent], "servers")
+    tools = Tool.objects.listed().filter(server__agents=agent, server__enabled=True)
+    if server_name is not None:
+        tools = tools.filter(server__name=server_name, name=tool_name)
     tools = with_active_rules(
-        Tool.objects.listed()
-        .filter(server__agents=agent, server__enabled=True)
-        .exclude(reviewed_fingerprint="")
-        .order_by("server__name", "name")
+        tools.exclude(reviewed_fingerprint="").order_by("server__name", "name")
     )
     served = []
     for tool in tools:

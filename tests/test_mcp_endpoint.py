@@ -367,6 +367,64 @@ def test_huge_numbers_surrogates_and_deep_nesting_are_invalid_params(toolgate, a
     assert not ToolCall.objects.exists()
 
 
+def _routed(mcp_factory, tool_approval=None):
+    """An upstream whose `route` tool mirrors its `region` argument into `Mcp-Param-Region`
+    (2026-07-28 `x-mcp-header`), and an agent of it."""
+    upstream = mutable_server()
+    upstream.add_tool("route", input_schema={
+        "type": "object",
+        "properties": {"region": {"type": "string", "x-mcp-header": "Region"}},
+        "required": ["region"],
+    })  # fmt: skip
+    server = add_server("routed", mcp_factory(upstream).url)
+    if tool_approval:
+        server.tools.filter(name="route").update(approval=tool_approval)
+    agent, token = Agent.create_with_token("router", servers=[server])
+    agent.token = token
+    return agent
+
+
+def _raw_route(toolgate, agent, headers, endpoint="routed/"):
+    name = "route" if endpoint else "routed__route"
+    body = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+        "name": name, "arguments": {"region": "eu"}, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+            "io.modelcontextprotocol/clientCapabilities": {}}}})  # fmt: skip
+    headers = {
+        "Authorization": f"Bearer {agent.token}", "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2026-07-28",
+        "Mcp-Method": "tools/call", "Mcp-Name": name, **headers,
+    }  # fmt: skip
+    return httpx2.post(f"{toolgate.base_url}/mcp/{endpoint}", headers=headers, content=body)
+
+
+@pytest.mark.parametrize("endpoint", ["routed/", ""])
+def test_mcp_param_headers_must_match_the_listed_schema(toolgate, mcp_factory, endpoint):
+    agent = _routed(mcp_factory)
+    name = "route" if endpoint else "routed__route"
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/{endpoint}", agent.token, "modern") as client:
+            return await client.call_tool(name, {"region": "eu"})  # mirrors the header
+
+    assert text_of(run(go)) == 'called route with {"region": "eu"}'
+    assert _raw_route(toolgate, agent, {"Mcp-Param-Region": "eu"}, endpoint).status_code == 200
+    for headers, problem in [({}, "is missing"), ({"Mcp-Param-Region": "us"}, "does not match")]:
+        response = _raw_route(toolgate, agent, headers, endpoint)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == types.HEADER_MISMATCH and problem in error["message"], error
+    assert ToolCall.objects.count() == 2  # the refused requests stored no call
+
+
+def test_mcp_param_headers_of_a_tool_not_listed_are_not_checked(toolgate, mcp_factory):
+    agent = _routed(mcp_factory, tool_approval=ToolApproval.DISABLED)
+    response = _raw_route(toolgate, agent, {"Mcp-Param-Region": "us"})
+    error = response.json()["error"]  # the call is refused, not the header
+    assert (error["code"], error["message"]) == (types.INVALID_PARAMS, "Unknown tool: route")
+
+
 def test_a_body_over_the_json_apis_limit_is_refused_with_413(toolgate, agent, settings):
     headers = {"Authorization": f"Bearer {agent.token}",
                "Accept": "application/json, text/event-stream"}  # fmt: skip

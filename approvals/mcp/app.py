@@ -27,7 +27,6 @@ import json
 from urllib.parse import parse_qs
 
 import anyio
-import pydantic_core
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
@@ -43,13 +42,14 @@ from mcp_types import INVALID_REQUEST
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from approvals.agent_auth import agent_for, rate_limited, touch
-from approvals.mcp import batches, calls, sessions
+from approvals.mcp import batches, calls, sessions, tools
 from approvals.mcp.events import SessionManager
-from approvals.mcp.server import CALLER, Caller, ToolgateServer
+from approvals.mcp.server import CALLER, LISTED, Caller, ToolgateServer, listed_for_request
 from approvals.policy import agent_refusal
 from integrations.limits import unstorable
 
 PREFIX = "/mcp"
+_UNREAD = batches.UNREAD  # a body that isn't JSON (the SDK answers it), or none was read whole
 
 
 def transport_security():
@@ -75,8 +75,10 @@ def route(path):
 
 
 def _authenticate(authorization, server_name):
-    """The agent, or an HTTP status to refuse with: 401 (no such active agent), 404 (no such
-    server for this agent, whether it doesn't exist or isn't the agent's)."""
+    """The agent, its use recorded, or an HTTP status to refuse with: 401 (no such active
+    agent), 404 (no such server for this agent, whether it doesn't exist or isn't the
+    agent's). One hop to the database thread, as the JSON API's (which records the use of a
+    request it then rate-limits too)."""
     close_old_connections()  # this thread is long-lived; drop connections that went stale
     agent = agent_for(authorization)
     if agent is None:
@@ -85,6 +87,7 @@ def _authenticate(authorization, server_name):
         server = agent.servers.filter(name=server_name).first()
         if server is None or agent_refusal(agent, server):
             return None, 404
+    touch(agent)
     return agent, None
 
 
@@ -135,7 +138,6 @@ class McpApp:
         retry_after = rate_limited(agent)
         if retry_after and scope["method"] != "DELETE":  # ending a session frees, never costs
             return await _rate_limited(send, retry_after)
-        await sync_to_async(touch)(agent)
         scope = {**scope, "user": _user(agent, server_name), CALLER: Caller(agent, server_name)}
         await self._serve(scope, receive, send, server_name, kind, headers)
 
@@ -148,18 +150,39 @@ class McpApp:
         else:
             await self._route(scope, receive, send, server_name, kind, headers)
 
-    async def _route(self, scope, receive, send, server_name, kind, headers):
+    async def _route(self, scope, receive, send, server_name, kind, headers, message=_UNREAD):
+        """`message`: the POSTed body as parsed by `_Envelope` (`_UNREAD` if it isn't JSON, or
+        for any other method), passed on so nothing parses it again before the SDK does."""
         if kind == "messages":
             session_id = "sse:" + (_query(scope, "session_id") or "")
             with sessions.request(session_id, "POST", send) as send:
                 await self.sse.handle_post_message(scope, receive, send)
         elif kind == "sse":
             await self._sse(scope, receive, send, server_name)
-        elif MCP_SESSION_ID_HEADER in headers and not _modern(headers):
+        elif _modern(headers):
+            await self._serve_modern(scope, receive, send, server_name, headers, message)
+        elif MCP_SESSION_ID_HEADER in headers:
             with sessions.request(headers[MCP_SESSION_ID_HEADER], scope["method"], send) as send:
-                await batches.serve(self.manager.handle_request, scope, receive, send)
+                await batches.serve(self.manager.handle_request, scope, receive, send, message)
         else:
-            await batches.serve(self.manager.handle_request, scope, receive, send)
+            await batches.serve(self.manager.handle_request, scope, receive, send, message)
+
+    async def _serve_modern(self, scope, receive, send, server_name, headers, message):
+        """A 2026-07-28 request. Before the SDK runs a `tools/call` that has arguments or
+        `Mcp-Param-*` headers, it checks those headers against the tool's listed schema
+        (`ToolgateServer.get_tool_input_schema`); the tool as listed is looked up here, that
+        one tool on a server's endpoint, instead of the SDK listing every tool for it on each
+        call. On `/mcp/` the same lookup names the tool's server for the call."""
+        name = _called_tool(message, headers, every=not server_name)
+        if name is None:
+            return await self.manager.handle_request(scope, receive, send)
+        caller = scope[CALLER]
+        listed = None
+        if not unstorable(name):  # no query may see a NUL; such a name is listed nowhere
+            listed = await sync_to_async(tools.listed_tool)(caller.agent, caller.scope, name)
+        scope[LISTED] = (name, listed)
+        with listed_for_request((name, listed)):
+            await self.manager.handle_request(scope, receive, send)
 
     async def _sse(self, scope, receive, send, server_name):
         root = f"{PREFIX}/{server_name}" if server_name else PREFIX
@@ -185,11 +208,9 @@ class _Envelope:
 
     async def __call__(self, scope, receive, send):
         message = await receive()
-        problem = (
-            envelope_problem(message.get("body", b""), batches=self.args[1] != "messages")
-            if message["type"] == "http.request"
-            else None
-        )
+        whole = message["type"] == "http.request" and not message.get("more_body", False)
+        value = _parse(message.get("body", b"")) if whole else _UNREAD
+        problem = envelope_problem(value, batches=self.args[1] != "messages")
         if problem:
             return await _jsonrpc_error(send, INVALID_REQUEST, problem)
         replayed = [message]
@@ -197,15 +218,22 @@ class _Envelope:
         async def replay():
             return replayed.pop() if replayed else await receive()
 
-        await self.app(scope, replay, send, *self.args)
+        await self.app(scope, replay, send, *self.args, message=value)
 
 
-def envelope_problem(body, batches=True):
-    """Why a POSTed body is not a JSON-RPC message (or, with `batches`, a batch of at most
-    MAX_BATCH) with usable ids, or None (the SDK answers bodies that aren't JSON itself)."""
+def _parse(body):
+    """The body as the SDK's transports parse it (`json.loads`), or `_UNREAD`."""
     try:
-        value = pydantic_core.from_json(body)
-    except ValueError:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the stack
+        return _UNREAD
+
+
+def envelope_problem(value, batches=True):
+    """Why a POSTed body (parsed: `_parse`) is not a JSON-RPC message (or, with `batches`, a
+    batch of at most MAX_BATCH) with usable ids, or None (the SDK answers bodies that aren't
+    JSON itself)."""
+    if value is _UNREAD:
         return None
     if isinstance(value, list):
         if not batches:
@@ -234,6 +262,26 @@ async def _jsonrpc_error(send, code, message):
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 400, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _called_tool(message, headers, every=False):
+    """The tool a 2026-07-28 `tools/call` names, if the SDK will look up its schema for it:
+    exactly when it does (`_mcp_param_rejection`: arguments that are an object, and either
+    some of them or an `Mcp-Param-*` header); with `every`, for any `tools/call`. Else None."""
+    if not isinstance(message, dict) or message.get("method") != "tools/call":
+        return None
+    params = message.get("params") or {}
+    name = params.get("name") if isinstance(params, dict) else None
+    if not isinstance(name, str):
+        return None
+    if every:
+        return name
+    arguments = params.get("arguments")
+    if arguments is not None and not isinstance(arguments, dict):
+        return None
+    if not arguments and not any(header.startswith("mcp-param-") for header in headers):
+        return None
+    return name
 
 
 def _modern(headers):

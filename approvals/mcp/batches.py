@@ -28,19 +28,24 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
 BATCH_VERSIONS = (None, "2024-11-05", "2025-03-26")  # None: no header, so 2025-03-26 or older
-_UNREAD = object()  # a body left to the SDK: too large, or not JSON
+UNREAD = object()  # a body left to the SDK: too large, or not JSON
+_UNREAD = UNREAD
 
 
-async def serve(handle, scope, receive, send):
+async def serve(handle, scope, receive, send, parsed=UNREAD):
     """Serve one Streamable HTTP request with `handle` (the SDK's); those of the 2026-07-28
-    era (the SDK checks their bodies itself) and all but POSTs go straight to it."""
+    era (the SDK checks their bodies itself) and all but POSTs go straight to it. `parsed`:
+    the body, already read whole and parsed by the caller (`UNREAD`: read and parse it here)."""
     if scope["method"] != "POST" or _version(scope) not in (None, *HANDSHAKE_PROTOCOL_VERSIONS):
         return await handle(scope, receive, send)
-    body, more, receive = await _read(receive)
-    try:
-        message = json.loads(body) if not more else _UNREAD
-    except ValueError:
-        message = _UNREAD  # not JSON: the SDK answers with its parse error
+    if parsed is not UNREAD:
+        message = parsed
+    else:
+        body, more, receive = await _read(receive)
+        try:
+            message = json.loads(body) if not more else _UNREAD
+        except ValueError:
+            message = _UNREAD  # not JSON: the SDK answers with its parse error
     if isinstance(message, list):
         return await _batch(handle, scope, receive, send, message)
     if message is not _UNREAD and not _valid(message):

@@ -35,6 +35,10 @@ from approvals.policy import Code
 from approvals.running import run_here
 from approvals.waiting import wait_until_final
 
+# The ASGI scope key of a 2026-07-28 `tools/call`'s tool as listed to the caller, looked up
+# before the SDK runs the request (approvals/mcp/app.py): (name, served tool or None).
+LISTED = "toolgate.mcp.listed"
+
 # Refusals that mean "no such tool for you": answered alike, so they reveal nothing.
 UNKNOWN = {
     Code.UNKNOWN_SERVER, Code.SERVER_DISABLED, Code.AGENT_INACTIVE, Code.AGENT_NOT_ALLOWED,
@@ -51,7 +55,7 @@ class PROCESS:
 
 async def call_tool(ctx, caller, params):
     arguments = params.arguments or {}
-    server_name, tool_name = await _target(caller, params.name)
+    server_name, tool_name = await _target(ctx, caller, params.name)
     try:
         call, created = await _request(caller.agent, server_name, tool_name, arguments)
     except Refused as refused:
@@ -70,14 +74,19 @@ async def call_tool(ctx, caller, params):
     return await _hold(ctx, call)
 
 
-async def _target(caller, name):
-    """(server, tool) for a tool name on this endpoint."""
+async def _target(ctx, caller, name):
+    """(server, tool) for a tool name on this endpoint; on `/mcp/`, from the lookup done
+    before the request reached the SDK (a 2026-07-28 request) or done here."""
     if caller.scope:
         return caller.scope, name
-    served = await sync_to_async(tools.served_tools)(caller.agent, "")
-    if name not in served:
+    listed = ctx.request.scope.get(LISTED) if ctx.request is not None else None
+    if listed is not None and listed[0] == name:
+        tool = listed[1]
+    else:
+        tool = (await sync_to_async(tools.served_tools)(caller.agent, "")).get(name)
+    if tool is None:
         raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
-    return served[name]["server"], served[name]["name"]
+    return tool["server"], tool["name"]
 
 
 async def _request(agent, server_name, tool_name, arguments):

@@ -4,6 +4,8 @@ The tool list is per agent and per endpoint, so handlers find who is asking in t
 request the SDK hands them (`ctx.request.scope`, set by `approvals.mcp.app`).
 """
 
+import contextlib
+import contextvars
 import warnings
 from dataclasses import dataclass
 
@@ -24,9 +26,11 @@ from mcp_types import (
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
-from approvals.mcp import calls, sessions, tasks
+from approvals.mcp import calls, sessions, tasks, tools
 
 CALLER = "toolgate.mcp.caller"  # the ASGI scope key of the authenticated `Caller`
+LISTED = calls.LISTED
+_listed = contextvars.ContextVar("toolgate.mcp.listed", default=None)
 LOG_LEVELS = ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"]
 
 # The SDK marks the logging feature deprecated as of 2026-07-28; handshake-era clients still use
@@ -52,6 +56,27 @@ class Caller:
         await ctx.session.send_log_message(level, data, logger, related_request_id=ctx.request_id)
 
 
+@contextlib.contextmanager
+def listed_for_request(listed):
+    """While the SDK serves one 2026-07-28 request: the (name, tool as listed) it may ask
+    `listed_schema` for."""
+    token = _listed.set(listed)
+    try:
+        yield
+    finally:
+        _listed.reset(token)
+
+
+def listed_schema(name):
+    """The SDK's `get_tool_input_schema`: the input schema `tools/list` gives the caller for
+    `name` (None: not listed), against which it checks a 2026-07-28 call's `Mcp-Param-*`
+    headers. Without it the SDK runs `tools/list` itself on every such call."""
+    listed = _listed.get()
+    if listed is None or listed[0] != name:  # the SDK skips the check, and logs this
+        raise LookupError(f"The tool {name!r} was not looked up before the request ran.")
+    return None if listed[1] is None else tools.mcp_tool(name, listed[1])["inputSchema"]
+
+
 def _list_ttl_ms():
     return int(settings.MCP_LIST_CHANGED_INTERVAL * 1000)
 
@@ -71,6 +96,7 @@ class ToolgateServer(Server):
             on_call_tool=call_tool,
             # 2026-07-28 clients may keep the list as long as sessions wait to hear of a change.
             cache_hints={"tools/list": CacheHint(ttl_ms=_list_ttl_ms(), scope="private")},
+            get_tool_input_schema=listed_schema,
         )
         self.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
         for method, params, handler in TASK_METHODS:

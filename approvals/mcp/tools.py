@@ -34,6 +34,16 @@ def served_tools(agent, scope):
     return _combined_names(served)
 
 
+def listed_tool(agent, scope, name):
+    """The tool `name` as `served_tools` serves it to the agent on `/mcp/<scope>/`, or None
+    when it isn't listed there: one tool's queries on a server's endpoint, every tool's on
+    `/mcp/` (where the name depends on the agent's other tools)."""
+    if not scope:
+        return served_tools(agent, "").get(name)
+    served = [tool.as_json() for tool in tools_for_agent(agent, scope, name)]
+    return next((tool for tool in served if tool["name"] == name), None)
+
+
 def _combined_names(served):
     plain = {}
     for tool in served:
