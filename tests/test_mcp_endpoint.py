@@ -418,6 +418,22 @@ def test_mcp_param_headers_must_match_the_listed_schema(toolgate, mcp_factory, e
     assert ToolCall.objects.count() == 2  # the refused requests stored no call
 
 
+def test_mcp_param_headers_are_not_checked_when_no_tool_declares_them(toolgate, agent):
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "echo", "arguments": {"text": "hi"}, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+            "io.modelcontextprotocol/clientCapabilities": {}}}}  # fmt: skip
+    headers = {
+        "Authorization": f"Bearer {agent.token}", "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "echo",
+        "Mcp-Param-Text": "not the argument",
+    }  # fmt: skip
+    response = httpx2.post(f"{toolgate.base_url}/mcp/demo/", headers=headers, json=body)
+    assert response.status_code == 200
+    assert response.json()["result"]["content"][0]["text"] == "hi"
+
+
 def test_mcp_param_headers_of_a_tool_not_listed_are_not_checked(toolgate, mcp_factory):
     agent = _routed(mcp_factory, tool_approval=ToolApproval.DISABLED)
     response = _raw_route(toolgate, agent, {"Mcp-Param-Region": "us"})

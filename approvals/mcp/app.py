@@ -74,21 +74,25 @@ def route(path):
     return (parts[0] if parts else ""), kind
 
 
-def _authenticate(authorization, server_name):
-    """The agent, its use recorded, or an HTTP status to refuse with: 401 (no such active
-    agent), 404 (no such server for this agent, whether it doesn't exist or isn't the
+def _authenticate(authorization, server_name, modern_post=False):
+    """The `Caller`, the agent's use recorded, or an HTTP status to refuse with: 401 (no such
+    active agent), 404 (no such server for this agent, whether it doesn't exist or isn't the
     agent's). One hop to the database thread, as the JSON API's (which records the use of a
-    request it then rate-limits too)."""
+    request it then rate-limits too); for a 2026-07-28 POST to a server's endpoint it also
+    finds out whether a tool of the server declares `Mcp-Param-*` headers."""
     close_old_connections()  # this thread is long-lived; drop connections that went stale
     agent = agent_for(authorization)
     if agent is None:
         return None, 401
+    declares_headers = None
     if server_name:
         server = agent.servers.filter(name=server_name).first()
         if server is None or agent_refusal(agent, server):
             return None, 404
+        if modern_post:
+            declares_headers = tools.may_declare_headers(server)
     touch(agent)
-    return agent, None
+    return Caller(agent, server_name, declares_headers), None
 
 
 class McpApp:
@@ -128,17 +132,18 @@ class McpApp:
             return await _error(send, 404, "not_found", "There is no MCP endpoint at this URL.")
         server_name, kind = where
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        agent, status = await sync_to_async(_authenticate)(
-            headers.get("authorization"), server_name
+        modern_post = scope["method"] == "POST" and kind == "http" and _modern(headers)
+        caller, status = await sync_to_async(_authenticate)(
+            headers.get("authorization"), server_name, modern_post
         )
         if status == 401:
             return await _unauthorized(send)
         if status == 404:
             return await _error(send, 404, "not_found", "There is no MCP endpoint at this URL.")
-        retry_after = rate_limited(agent)
+        retry_after = rate_limited(caller.agent)
         if retry_after and scope["method"] != "DELETE":  # ending a session frees, never costs
             return await _rate_limited(send, retry_after)
-        scope = {**scope, "user": _user(agent, server_name), CALLER: Caller(agent, server_name)}
+        scope = {**scope, "user": _user(caller.agent, server_name), CALLER: caller}
         await self._serve(scope, receive, send, server_name, kind, headers)
 
     async def _serve(self, scope, receive, send, server_name, kind, headers):
@@ -172,15 +177,20 @@ class McpApp:
         `Mcp-Param-*` headers, it checks those headers against the tool's listed schema
         (`ToolgateServer.get_tool_input_schema`); the tool as listed is looked up here, that
         one tool on a server's endpoint, instead of the SDK listing every tool for it on each
-        call. On `/mcp/` the same lookup names the tool's server for the call."""
+        call. When no tool of the server declares such headers, there is nothing to check
+        whatever the tool's schema (`Caller.declares_headers`), and nothing is looked up. On
+        `/mcp/` the same lookup names the tool's server for the call."""
         name = _called_tool(message, headers, every=not server_name)
         if name is None:
             return await self.manager.handle_request(scope, receive, send)
         caller = scope[CALLER]
-        listed = None
-        if not unstorable(name):  # no query may see a NUL; such a name is listed nowhere
-            listed = await sync_to_async(tools.listed_tool)(caller.agent, caller.scope, name)
-        scope[LISTED] = (name, listed)
+        if caller.declares_headers is False:
+            listed = None  # as good as any schema here: one without `x-mcp-header` checks none
+        else:
+            listed = None  # a name no query may see (a NUL) is listed nowhere
+            if not unstorable(name):
+                listed = await sync_to_async(tools.listed_tool)(caller.agent, caller.scope, name)
+            scope[LISTED] = (name, listed)
         with listed_for_request((name, listed)):
             await self.manager.handle_request(scope, receive, send)
 

@@ -44,6 +44,9 @@ class Caller:
 
     agent: object
     scope: str
+    # On a server's endpoint, for a 2026-07-28 POST: whether a tool of the server may declare
+    # `Mcp-Param-*` headers (`tools.may_declare_headers`); None: not looked up.
+    declares_headers: bool | None = None
 
     async def log(self, ctx, level, data, logger):
         """Pass on a log message from the upstream server, if the agent asked for that level:

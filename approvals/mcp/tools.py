@@ -13,11 +13,14 @@ import hashlib
 import json
 import re
 
+from django.db.models import TextField
+from django.db.models.functions import Cast
 from mcp.shared.tool_name_validation import TOOL_NAME_REGEX
 
 from approvals.api import decision_json
 from approvals.models import DecidedBy, Status, sentence
 from approvals.policy import tools_for_agent
+from integrations.models import Tool
 
 SEPARATOR = "__"
 MAX_NAME = 128
@@ -42,6 +45,19 @@ def listed_tool(agent, scope, name):
         return served_tools(agent, "").get(name)
     served = [tool.as_json() for tool in tools_for_agent(agent, scope, name)]
     return next((tool for tool in served if tool["name"] == name), None)
+
+
+def may_declare_headers(server):
+    """Whether a tool of `server` may declare `x-mcp-header` (2026-07-28 `Mcp-Param-*`
+    headers) in the schema agents are shown: its reviewed definition names it anywhere. When
+    none does, no header of a call to the server can be checked against a schema, whatever
+    it is: one query instead of looking the tool up as listed."""
+    text = Cast("reviewed_definition", TextField())
+    declaring = Tool.objects.listed().filter(server=server).alias(text=text)
+    return declaring.filter(text__contains=X_MCP_HEADER).exists()
+
+
+X_MCP_HEADER = "x-mcp-header"
 
 
 def _combined_names(served):
