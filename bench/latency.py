@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
 
@@ -265,13 +266,15 @@ def _app_cases(toolgate, name, broker, args, results):
         harness.flush_redis(broker)
     try:
         toolgate.start_app(broker)
-        timings, marks = _api_calls(toolgate, args.calls, args.warmup)
-        results["cases"][name] = _stats(timings)
+        with _web_cpu(toolgate, args) as cpu:
+            timings, marks = _api_calls(toolgate, args.calls, args.warmup)
+        results["cases"][name] = {**_stats(timings), **cpu}
         results["breakdown"][name] = _breakdown(marks)
         if name in ("api_file", "api_pg"):
             print("  MCP endpoint, one open session ...", flush=True)
-            mcp = asyncio.run(_mcp_open_session(toolgate, args.calls, args.warmup))
-            results["cases"]["mcp_pg" if name == "api_pg" else "mcp_open"] = _stats(mcp)
+            with _web_cpu(toolgate, args) as cpu:
+                mcp = asyncio.run(_mcp_open_session(toolgate, args.calls, args.warmup))
+            results["cases"]["mcp_pg" if name == "api_pg" else "mcp_open"] = {**_stats(mcp), **cpu}
         if args.seconds > 0:
             print(f"  throughput, {args.concurrency} agents, {args.seconds:.0f} s ...", flush=True)
             results["throughput"][name] = throughput.measure(
@@ -281,6 +284,19 @@ def _app_cases(toolgate, name, broker, args, results):
         toolgate.stop_app()
         if broker.startswith("redis"):
             harness.flush_redis(broker)
+
+
+@contextlib.contextmanager
+def _web_cpu(toolgate, args):
+    """Fills the dict it yields with the web process's CPU (user + system) per call of the
+    case run inside, warm-up calls included: `web_cpu_ms`."""
+    import psutil
+
+    web = psutil.Process(toolgate.web.pid)
+    before = sum(web.cpu_times()[:2])
+    figures = {}
+    yield figures
+    figures["web_cpu_ms"] = (sum(web.cpu_times()[:2]) - before) * 1000 / (args.calls + args.warmup)
 
 
 def _postgres_run(argv, notes):
@@ -323,7 +339,8 @@ def report(results, title="Latency of one echo call"):
     lines = [
         "",
         f"{title}, {results['calls']} sequential calls per case (ms):",
-        f"  {'case':<36} {'median':>8} {'p95':>8} {'/open':>8} {'p95/open':>9} {'/fresh':>8}",
+        f"  {'case':<36} {'median':>8} {'p95':>8} {'/open':>8} {'p95/open':>9} {'/fresh':>8}"
+        f" {'web CPU':>8}",
     ]
     for name, label in LABELS.items():
         if name not in cases:
@@ -334,9 +351,12 @@ def report(results, title="Latency of one echo call"):
             open_ratio, p95_ratio = _ratios(cases, name)
             fresh_ratio = stats["median_ms"] / cases["direct_fresh"]["median_ms"]
             row += f" {open_ratio:7.1f}x {p95_ratio:8.1f}x {fresh_ratio:7.1f}x"
+            if "web_cpu_ms" in stats:
+                row += f" {stats['web_cpu_ms']:8.1f}"
         lines.append(row)
     lines.append(
-        "  (ratios: Toolgate / direct on an open session, median and p95; / fresh session)"
+        "  (ratios: Toolgate / direct on an open session, median and p95; / fresh session;"
+        " web CPU: ms of the web process per call)"
     )
     for name, phases in results["breakdown"].items():
         parts = ", ".join(f"{phase} {ms:.1f}" for phase, ms in phases.items())
