@@ -29,7 +29,6 @@ from pydantic import ValidationError
 
 BATCH_VERSIONS = (None, "2024-11-05", "2025-03-26")  # None: no header, so 2025-03-26 or older
 UNREAD = object()  # a body left to the SDK: too large, or not JSON
-_UNREAD = UNREAD
 
 
 async def serve(handle, scope, receive, send, parsed=UNREAD):
@@ -43,12 +42,12 @@ async def serve(handle, scope, receive, send, parsed=UNREAD):
     else:
         body, more, receive = await _read(receive)
         try:
-            message = json.loads(body) if not more else _UNREAD
+            message = json.loads(body) if not more else UNREAD
         except ValueError:
-            message = _UNREAD  # not JSON: the SDK answers with its parse error
+            message = UNREAD  # not JSON: the SDK answers with its parse error
     if isinstance(message, list):
         return await _batch(handle, scope, receive, send, message)
-    if message is not _UNREAD and not _valid(message):
+    if message is not UNREAD and not _valid(message):
         request_id = message.get("id") if isinstance(message, dict) else None
         request_id = request_id if isinstance(request_id, str | int) else None
         return await _refuse(send, "Invalid Request: not a JSON-RPC message.", request_id)
