@@ -157,7 +157,7 @@ async def tool_calls(request):
     except Refused as refused:
         extra = {"details": refused.details} if refused.details else {}
         return error(refused.status, refused.code, refused.message, **extra)
-    if created and call.status == Status.APPROVED and wait > 0:
+    if created and call.claimed_at_insert:
         await run_here(call, wait)  # the agent waits: run it here rather than through a worker
     if not call.is_final:  # else `call` is as it was stored, its result included
         call = await _call_after_wait(request.agent, call.pk, wait)

@@ -135,6 +135,11 @@ class ToolCall(models.Model):
     error_message = EncryptedTextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
 
+    # Not a column: True on the very object a request stored as `running` to run it itself
+    # (`_store` with `run_here`); `arun` then needs no claim, and takes the flag, so that one
+    # object runs once.
+    claimed_at_insert = False
+
     requested_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -425,16 +430,19 @@ class ToolCall(models.Model):
         self._record(result, declined)
         return False
 
-    async def arun(self, *, on_progress=None, on_log=None, just_decided=False):
+    async def arun(self, *, on_progress=None, on_log=None):
         """`run()` in the caller's event loop, for an agent waiting in the web process: the same
         claim (`approved → running`) and finish transitions, so exactly-once holds. A web
         process lost mid-call leaves the call `running`, and the sweeper makes it `unknown`.
         A call that must be retried (it never reached the server) goes to a worker.
 
-        `just_decided`: the policy decided this call in this very request, from the rows as
-        they are, moments ago; the claim does not ask it again.
+        A call this very request stored as `running` (`claimed_at_insert`: the policy decided
+        it moments ago, from the rows as they are) is not claimed again, nor the policy asked
+        again: the insert was its claim.
         """
-        if not await sync_to_async(self._claim)(recheck=not just_decided):
+        if self.claimed_at_insert:
+            self.claimed_at_insert = False
+        elif not await sync_to_async(self._claim)():
             return
         declined = []
         try:
@@ -614,10 +622,11 @@ def request_tool_call(
     MCP endpoint) is `arequest_tool_call`, the same steps.
 
     A refused request raises `Refused` and leaves only a `blocked` call behind, for the audit.
-    An auto-approved call is enqueued for a worker after commit, unless `run_here`: then the
-    caller runs it itself (`await call.arun()`), and the sweeper enqueues it should the caller
-    never claim it. With `reattach`, the agent's `twin_to_reattach` of the request, if any, is
-    returned instead of a new call (the MCP endpoint's retries).
+    An auto-approved call is enqueued for a worker after commit, unless `run_here`: then it is
+    stored already claimed (`running`, `claimed_at_insert`) and the caller runs it itself
+    (`await call.arun()`); should the caller never get to run it, the sweeper makes it
+    `unknown` like any call lost mid-run. With `reattach`, the agent's `twin_to_reattach` of
+    the request, if any, is returned instead of a new call (the MCP endpoint's retries).
     """
     request = _open_request(agent, server_name, tool_name, arguments, idempotency_key, reattach)
     if request.undecided:
@@ -809,6 +818,12 @@ def _store(call, decision, run_here):
     now = timezone.now()
     if decision.outcome == policy.Outcome.RUN:
         call.status, call.decided_by, call.decided_at = Status.APPROVED, DecidedBy.AUTO, now
+        if run_here:
+            # Stored already claimed, in the insert's own commit: no worker, sweeper or other
+            # request can claim a row that was never `approved`, and this request runs it
+            # (`arun`) without a claim of its own. Lost with its web process, it stays
+            # `running` and the sweeper makes it `unknown`, like a call whose worker vanished.
+            call.status, call.started_at = Status.RUNNING, now
     else:
         call.status = Status.PENDING_APPROVAL
         call.expires_at = now + timedelta(seconds=settings.APPROVAL_TIMEOUT)
@@ -825,9 +840,10 @@ def _store(call, decision, run_here):
                 _check_same_request(existing, call.server_name, call.tool_name, call.arguments)
                 return existing, False
         raise
+    call.claimed_at_insert = call.status == Status.RUNNING
     if call.status == Status.PENDING_APPROVAL:
         notify("call.pending", call)
-    elif not run_here:
+    elif call.status == Status.APPROVED:
         call.enqueue()
     return call, True
 

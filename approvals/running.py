@@ -7,11 +7,11 @@ _runs = set()  # runs started here, kept referenced until they finish
 
 
 async def run_here(call, timeout=None, **callbacks):
-    """Run `call`, which this request has just stored as auto-approved (`ToolCall.arun`), and
-    return when it has finished, or after `timeout` seconds. The run is not tied to the
-    waiting agent: once claimed, it finishes and records its result even if the agent goes
-    away or stops waiting."""
-    run = asyncio.ensure_future(call.arun(just_decided=True, **callbacks))
+    """Run `call`, which this request has just stored auto-approved and already claimed
+    (`running`, `ToolCall.claimed_at_insert`; `ToolCall.arun`), and return when it has
+    finished, or after `timeout` seconds. The run is not tied to the waiting agent: it
+    finishes and records its result even if the agent goes away or stops waiting."""
+    run = asyncio.ensure_future(call.arun(**callbacks))
     _runs.add(run)
     run.add_done_callback(_runs.discard)
     await asyncio.wait([run], timeout=timeout)

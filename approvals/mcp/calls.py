@@ -30,7 +30,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
 from approvals.mcp import tasks, tools
-from approvals.models import Refused, Status, ToolCall, arequest_tool_call
+from approvals.models import Refused, ToolCall, arequest_tool_call
 from approvals.policy import Code
 from approvals.running import run_here
 from approvals.waiting import wait_until_final
@@ -60,7 +60,7 @@ async def call_tool(ctx, caller, params):
         call, created = await _request(caller.agent, server_name, tool_name, arguments)
     except Refused as refused:
         return _refusal(refused, params.name)
-    if created and call.status == Status.APPROVED:
+    if created and call.claimed_at_insert:  # auto-approved, stored `running` to run here
         await _run_here(ctx, caller, call)
     if not created or not call.is_final:  # else `call` is as the run stored it
         call = await _reload(call)  # a twin re-attached to is read with few of its fields

@@ -1,0 +1,118 @@
+"""What one auto-approved ``POST /api/v1/tool-calls?wait=30`` costs the web process, counted
+rather than timed (so it doesn't move with the machine's load): SQL statements (writes among
+them), commits, and hops from the event loop to a thread (the shared database thread or the
+validation threads), each a GIL hand-over and a wake-up of the loop.
+
+``python -m bench.counts [--calls N]``: a throw-away Toolgate (`bench.harness.Toolgate`: its
+SQLite database, the demo MCP server), the ASGI application in this process (httpx2's
+`ASGITransport`), one agent calling ``echo`` back to back; the figures are per call, averaged
+over the calls after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import threading
+
+from bench import harness
+
+BODY = {"server": harness.SERVER_NAME, "tool": "echo", "arguments": {"text": "hi"}}
+
+
+class Counter:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self):
+        self.statements, self.writes, self.commits, self.hops = 0, 0, 0, 0
+        self.sql = []
+
+    def patch(self):
+        from django.db.backends.base.base import BaseDatabaseWrapper
+        from django.db.backends.utils import CursorWrapper
+
+        counter = self
+        execute = CursorWrapper._execute
+        commit = BaseDatabaseWrapper.commit
+        run_in_executor = asyncio.BaseEventLoop.run_in_executor
+
+        def counted_execute(self, sql, params, *ignored):
+            with counter.lock:
+                counter.statements += 1
+                counter.writes += sql.lstrip().split(" ", 1)[0].upper() in WRITES
+                counter.sql.append(sql[:90])
+            return execute(self, sql, params, *ignored)
+
+        def counted_commit(self):
+            with counter.lock:
+                counter.commits += 1
+            return commit(self)
+
+        def counted_run_in_executor(self, executor, func, *args):
+            counter.hops += 1
+            return run_in_executor(self, executor, func, *args)
+
+        CursorWrapper._execute = counted_execute
+        BaseDatabaseWrapper.commit = counted_commit
+        asyncio.BaseEventLoop.run_in_executor = counted_run_in_executor
+
+
+WRITES = {"INSERT", "UPDATE", "DELETE"}
+
+
+async def _calls(counter, token, warmup, calls):
+    import httpx2
+
+    from config.asgi import application
+
+    transport = httpx2.ASGITransport(app=application)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx2.AsyncClient(
+        transport=transport, base_url="http://127.0.0.1", headers=headers, timeout=60
+    ) as http:
+        for i in range(warmup + calls):
+            if i == warmup:
+                counter.reset()
+            response = await http.post("/api/v1/tool-calls", params={"wait": 30}, json=BODY)
+            if response.status_code != 201 or response.json()["status"] != "succeeded":
+                raise harness.BenchError(f"The call did not succeed: {response.text[:300]}")
+            if i == warmup:
+                first = list(counter.sql)
+    return first
+
+
+def run(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.counts", description=__doc__)
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--sql", action="store_true", help="print one call's statements")
+    options = parser.parse_args(argv)
+    with harness.Toolgate("no_approval") as toolgate:
+        counter = Counter()
+        counter.patch()
+        first = asyncio.run(_calls(counter, toolgate.token, options.warmup, options.calls))
+        n = options.calls
+        figures = {
+            "statements": counter.statements / n,
+            "writes": counter.writes / n,
+            "commits": counter.commits / n,
+            "hops": counter.hops / n,
+        }
+    print(
+        f"per auto-approved POST /api/v1/tool-calls?wait=30 ({n} calls): "
+        + ", ".join(f"{name} {value:.2f}" for name, value in figures.items())
+    )
+    if options.sql:
+        print("\n".join(f"  {sql}" for sql in first))
+    return figures
+
+
+if __name__ == "__main__":
+    harness.interrupt_on_signals()
+    try:
+        run(sys.argv[1:])
+    except harness.BenchError as exc:
+        sys.exit(f"counts: FAILED: {exc}")

@@ -1,0 +1,150 @@
+"""An auto-approved call of an agent that waits (`POST /api/v1/tool-calls?wait=`, the MCP
+endpoint) runs in the web process: what it costs there (issue 11), and that exactly-once holds
+on the shorter path. The timings are in bench/README.md ("hot path"); these pin the rows it
+writes and the queries it makes."""
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from approvals.models import DecidedBy, Status, ToolCall, request_tool_call
+from integrations.models import Agent, ApprovalMode, McpServer
+from tests.mcp_servers import start
+from tests.test_mcp_pool import Loop, Recording
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def loop():
+    running = Loop()
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def upstream():
+    recording = Recording()
+    with start(recording) as running:
+        running.recording = recording
+        yield running
+
+
+def add_demo(running, mode=ApprovalMode.NO_APPROVAL):
+    server = McpServer.objects.create(
+        name="demo", url=running.url, allow_private_network=True, approval_mode=mode
+    )
+    assert server.sync_tools().ok
+    return server
+
+
+@pytest.fixture
+def statuses():
+    """Every status the database ever stored for a call, in order: {call id: [status, …]},
+    recorded by a trigger, so whatever wrote it (a request, a worker, the sweeper)."""
+    vendor = connection.vendor
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE status_log (id SERIAL, call_id INTEGER, status TEXT)"
+                       if vendor == "postgresql" else
+                       "CREATE TABLE status_log (id INTEGER PRIMARY KEY, call_id INTEGER, "
+                       "status TEXT)")  # fmt: skip
+        if vendor == "postgresql":
+            cursor.execute(
+                "CREATE FUNCTION log_status() RETURNS trigger AS $$ BEGIN "
+                "INSERT INTO status_log (call_id, status) VALUES (NEW.id, NEW.status); "
+                "RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+            for event in ("INSERT", "UPDATE"):
+                cursor.execute(
+                    f"CREATE TRIGGER log_{event.lower()} AFTER {event} ON approvals_toolcall "
+                    "FOR EACH ROW EXECUTE FUNCTION log_status()"
+                )
+        else:
+            log = "INSERT INTO status_log (call_id, status) VALUES (NEW.id, NEW.status);"
+            for event in ("INSERT", "UPDATE"):
+                cursor.execute(
+                    f"CREATE TRIGGER log_{event.lower()} AFTER {event} ON approvals_toolcall "
+                    "BEGIN " + log + " END"
+                )
+
+    def read():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT call_id, status FROM status_log ORDER BY id")
+            log = {}
+            for call_id, status in cursor.fetchall():
+                log.setdefault(call_id, []).append(status)
+            return log
+
+    yield read
+    with connection.cursor() as cursor:  # a transaction=True test keeps what it made
+        for event in ("insert", "update"):
+            on = " ON approvals_toolcall" if vendor == "postgresql" else ""
+            cursor.execute(f"DROP TRIGGER IF EXISTS log_{event}{on}")
+        if vendor == "postgresql":
+            cursor.execute("DROP FUNCTION IF EXISTS log_status()")
+        cursor.execute("DROP TABLE IF EXISTS status_log")
+
+
+@pytest.mark.django_db(transaction=True)  # the loop's thread has a connection of its own
+def test_a_call_run_here_is_stored_claimed_and_runs_once(loop, upstream, statuses):
+    server = add_demo(upstream)
+    agent, _ = Agent.create_with_token("bot", [server])
+    call, created = request_tool_call(agent, "demo", "echo", {"text": "hi"}, run_here=True)
+    assert created and call.claimed_at_insert
+    stored = ToolCall.objects.get(pk=call.pk)
+    assert (stored.status, stored.decided_by) == (Status.RUNNING, DecidedBy.AUTO)
+    assert stored.decided_at == stored.started_at is not None
+    assert not stored.claimed_at_insert  # only the request's own object runs it
+    # Nobody else can claim it: a worker's message (a redelivery, the sweeper's) and another
+    # request's run both find it taken.
+    assert not stored.run()
+    loop.run(stored.arun())
+    assert upstream.recording.count("tools/call") == 0
+    loop.run(call.arun())
+    loop.run(call.arun())  # the same object once more: nothing
+    assert upstream.recording.count("tools/call") == 1
+    call.refresh_from_db()
+    assert (call.status, call.result_content[0]["text"], call.attempts) == (
+        Status.SUCCEEDED, "hi", 1
+    )  # fmt: skip
+    # It was never `approved`, for anyone to see: no worker or sweeper could have taken it.
+    assert statuses()[call.pk] == [Status.RUNNING, Status.SUCCEEDED]
+
+
+def test_a_call_for_a_worker_is_still_stored_approved(
+    upstream, statuses, django_capture_on_commit_callbacks
+):
+    server = add_demo(upstream)
+    agent, _ = Agent.create_with_token("bot", [server])
+    with django_capture_on_commit_callbacks() as enqueued:
+        call, _ = request_tool_call(agent, "demo", "echo", {"text": "hi"})
+    assert (call.status, call.started_at, call.claimed_at_insert) == (Status.APPROVED, None, False)
+    assert len(enqueued) == 1
+    assert statuses()[call.pk] == [Status.APPROVED]
+
+
+def test_a_call_to_run_here_whose_web_process_died_becomes_unknown_not_rerun(upstream, settings):
+    """Stored `running`, then the process is gone before (or while) it runs: the sweeper
+    does not hand it to a worker (it may have reached the server) but to a human."""
+    server = add_demo(upstream)
+    agent, _ = Agent.create_with_token("bot", [server])
+    call, _ = request_tool_call(agent, "demo", "echo", {"text": "hi"}, run_here=True)
+    long_ago = timezone.now() - timedelta(
+        seconds=max(settings.TOOL_CALL_LOST_AFTER, settings.TOOL_CALL_REQUEUE_AFTER) + 1
+    )
+    ToolCall.objects.filter(pk=call.pk).update(decided_at=long_ago, started_at=long_ago)
+    assert ToolCall.sweep() == {"expired": 0, "requeued": 0, "unknown": 1}
+    call.refresh_from_db()
+    assert (call.status, call.error_code) == (Status.UNKNOWN, "worker_lost")
+    assert upstream.recording.count("tools/call") == 0
+
+
+def test_a_call_needing_a_human_is_pending_even_when_the_agent_waits(upstream):
+    server = add_demo(upstream, mode=ApprovalMode.ALWAYS_ASK)
+    agent, _ = Agent.create_with_token("bot", [server])
+    call, _ = request_tool_call(agent, "demo", "echo", {"text": "hi"}, run_here=True)
+    assert (call.status, call.started_at, call.claimed_at_insert) == (
+        Status.PENDING_APPROVAL, None, False
+    )  # fmt: skip
