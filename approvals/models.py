@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,7 +19,6 @@ from asgiref.sync import sync_to_async
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import connection, models, transaction
-from django.db.models import prefetch_related_objects
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
@@ -692,7 +691,9 @@ class _Request:
     def decide(self):
         call = self.call
         with _no_queries():
-            self.decision = policy.decide(call.agent, call.tool, call.arguments, rules=self.rules)
+            self.decision = policy.decide(
+                call.agent, call.tool, call.arguments, rules=self.rules, assigned=True
+            )
 
 
 @contextmanager
@@ -735,7 +736,8 @@ def _open_request(agent, server_name, tool_name, arguments, idempotency_key, rea
     )
     if decision is not None:
         return _Request(call, decision=decision)
-    prefetch_related_objects([agent], "servers")
+    # The decision reads no more rows: the tool was found through the agent's servers
+    # (`assigned`), and its rules are read now (none, without a query, if the server has none).
     return _Request(call, rules=policy.applicable_rules(agent, tool))
 
 
@@ -828,7 +830,9 @@ def _store(call, decision, run_here):
         call.status = Status.PENDING_APPROVAL
         call.expires_at = now + timedelta(seconds=settings.APPROVAL_TIMEOUT)
     try:
-        with transaction.atomic():
+        # Only a key can make the insert fail for a race (below); a savepoint for it, so that
+        # a caller's transaction survives. Without one, the insert is its own commit.
+        with transaction.atomic() if call.idempotency_key else nullcontext():
             call.save()
     except Exception:
         # Two requests with one idempotency key raced; the first one stored wins.

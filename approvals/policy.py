@@ -130,8 +130,9 @@ def _refuse(code, message, details=()):
 
 
 def decide(
-    agent, tool, arguments=None, *, fingerprint=None, requested_at=None, validate=True, rules=None
-):
+    agent, tool, arguments=None, *, fingerprint=None, requested_at=None, validate=True, rules=None,
+    assigned=False,
+):  # fmt: skip
     """Run, ask or refuse a call of `agent` to `tool` with `arguments`, and why.
 
     `arguments=None` decides for the tool itself (tool lists, admin labels): personal data and
@@ -140,8 +141,10 @@ def decide(
     definition when requested; a different one now refuses) and `requested_at` (the `now` of
     rule conditions). `validate=False` skips the schema (arguments already checked against
     this very definition). `rules` are the rules to apply (default: the active ones in scope).
+    `assigned`: the agent is known to have the tool's server (`find_tool` found the tool
+    through the agent's servers, moments ago), so its servers are not read again.
     """
-    decision = _decide(agent, tool, arguments, fingerprint, requested_at, validate, rules)
+    decision = _decide(agent, tool, arguments, fingerprint, requested_at, validate, rules, assigned)
     if decision.outcome == Outcome.REFUSE or not tool.server.reconnect_reason:
         return decision
     return Decision(
@@ -159,8 +162,8 @@ def reconnect_reason(server):
     return Reason(Code.NEEDS_RECONNECT, message)
 
 
-def _decide(agent, tool, arguments, fingerprint, requested_at, validate, rules):
-    refusal = _refusal(agent, tool, fingerprint)
+def _decide(agent, tool, arguments, fingerprint, requested_at, validate, rules, assigned):
+    refusal = _refusal(agent, tool, fingerprint, assigned)
     if refusal:
         return Decision(Outcome.REFUSE, (refusal,))
     rules = applicable_rules(agent, tool) if rules is None else rules
@@ -183,10 +186,10 @@ def _decide(agent, tool, arguments, fingerprint, requested_at, validate, rules):
     return Decision(outcome, (mode_reason,))
 
 
-def _refusal(agent, tool, fingerprint):
+def _refusal(agent, tool, fingerprint, assigned=False):
     if tool is None:
         return Reason(Code.TOOL_REMOVED, "The tool is no longer offered by the server.")
-    refusal = agent_refusal(agent, tool.server)
+    refusal = agent_refusal(agent, tool.server, assigned)
     if refusal:
         return refusal
     if tool.removed:
@@ -201,11 +204,12 @@ def _refusal(agent, tool, fingerprint):
     return None
 
 
-def agent_refusal(agent, server):
-    """Why `agent` may not call tools of `server` now, or None. (`agent=None`: any agent.)"""
+def agent_refusal(agent, server, assigned=False):
+    """Why `agent` may not call tools of `server` now, or None. (`agent=None`: any agent;
+    `assigned`: the agent is known to have the server.)"""
     if agent is not None and not agent.is_active:
         return Reason(Code.AGENT_INACTIVE, f"The agent {agent.name!r} has been deactivated.")
-    if agent is not None and server.pk not in {s.pk for s in agent.servers.all()}:
+    if agent is not None and not assigned and server.pk not in {s.pk for s in agent.servers.all()}:
         return Reason(
             Code.AGENT_NOT_ALLOWED,
             f"The agent {agent.name!r} may no longer use the MCP server {server.name!r}.",
@@ -340,20 +344,32 @@ def applicable_rules(agent, tool):
 def find_tool(agent, server_name, tool_name):
     """(server, tool, refusal) for a request naming a server and a tool; refusal is a Decision
     or None. A server the agent may not use gets the very answer of one that doesn't exist,
-    with the same queries, so an agent can't learn which server names exist."""
+    with the same queries, so an agent can't learn which server names exist.
+
+    A tool found is found through the agent's servers, with its server, in one query, which
+    also says whether the server has active rules: without any, `applicable_rules` is
+    answered without a query (the server's `active_rules` is set to none)."""
+    has_rules = PolicyRule.objects.active().filter(server_id=models.OuterRef("server_id"))
+    tool = (
+        Tool.objects.listed()
+        .filter(server__agents=agent, server__name=server_name, name=tool_name)
+        .select_related("server__oauth")
+        .annotate(server_has_rules=models.Exists(has_rules))
+        .first()
+    )
+    if tool is not None:
+        if not tool.server_has_rules:
+            tool.server.active_rules = []
+        return tool.server, tool, None
     server = agent.servers.select_related("oauth").filter(name=server_name).first()
     if server is None:
         message = f"This agent has no MCP server named {server_name!r}."
         return None, None, _refuse(Code.UNKNOWN_SERVER, message)
-    tool = Tool.objects.listed().filter(server=server, name=tool_name).first()
-    if tool is None:
-        refusal = agent_refusal(agent, server)
-        if refusal:
-            return server, None, Decision(Outcome.REFUSE, (refusal,))
-        message = f"{server_name!r} has no tool named {tool_name!r}."
-        return server, None, _refuse(Code.UNKNOWN_TOOL, message)
-    tool.server = server
-    return server, tool, None
+    refusal = agent_refusal(agent, server)
+    if refusal:
+        return server, None, Decision(Outcome.REFUSE, (refusal,))
+    message = f"{server_name!r} has no tool named {tool_name!r}."
+    return server, None, _refuse(Code.UNKNOWN_TOOL, message)
 
 
 # What agents are shown ------------------------------------------------------------------------

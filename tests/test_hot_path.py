@@ -7,9 +7,11 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from approvals.models import DecidedBy, Status, ToolCall, request_tool_call
+from approvals.rules import PolicyRule
 from integrations.models import Agent, ApprovalMode, McpServer
 from tests.mcp_servers import start
 from tests.test_mcp_pool import Loop, Recording
@@ -148,3 +150,53 @@ def test_a_call_needing_a_human_is_pending_even_when_the_agent_waits(upstream):
     assert (call.status, call.started_at, call.claimed_at_insert) == (
         Status.PENDING_APPROVAL, None, False
     )  # fmt: skip
+
+
+def waited_call(client, token, server="demo", tool="echo"):
+    body = {"server": server, "tool": tool, "arguments": {"text": "hi"}}
+    return client.post(
+        "/api/v1/tool-calls?wait=10", body, content_type="application/json",
+        headers={"Authorization": f"Bearer {token}"},
+    )  # fmt: skip
+
+
+def test_an_auto_approved_waited_call_makes_five_queries(
+    client, upstream, django_assert_num_queries
+):
+    """The agent; the tool with its server (through the agent's servers) and whether the
+    server has rules; the insert, as `running` (in a transaction: BEGIN, INSERT); the result.
+    No claim, no second read of the agent's servers, no rules query for a server without."""
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    waited_call(client, token)  # warm: the agent's last use is written once a minute
+    with django_assert_num_queries(4) as queries:
+        answer = waited_call(client, token).json()
+    assert (answer["status"], answer["result"]["content"][0]["text"]) == ("succeeded", "hi")
+    writes = [q["sql"].split(" ", 1)[0] for q in queries.captured_queries[2:]]
+    assert writes == ["INSERT", "UPDATE"]
+
+
+def test_a_server_with_rules_costs_one_query_more_and_its_rules_apply(
+    client, upstream, django_assert_num_queries
+):
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    waited_call(client, token)
+    PolicyRule.objects.create(server=server, condition='args.text == "hi"', action="deny")
+    with django_assert_num_queries(4):  # the agent, the tool, the rules, the refusal's row
+        answer = waited_call(client, token).json()
+    assert answer["error"]["code"] == "rule_denied"
+
+
+def test_a_server_the_agent_may_not_use_costs_the_queries_of_one_that_does_not_exist(client):
+    mine = McpServer.objects.create(name="mine", url="https://mcp.example.com/mcp")
+    _, token = Agent.create_with_token("bot", [mine])
+    waited_call(client, token, server="other")  # warm: the agent's last use
+    with CaptureQueriesContext(connection) as missing:
+        before = waited_call(client, token, server="other")
+    McpServer.objects.create(name="other", url="https://mcp.example.com/mcp")
+    with CaptureQueriesContext(connection) as not_mine:
+        after = waited_call(client, token, server="other")
+    assert (after.status_code, after.content) == (before.status_code, before.content)
+    assert before.json()["error"]["code"] == "unknown_server"
+    assert len(not_mine.captured_queries) == len(missing.captured_queries)
