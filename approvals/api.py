@@ -15,7 +15,7 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from approvals.agent_auth import agent_for, rate_limited, touch
-from approvals.models import Refused, Status, ToolCall, arequest_tool_call
+from approvals.models import Refused, Status, ToolCall, afinish_tool_call, open_tool_call
 from approvals.policy import tools_for_agent
 from approvals.running import run_here
 from approvals.waiting import wait_until_final
@@ -26,27 +26,32 @@ def error(status, code, message, **extra):
     return JsonResponse({"error": {"code": code, "message": message, **extra}}, status=status)
 
 
-def api(*methods):
-    """Authenticate the agent, rate-limit it and check the method; the view gets `request.agent`."""
+def api(*methods, prepare=None):
+    """Authenticate the agent, check the method and rate-limit it; the view gets
+    `request.agent`. `prepare(request, agent)`, if given, is the view's first database work,
+    done in the same hop as the agent's lookup once the request got that far; the view gets
+    what it returned as `request.prepared`."""
 
     def decorator(view):
         @csrf_exempt
         @wraps(view)
         async def wrapper(request, *args, **kwargs):
             header = request.headers.get("Authorization", "")
-            agent = await sync_to_async(_seen_agent)(header)
+            allowed = request.method in methods
+            agent, retry_after, prepared = await sync_to_async(_admit)(
+                header, allowed, prepare, request
+            )
             if agent is None:
                 response = error(401, "unauthorized", "Missing or invalid agent token.")
                 response["WWW-Authenticate"] = 'Bearer realm="toolgate"'
                 return response
-            if request.method not in methods:
+            if not allowed:
                 return error(405, "method_not_allowed", f"Use {' or '.join(methods)}.")
-            retry_after = rate_limited(agent)
             if retry_after:
                 response = error(429, "rate_limited", "Too many requests; slow down.")
                 response["Retry-After"] = str(retry_after)
                 return response
-            request.agent = agent
+            request.agent, request.prepared = agent, prepared
             return await view(request, *args, **kwargs)
 
         return wrapper
@@ -54,12 +59,20 @@ def api(*methods):
     return decorator
 
 
-def _seen_agent(header):
-    """The agent of the token, its last use recorded: one hop to the database thread."""
+def _admit(header, allowed, prepare, request):
+    """(agent, retry_after, prepared) in one hop to the database thread: the agent of the
+    token, its last use recorded; then, for a method the view takes, one request counted
+    against its rate limit; then, within the limit, the view's `prepare`."""
     agent = agent_for(header)
-    if agent is not None:
-        touch(agent)
-    return agent
+    if agent is None:
+        return None, 0, None
+    touch(agent)
+    if not allowed:
+        return agent, 0, None
+    retry_after = rate_limited(agent)
+    if retry_after or prepare is None:
+        return agent, retry_after, None
+    return agent, 0, prepare(request, agent)
 
 
 def _wait_seconds(request):
@@ -135,8 +148,14 @@ async def tools(request):
     return JsonResponse({"tools": [tool.as_json() for tool in served]})
 
 
-@api("POST")
-async def tool_calls(request):
+def _refusal(refused):
+    extra = {"details": refused.details} if refused.details else {}
+    return error(refused.status, refused.code, refused.message, **extra)
+
+
+def _open_call(request, agent):
+    """(wait, the request looked up: `open_tool_call`), or the error response: `tool_calls`'s
+    database work before the decision, in the agent's hop (`api(prepare=…)`)."""
     try:
         wait = _wait_seconds(request)
         body = _parse(request)
@@ -146,17 +165,22 @@ async def tool_calls(request):
         limit = settings.API_MAX_BODY_BYTES
         return error(413, "too_large", f"The request body is larger than {limit} bytes.")
     try:
-        call, created = await arequest_tool_call(
-            request.agent,
-            body["server"],
-            body["tool"],
-            body["arguments"],
-            body["idempotency_key"],
-            run_here=wait > 0,
+        return wait, open_tool_call(
+            agent, body["server"], body["tool"], body["arguments"], body["idempotency_key"]
         )
     except Refused as refused:
-        extra = {"details": refused.details} if refused.details else {}
-        return error(refused.status, refused.code, refused.message, **extra)
+        return _refusal(refused)
+
+
+@api("POST", prepare=_open_call)
+async def tool_calls(request):
+    if isinstance(request.prepared, JsonResponse):
+        return request.prepared
+    wait, opened = request.prepared
+    try:
+        call, created = await afinish_tool_call(opened, run_here=wait > 0)
+    except Refused as refused:
+        return _refusal(refused)
     if created and call.claimed_at_insert:
         await run_here(call, wait)  # the agent waits: run it here rather than through a worker
     if not call.is_final:  # else `call` is as it was stored, its result included

@@ -661,14 +661,20 @@ _REATTACH_LOCKS = weakref.WeakKeyDictionary()
 async def _arequest(
     agent, server_name, tool_name, arguments, idempotency_key, run_here, reattach=False
 ):
-    from approvals.validation import InvalidArguments, off_the_shared_thread
-
     request = await sync_to_async(_open_request)(
         agent, server_name, tool_name, arguments, idempotency_key, reattach
     )
+    return await afinish_tool_call(request, run_here)
+
+
+async def afinish_tool_call(request, run_here=False):
+    """The rest of `arequest_tool_call` (no re-attaching) for a request `open_tool_call`
+    looked up: the decision on the validation threads, then the call stored (one hop)."""
+    from approvals.validation import InvalidArguments, off_the_shared_thread
+
     if request.undecided:
         try:
-            await off_the_shared_thread(agent.pk, request.decide)
+            await off_the_shared_thread(request.call.agent_id, request.decide)
         except InvalidArguments as exc:  # the check overran its own deadline
             request.decision = policy.schema_refusal(exc)
     return await sync_to_async(_close_request)(request, run_here)
@@ -706,6 +712,13 @@ def _no_queries():
 
     with connection.execute_wrapper(refuse):
         yield
+
+
+def open_tool_call(agent, server_name, tool_name, arguments, idempotency_key=""):
+    """The first step of `arequest_tool_call` without re-attaching (database work only, no
+    decision), for a caller that does it in a hop of its own (the JSON API: with the agent's
+    lookup); `afinish_tool_call` does the rest. Raises `Refused`."""
+    return _open_request(agent, server_name, tool_name, arguments, idempotency_key)
 
 
 def _open_request(agent, server_name, tool_name, arguments, idempotency_key, reattach=False):

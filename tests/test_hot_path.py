@@ -200,3 +200,40 @@ def test_a_server_the_agent_may_not_use_costs_the_queries_of_one_that_does_not_e
     assert (after.status_code, after.content) == (before.status_code, before.content)
     assert before.json()["error"]["code"] == "unknown_server"
     assert len(not_mine.captured_queries) == len(missing.captured_queries)
+
+
+@pytest.mark.django_db(transaction=True)  # the web process's database thread has its own
+def test_an_auto_approved_waited_call_makes_six_hops_to_threads(loop, upstream, monkeypatch):
+    """Each hop from the event loop to a thread is a GIL hand-over and a wake-up of the loop
+    (issue 11). Django's request_started; the agent with its rate limit and the request's
+    lookup; the decision (on a validation thread); the insert; the result; Django's
+    request_finished (the response's close)."""
+    import asyncio
+
+    import httpx2
+
+    from config.asgi import application
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    hops = []
+    run_in_executor = asyncio.BaseEventLoop.run_in_executor
+
+    def counted(self, executor, func, *args):
+        hops.append(func)
+        return run_in_executor(self, executor, func, *args)
+
+    async def post():
+        transport = httpx2.ASGITransport(app=application)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx2.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1", headers=headers
+        ) as http:
+            body = {"server": "demo", "tool": "echo", "arguments": {"text": "hi"}}
+            return await http.post("/api/v1/tool-calls", params={"wait": 10}, json=body)
+
+    loop.run(post())  # warm: the agent's last use, the upstream session
+    monkeypatch.setattr(asyncio.BaseEventLoop, "run_in_executor", counted)
+    answer = loop.run(post()).json()
+    assert answer["status"] == "succeeded"
+    assert len(hops) == 6

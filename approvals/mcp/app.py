@@ -74,25 +74,31 @@ def route(path):
     return (parts[0] if parts else ""), kind
 
 
-def _authenticate(authorization, server_name, modern_post=False):
-    """The `Caller`, the agent's use recorded, or an HTTP status to refuse with: 401 (no such
-    active agent), 404 (no such server for this agent, whether it doesn't exist or isn't the
-    agent's). One hop to the database thread, as the JSON API's (which records the use of a
-    request it then rate-limits too); for a 2026-07-28 POST to a server's endpoint it also
-    finds out whether a tool of the server declares `Mcp-Param-*` headers."""
+def _authenticate(authorization, server_name, method, modern_post=False):
+    """(caller, status, retry_after), in one hop to the database thread. The `Caller`, or an
+    HTTP status to refuse with: 401 (no such active agent), 404 (no such server for this
+    agent, whether it doesn't exist or isn't the agent's); then one request counted against
+    its rate limit (`retry_after`: seconds to wait, 0 within it; ending a session, DELETE, is
+    never refused), and within it the agent's last use recorded. For a 2026-07-28 POST to a
+    server's endpoint it also finds out whether a tool of the server declares `Mcp-Param-*`
+    headers."""
     close_old_connections()  # this thread is long-lived; drop connections that went stale
     agent = agent_for(authorization)
     if agent is None:
-        return None, 401
+        return None, 401, 0
     declares_headers = None
     if server_name:
         server = agent.servers.filter(name=server_name).first()
         if server is None or agent_refusal(agent, server):
-            return None, 404
+            return None, 404, 0
         if modern_post:
             declares_headers = tools.may_declare_headers(server)
+    caller = Caller(agent, server_name, declares_headers)
+    retry_after = rate_limited(agent)
+    if retry_after and method != "DELETE":  # ending a session frees, never costs
+        return caller, None, retry_after
     touch(agent)
-    return Caller(agent, server_name, declares_headers), None
+    return caller, None, 0
 
 
 class McpApp:
@@ -133,15 +139,14 @@ class McpApp:
         server_name, kind = where
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         modern_post = scope["method"] == "POST" and kind == "http" and _modern(headers)
-        caller, status = await sync_to_async(_authenticate)(
-            headers.get("authorization"), server_name, modern_post
+        caller, status, retry_after = await sync_to_async(_authenticate)(
+            headers.get("authorization"), server_name, scope["method"], modern_post
         )
         if status == 401:
             return await _unauthorized(send)
         if status == 404:
             return await _error(send, 404, "not_found", "There is no MCP endpoint at this URL.")
-        retry_after = rate_limited(caller.agent)
-        if retry_after and scope["method"] != "DELETE":  # ending a session frees, never costs
+        if retry_after:
             return await _rate_limited(send, retry_after)
         scope = {**scope, "user": _user(caller.agent, server_name), CALLER: caller}
         await self._serve(scope, receive, send, server_name, kind, headers)
