@@ -1,7 +1,9 @@
 """What one auto-approved ``POST /api/v1/tool-calls?wait=30`` costs the web process, counted
 rather than timed (so it doesn't move with the machine's load): SQL statements (writes among
 them), commits, and hops from the event loop to a thread (the shared database thread or the
-validation threads), each a GIL hand-over and a wake-up of the loop.
+validation threads), each a GIL hand-over and a wake-up of the loop; and the CPU time per call
+of this process (the application and the agent's client together, one call at a time, so no
+contention inflates it; the upstream server runs in a process of its own).
 
 ``python -m bench.counts [--calls N]``: a throw-away Toolgate (`bench.harness.Toolgate`: its
 SQLite database, the demo MCP server), the ASGI application in this process (httpx2's
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import sys
 import threading
+import time
 
 from bench import harness
 
@@ -76,17 +79,19 @@ async def _calls(counter, token, warmup, calls):
         for i in range(warmup + calls):
             if i == warmup:
                 counter.reset()
+                cpu = time.process_time()
             response = await http.post("/api/v1/tool-calls", params={"wait": 30}, json=BODY)
             if response.status_code != 201 or response.json()["status"] != "succeeded":
                 raise harness.BenchError(f"The call did not succeed: {response.text[:300]}")
             if i == warmup:
                 first = list(counter.sql)
+        counter.cpu_ms = (time.process_time() - cpu) * 1000 / calls
     return first
 
 
 def run(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.counts", description=__doc__)
-    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--sql", action="store_true", help="print one call's statements")
     options = parser.parse_args(argv)
@@ -100,6 +105,7 @@ def run(argv):
             "writes": counter.writes / n,
             "commits": counter.commits / n,
             "hops": counter.hops / n,
+            "cpu_ms": counter.cpu_ms,
         }
     print(
         f"per auto-approved POST /api/v1/tool-calls?wait=30 ({n} calls): "
