@@ -5,11 +5,13 @@ a thread or a process: one web process holds hundreds of waiting agents (see con
 approvals/waiting.py). The database work is plain Django code run through `sync_to_async`.
 """
 
+import contextvars
 import json
 from functools import wraps
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core import signals
 from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -20,6 +22,11 @@ from approvals.policy import tools_for_agent
 from approvals.running import run_here
 from approvals.waiting import wait_until_final
 from integrations.limits import MAX_BODY_DEPTH, unstorable  # noqa: F401 - MAX_BODY_DEPTH for tests
+
+# Set by the API's ASGI handler (config/asgi.py), which doesn't send Django's request_started
+# itself: its receivers (the database connection's checks) then run in the request's first
+# hop to the database thread (`_admit`) instead of a hop of their own.
+START_IN_FIRST_HOP = contextvars.ContextVar("START_IN_FIRST_HOP", default=False)
 
 
 def error(status, code, message, **extra):
@@ -62,7 +69,10 @@ def api(*methods, prepare=None):
 def _admit(header, allowed, prepare, request):
     """(agent, retry_after, prepared) in one hop to the database thread: the agent of the
     token, its last use recorded; then, for a method the view takes, one request counted
-    against its rate limit; then, within the limit, the view's `prepare`."""
+    against its rate limit; then, within the limit, the view's `prepare`. First Django's
+    `request_started`, when the handler left it to this hop (config/asgi.py)."""
+    if START_IN_FIRST_HOP.get():
+        signals.request_started.send(sender=None)
     agent = agent_for(header)
     if agent is None:
         return None, 0, None

@@ -56,6 +56,7 @@ class Counter:
 
         def counted_run_in_executor(self, executor, func, *args):
             counter.hops += 1
+            counter.sql.append("hop: " + repr(func)[:80])
             return run_in_executor(self, executor, func, *args)
 
         CursorWrapper._execute = counted_execute
@@ -93,9 +94,19 @@ def run(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.counts", description=__doc__)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--sql", action="store_true", help="print one call's statements")
+    parser.add_argument("--sql", action="store_true", help="print one call's statements and hops")
+    parser.add_argument(
+        "--no-debug",
+        action="store_true",
+        help="DEBUG off once Django is set up, as in production: no query log "
+        "(the bench's Toolgate runs with DEBUG on)",
+    )
     options = parser.parse_args(argv)
     with harness.Toolgate("no_approval") as toolgate:
+        if options.no_debug:
+            from django.conf import settings
+
+            settings.DEBUG = False
         counter = Counter()
         counter.patch()
         first = asyncio.run(_calls(counter, toolgate.token, options.warmup, options.calls))

@@ -23,10 +23,18 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django.setup(set_prefix=False)
 
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+
+from asgiref.sync import sync_to_async  # noqa: E402
 from django.conf import settings  # noqa: E402 - after setup
-from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core import signals  # noqa: E402
+from django.core.exceptions import RequestAborted  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
+from django.urls import set_script_prefix  # noqa: E402
 from starlette.staticfiles import StaticFiles  # noqa: E402
 
+from approvals.api import START_IN_FIRST_HOP  # noqa: E402
 from approvals.mcp.app import PREFIX as MCP_PREFIX  # noqa: E402
 from approvals.mcp.app import McpApp  # noqa: E402
 
@@ -47,6 +55,64 @@ class ApiASGIHandler(ASGIHandler):
 
     async def __call__(self, scope, receive, send):
         await self.handle(scope, receive, send)
+
+    async def handle(self, scope, receive, send):
+        """Django's `ASGIHandler.handle` (5.2), but for the two hops to the database thread
+        that sending the request signals took, each a GIL hand-over and a wake-up of the loop
+        (issue 11): `request_started` goes out on that thread in the request's first hop
+        (`approvals.api.START_IN_FIRST_HOP`: with the agent's lookup; the API's 404 needs no
+        database), and `request_finished`, from the response's close, here, in the loop. Its
+        receivers reset the URLconf and close this thread's database and cache connections,
+        which the API does not use; the database thread's own are checked at the next
+        request's start, as the MCP endpoint's are (approvals/mcp/app.py)."""
+        START_IN_FIRST_HOP.set(True)  # this request's own context (and its hops')
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            body_file.close()
+            await self.send_response(error_response, send)
+            error_response.close()
+            return
+
+        async def process_request(request, send):
+            response = await self.run_get_response(request)
+            with contextlib.suppress(asyncio.CancelledError):  # the client went away meanwhile
+                await self.send_response(response, send)
+            return response
+
+        # As Django does: watch for a disconnect while the view runs, and cancel it then.
+        tasks = [
+            asyncio.create_task(self.listen_for_disconnect(receive)),
+            asyncio.create_task(process_request(request, send)),
+        ]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        try:
+            response = tasks[1].result()
+        except asyncio.CancelledError:
+            signals.request_finished.send(sender=self.__class__)
+        else:
+            if response.streaming:  # a file or a stream, whose close may block
+                await sync_to_async(response.close)()
+            else:
+                response.close()  # the request's close (no uploads here) and the signal
+        body_file.close()
 
 
 class ToolgateASGIHandler(ASGIHandler):

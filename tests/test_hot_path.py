@@ -6,7 +6,7 @@ writes and the queries it makes."""
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -202,17 +202,54 @@ def test_a_server_the_agent_may_not_use_costs_the_queries_of_one_that_does_not_e
     assert len(not_mine.captured_queries) == len(missing.captured_queries)
 
 
-@pytest.mark.django_db(transaction=True)  # the web process's database thread has its own
-def test_an_auto_approved_waited_call_makes_six_hops_to_threads(loop, upstream, monkeypatch):
-    """Each hop from the event loop to a thread is a GIL hand-over and a wake-up of the loop
-    (issue 11). Django's request_started; the agent with its rate limit and the request's
-    lookup; the decision (on a validation thread); the insert; the result; Django's
-    request_finished (the response's close)."""
-    import asyncio
-
+def asgi_post(token, server="demo"):
+    """POST a waited call to the ASGI application, in this process (await it in `loop`)."""
     import httpx2
 
     from config.asgi import application
+
+    async def post():
+        transport = httpx2.ASGITransport(app=application)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx2.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1", headers=headers
+        ) as http:
+            body = {"server": server, "tool": "echo", "arguments": {"text": "hi"}}
+            return await http.post("/api/v1/tool-calls", params={"wait": 10}, json=body)
+
+    return post()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_database_threads_connection_is_still_checked_at_each_api_request(loop, upstream):
+    """Django's request_started, sent in the API's first hop, still closes the database
+    thread's connection once it is past CONN_MAX_AGE (or broken), for a new one."""
+    from asgiref.sync import sync_to_async
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    assert loop.run(asgi_post(token)).status_code == 201
+
+    async def database_threads():
+        return await sync_to_async(lambda: connections["default"])()
+
+    theirs = loop.run(database_threads())
+    assert theirs is not connections["default"] and theirs.connection is not None
+    before = theirs.connection
+    loop.run(asgi_post(token, server="nope"))  # in CONN_MAX_AGE: kept
+    assert theirs.connection is before
+    theirs.close_at = 0  # as if CONN_MAX_AGE had passed
+    assert loop.run(asgi_post(token, server="nope")).status_code == 404
+    assert theirs.connection is not None and theirs.connection is not before
+
+
+@pytest.mark.django_db(transaction=True)  # the web process's database thread has its own
+def test_an_auto_approved_waited_call_makes_four_hops_to_threads(loop, upstream, monkeypatch):
+    """Each hop from the event loop to a thread is a GIL hand-over and a wake-up of the loop
+    (issue 11): Django's request_started with the agent, its rate limit and the request's
+    lookup; the decision (on a validation thread); the insert; the result. Django's
+    request_finished goes out in the loop (config/asgi.py)."""
+    import asyncio
 
     server = add_demo(upstream)
     _, token = Agent.create_with_token("bot", [server])
@@ -223,17 +260,8 @@ def test_an_auto_approved_waited_call_makes_six_hops_to_threads(loop, upstream, 
         hops.append(func)
         return run_in_executor(self, executor, func, *args)
 
-    async def post():
-        transport = httpx2.ASGITransport(app=application)
-        headers = {"Authorization": f"Bearer {token}"}
-        async with httpx2.AsyncClient(
-            transport=transport, base_url="http://127.0.0.1", headers=headers
-        ) as http:
-            body = {"server": "demo", "tool": "echo", "arguments": {"text": "hi"}}
-            return await http.post("/api/v1/tool-calls", params={"wait": 10}, json=body)
-
-    loop.run(post())  # warm: the agent's last use, the upstream session
+    loop.run(asgi_post(token))  # warm: the agent's last use, the upstream session
     monkeypatch.setattr(asyncio.BaseEventLoop, "run_in_executor", counted)
-    answer = loop.run(post()).json()
+    answer = loop.run(asgi_post(token)).json()
     assert answer["status"] == "succeeded"
-    assert len(hops) == 6
+    assert len(hops) == 4
