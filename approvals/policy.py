@@ -355,8 +355,9 @@ def find_tool(agent, server_name, tool_name):
         .filter(server__agents=agent, server__name=server_name, name=tool_name)
         .select_related("server__oauth")
         .annotate(server_has_rules=models.Exists(has_rules))
-        .first()
+        .order_by()[:1]  # one row at most (a server's tool names are unique): no ORDER BY to build
     )
+    tool = tool[0] if tool else None
     if tool is not None:
         if not tool.server_has_rules:
             tool.server.active_rules = []
