@@ -163,17 +163,36 @@ def _refusal(refused):
     return error(refused.status, refused.code, refused.message, **extra)
 
 
+# Bodies up to this size are parsed on the database thread, in the agent's hop (parsing one
+# is then bounded at about a query's cost); a larger one, whose parsing costs what the agent
+# makes it cost, is parsed in the loop, as before, and looked up in a hop of its own.
+PARSE_IN_HOP_BYTES = 8 * 1024
+
+
 def _open_call(request, agent):
     """(wait, the request looked up: `open_tool_call`), or the error response: `tool_calls`'s
-    database work before the decision, in the agent's hop (`api(prepare=…)`)."""
+    database work before the decision, in the agent's hop (`api(prepare=…)`). None for a
+    body over PARSE_IN_HOP_BYTES: `tool_calls` does all this itself."""
+    if len(request.body) > PARSE_IN_HOP_BYTES:
+        return None
+    checked = _checked_body(request)
+    if isinstance(checked, JsonResponse):
+        return checked
+    return _opened(agent, *checked)
+
+
+def _checked_body(request):
+    """(wait, body), or the error response."""
     try:
-        wait = _wait_seconds(request)
-        body = _parse(request)
+        return _wait_seconds(request), _parse(request)
     except ValueError as exc:
         return error(400, "bad_request", str(exc))
     except _TooLarge:
         limit = settings.API_MAX_BODY_BYTES
         return error(413, "too_large", f"The request body is larger than {limit} bytes.")
+
+
+def _opened(agent, wait, body):
     try:
         return wait, open_tool_call(
             agent, body["server"], body["tool"], body["arguments"], body["idempotency_key"]
@@ -184,9 +203,14 @@ def _open_call(request, agent):
 
 @api("POST", prepare=_open_call)
 async def tool_calls(request):
-    if isinstance(request.prepared, JsonResponse):
-        return request.prepared
-    wait, opened = request.prepared
+    prepared = request.prepared
+    if prepared is None:  # a large body: parsed here, looked up in a hop of its own
+        prepared = _checked_body(request)
+        if not isinstance(prepared, JsonResponse):
+            prepared = await sync_to_async(_opened)(request.agent, *prepared)
+    if isinstance(prepared, JsonResponse):
+        return prepared
+    wait, opened = prepared
     try:
         call, created = await afinish_tool_call(opened, run_here=wait > 0)
     except Refused as refused:

@@ -265,3 +265,32 @@ def test_an_auto_approved_waited_call_makes_four_hops_to_threads(loop, upstream,
     answer = loop.run(asgi_post(token)).json()
     assert answer["status"] == "succeeded"
     assert len(hops) == 4
+
+
+def test_a_large_body_is_parsed_in_the_loop_with_the_same_answers(client, upstream):
+    """Over PARSE_IN_HOP_BYTES, the body is parsed outside the database thread (its cost is
+    the agent's to choose) and looked up in a hop of its own: the answers are the same."""
+    from approvals.api import PARSE_IN_HOP_BYTES
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    text = "x" * (PARSE_IN_HOP_BYTES + 1)
+    body = {"server": "demo", "tool": "echo", "arguments": {"text": text}}
+    headers = {"Authorization": f"Bearer {token}"}
+    answer = client.post(
+        "/api/v1/tool-calls?wait=10", body, content_type="application/json", headers=headers
+    ).json()
+    assert (answer["status"], answer["result"]["content"][0]["text"]) == ("succeeded", text)
+    for raw, message in (
+        ("[" + "1, " * 5000 + "1]", "The body must be a JSON object."),
+        ('{"server": "demo", "tool": "echo", "x": "' + text + '"}', "Unknown field(s): x."),
+    ):
+        refused = client.post(
+            "/api/v1/tool-calls?wait=10", raw, content_type="application/json", headers=headers
+        )
+        assert (refused.status_code, refused.json()["error"]["message"]) == (400, message)
+    missing = {**body, "server": "nope"}
+    refused = client.post(
+        "/api/v1/tool-calls?wait=10", missing, content_type="application/json", headers=headers
+    )
+    assert (refused.status_code, refused.json()["error"]["code"]) == (404, "unknown_server")
