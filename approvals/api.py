@@ -173,12 +173,24 @@ def _open_call(request, agent):
     """(wait, the request looked up: `open_tool_call`), or the error response: `tool_calls`'s
     database work before the decision, in the agent's hop (`api(prepare=…)`). None for a
     body over PARSE_IN_HOP_BYTES: `tool_calls` does all this itself."""
-    if len(request.body) > PARSE_IN_HOP_BYTES:
+    if not _small_body(request):
         return None
     checked = _checked_body(request)
     if isinstance(checked, JsonResponse):
         return checked
     return _opened(agent, *checked)
+
+
+def _small_body(request):
+    """Whether the body is at most PARSE_IN_HOP_BYTES, declared and read (`_parse` says what is
+    wrong with any other)."""
+    declared = request.META.get("CONTENT_LENGTH") or "0"
+    if not declared.isdigit() or int(declared) > PARSE_IN_HOP_BYTES:
+        return False
+    try:
+        return len(request.body) <= PARSE_IN_HOP_BYTES
+    except RequestDataTooBig:
+        return False
 
 
 def _checked_body(request):
