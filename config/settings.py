@@ -274,6 +274,30 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"].setdefault("transaction_mode", "IMMEDIATE")
     # WAL: readers (waiting agents, the queue page) don't block the writers deciding calls.
     DATABASES["default"]["OPTIONS"].setdefault("init_command", "PRAGMA journal_mode=WAL;")
+# PostgreSQL: a pool of connections per process (Django's, on psycopg-pool), because the web
+# process runs each page request on a thread of its own and a connection is per thread: without
+# the pool every page request would open a connection (~15 ms of an approval click, issue 11).
+# A thread takes a connection at its first query and gives it back when its request ends (the
+# agent API's shared thread too); the pool opens up to MAX_SIZE and a request waits up to
+# TIMEOUT seconds for a free one. Celery's prefork workers close it before forking and in each
+# child (config/celery.py), so no connection crosses a fork. DATABASE_POOL=false is the old
+# behaviour (a connection per thread, kept 60 s), e.g. behind PgBouncer in transaction mode.
+DATABASE_POOL = _read("DATABASE_POOL", _bool, True)
+DATABASE_POOL_MIN_SIZE = _read("DATABASE_POOL_MIN_SIZE", _count, 2)
+DATABASE_POOL_MAX_SIZE = _read("DATABASE_POOL_MAX_SIZE", _positive(int), 20)
+DATABASE_POOL_TIMEOUT = _read("DATABASE_POOL_TIMEOUT", _positive(float), 10.0)
+if DATABASE_POOL_MIN_SIZE > DATABASE_POOL_MAX_SIZE:
+    raise ImproperlyConfigured(
+        f"DATABASE_POOL_MIN_SIZE ({DATABASE_POOL_MIN_SIZE}) is larger than "
+        f"DATABASE_POOL_MAX_SIZE ({DATABASE_POOL_MAX_SIZE})."
+    )
+if DATABASE_POOL and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": DATABASE_POOL_MIN_SIZE,
+        "max_size": DATABASE_POOL_MAX_SIZE,
+        "timeout": DATABASE_POOL_TIMEOUT,
+    }
+    DATABASES["default"]["CONN_MAX_AGE"] = 0  # Django's pool requires it: a request gives back
 DATABASES["default"].setdefault("CONN_MAX_AGE", 60)
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
