@@ -1,6 +1,7 @@
 """The PostgreSQL connection pool (settings.DATABASE_POOL): page requests, each on a thread of
-its own, take a pooled connection instead of opening one; the Celery worker runs without it, so
-no connection crosses a fork into its children; SQLite is left as it was."""
+its own, take a pooled connection instead of opening one; the Celery worker runs without it, its
+children each keeping a connection of their own, so no connection crosses a fork; SQLite is
+left as it was."""
 
 import json
 import os
@@ -119,7 +120,8 @@ def _postgres_sockets(process):
 @pytest.mark.django_db(transaction=True)
 def test_a_forked_worker_child_holds_no_connection_of_its_parent(celery_worker, mcp_demo_http):
     """The worker runs tasks in forked children: a connection (or a pool of them) open in the
-    main process when a child was forked would be one socket written by two processes."""
+    main process when a child was forked would be one socket written by two processes. Each
+    child keeps a connection of its own from task to task (config/celery.py)."""
     from approvals.models import Status, ToolCall, request_tool_call
     from integrations.models import Agent, ApprovalMode, McpServer
     from tests.conftest import wait_until
@@ -143,3 +145,4 @@ def test_a_forked_worker_child_holds_no_connection_of_its_parent(celery_worker, 
         for port in _postgres_sockets(process):
             assert port not in seen, f"processes {seen.get(port)} and {process.pid} share one"
             seen[port] = process.pid
+    assert seen, "a child keeps its connection for its next task"
