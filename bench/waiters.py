@@ -46,6 +46,11 @@ def parse_args(argv):
         default=None,
         help="soft open-file limit of the web process (default: inherited, raised as needed)",
     )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="a throw-away PostgreSQL database on 127.0.0.1:5432 instead of SQLite",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary var dir")
     args = parser.parse_args(argv)
     if not 1 <= args.n <= 5000:
@@ -328,7 +333,7 @@ def run(argv=()):
     # Each waiter is a socket here and in the web process, plus whatever the web process
     # opens per request (threads, database connections): leave plenty of room.
     limit = harness.raise_open_file_limit(4 * args.n + 1024)
-    with harness.Toolgate("always_ask", keep=args.keep) as toolgate:
+    with harness.Toolgate("always_ask", keep=args.keep, postgres=args.postgres) as toolgate:
         toolgate.start_app(web_open_files=args.web_open_files)
         print(f"Waiters: {args.n} concurrent GET ?wait={args.wait:g} on one uvicorn process.")
         start = time.monotonic()
