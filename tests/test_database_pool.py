@@ -24,7 +24,9 @@ def database_settings(tmp_path, **env):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
     clean.update(TOOLGATE_VAR_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="config.settings", **env)
     script = "from django.conf import settings; import json; "
-    script += "print(json.dumps(settings.DATABASES['default'], default=str))"
+    script += "db = {**settings.DATABASES['default']}; "
+    script += "db['reuse'] = getattr(settings, 'CELERY_DB_REUSE_MAX', None); "
+    script += "print(json.dumps(db, default=str))"
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=clean, capture_output=True, text=True
     )
@@ -37,6 +39,7 @@ def test_postgresql_gets_the_pool_with_its_sizes_and_no_persistent_connections(t
     assert db["OPTIONS"]["pool"] == {"min_size": 2, "max_size": 20, "timeout": 10.0}
     assert db["CONN_MAX_AGE"] == 0  # Django's pool refuses anything else
     assert db["CONN_HEALTH_CHECKS"] is True  # the pool checks a connection before lending it
+    assert db["reuse"] == 1000  # Celery's fix-up leaves a worker child's connection open
 
     db = database_settings(
         tmp_path,
@@ -54,6 +57,7 @@ def test_the_pool_can_be_turned_off_and_sqlite_never_has_one(tmp_path):
     for db in (off, sqlite):
         assert "pool" not in db.get("OPTIONS", {})
         assert db["CONN_MAX_AGE"] == 60
+    assert sqlite["reuse"] is None  # a SQLite connection costs nothing to open: as it was
 
 
 @pytest.mark.parametrize(
