@@ -1,6 +1,9 @@
 """Worker queues and time limits: calls, syncs and deliveries each on a queue of their own, and
 a call that runs past its worker's time limit ends failed, never run again."""
 
+import os
+import signal
+
 import pytest
 from django.conf import settings
 from django.utils import timezone
@@ -58,10 +61,20 @@ def test_a_call_over_its_time_limit_fails_and_is_not_run_again(mcp_demo_http, ow
         decided_by=DecidedBy.AUTO, decided_at=timezone.now(),
     )  # fmt: skip
     connection, broker_env = own_broker
-    spawn_worker(
+    # Stopped at the end of the test, not of the run: on PostgreSQL its children keep their
+    # connections between tasks, and the test database can't be dropped while they are open.
+    worker = spawn_worker(
         _database_url(), broker_env, tmp_path / "limited.log",
         MCP_CALL_TIMEOUT="120", MCP_READ_TIMEOUT="120", TOOL_CALL_TIME_LIMIT="2",
     )  # fmt: skip
+    try:
+        _time_limited_call(call, connection, mcp_demo_http)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)  # nothing left to finish (see test_worker_lost)
+        worker.wait(timeout=20)
+
+
+def _time_limited_call(call, connection, mcp_demo_http):
     posts = lambda: sum(r.method == "POST" for r in mcp_demo_http.requests)  # noqa: E731
     before = posts()
     # The limits travel in the message (the sender's settings): this one's are the worker's.
