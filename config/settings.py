@@ -279,8 +279,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 # the pool every page request would open a connection (~15 ms of an approval click, issue 11).
 # A thread takes a connection at its first query and gives it back when its request ends (the
 # agent API's shared thread too); the pool opens up to MAX_SIZE and a request waits up to
-# TIMEOUT seconds for a free one. Celery's prefork workers close it before forking and in each
-# child (config/celery.py), so no connection crosses a fork. DATABASE_POOL=false is the old
+# TIMEOUT seconds for a free one. Celery workers run without it (config/celery.py), so no
+# pooled connection crosses a fork into a prefork child. DATABASE_POOL=false is the old
 # behaviour (a connection per thread, kept 60 s), e.g. behind PgBouncer in transaction mode.
 DATABASE_POOL = _read("DATABASE_POOL", _bool, True)
 DATABASE_POOL_MIN_SIZE = _read("DATABASE_POOL_MIN_SIZE", _count, 2)
@@ -297,7 +297,8 @@ if DATABASE_POOL and DATABASES["default"]["ENGINE"] == "django.db.backends.postg
         "max_size": DATABASE_POOL_MAX_SIZE,
         "timeout": DATABASE_POOL_TIMEOUT,
     }
-    DATABASES["default"]["CONN_MAX_AGE"] = 0  # Django's pool requires it: a request gives back
+    DATABASES["default"]["CONN_MAX_AGE"] = 0  # as Django's pool requires: each request gives
+    # its connection back to the pool when it ends
 DATABASES["default"].setdefault("CONN_MAX_AGE", 60)
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
