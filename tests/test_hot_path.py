@@ -221,9 +221,12 @@ def asgi_post(token, server="demo"):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_database_threads_connection_is_still_checked_at_each_api_request(loop, upstream):
+def test_the_database_threads_connection_is_still_checked_at_each_api_request(
+    loop, upstream, monkeypatch
+):
     """Django's request_started, sent in the API's first hop, still closes the database
-    thread's connection once it is past CONN_MAX_AGE (or broken), for a new one."""
+    thread's connection once it is past CONN_MAX_AGE (or broken), for a new one; with
+    PostgreSQL's pool (CONN_MAX_AGE 0) it hands it back to the pool at each request."""
     from asgiref.sync import sync_to_async
 
     server = add_demo(upstream)
@@ -235,6 +238,13 @@ def test_the_database_threads_connection_is_still_checked_at_each_api_request(lo
 
     theirs = loop.run(database_threads())
     assert theirs is not connections["default"] and theirs.connection is not None
+    if theirs.settings_dict["OPTIONS"].get("pool"):
+        closed = []
+        close = theirs.close
+        monkeypatch.setattr(theirs, "close", lambda: closed.append(1) or close())
+        assert loop.run(asgi_post(token, server="nope")).status_code == 404
+        assert closed  # back to the pool at the request's start
+        return
     before = theirs.connection
     loop.run(asgi_post(token, server="nope"))  # in CONN_MAX_AGE: kept
     assert theirs.connection is before
