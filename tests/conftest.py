@@ -427,3 +427,25 @@ def migrate_to_latest():
     executor = MigrationExecutor(connection)
     executor.loader.build_graph()
     executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+@pytest.fixture
+def loop():
+    """An event loop on a thread of its own, as the web process's (tests/test_mcp_pool.py)."""
+    from tests.test_mcp_pool import Loop
+
+    running = Loop()
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def upstream():
+    """A real SDK MCP server on loopback that records the requests it gets (`.recording`)."""
+    from tests.mcp_servers import start
+    from tests.test_mcp_pool import Recording
+
+    recording = Recording()
+    with start(recording) as running:
+        running.recording = recording
+        yield running

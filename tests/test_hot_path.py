@@ -13,25 +13,8 @@ from django.utils import timezone
 from approvals.models import DecidedBy, Status, ToolCall, request_tool_call
 from approvals.rules import PolicyRule
 from integrations.models import Agent, ApprovalMode, McpServer
-from tests.mcp_servers import start
-from tests.test_mcp_pool import Loop, Recording
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def loop():
-    running = Loop()
-    yield running
-    running.close()
-
-
-@pytest.fixture
-def upstream():
-    recording = Recording()
-    with start(recording) as running:
-        running.recording = recording
-        yield running
 
 
 def add_demo(running, mode=ApprovalMode.NO_APPROVAL):

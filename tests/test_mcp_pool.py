@@ -102,21 +102,6 @@ class Loop:
         self.loop.close()
 
 
-@pytest.fixture
-def loop():
-    running = Loop()
-    yield running
-    running.close()
-
-
-@pytest.fixture
-def upstream():
-    recording = Recording()
-    with start(recording) as running:
-        running.recording = recording
-        yield running
-
-
 def endpoint_of(running, **fields):
     return mcp_client.Endpoint(
         url=running.url, transport="streamable_http", allow_private_network=True, **fields

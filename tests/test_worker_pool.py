@@ -16,16 +16,7 @@ from approvals.tasks import run_tool_call
 from integrations import mcp_client, mcp_pool
 from integrations.models import Agent
 from tests.conftest import _database_url, spawn_worker, wait_until
-from tests.mcp_servers import start
-from tests.test_mcp_pool import Recording, add_demo, endpoint_of
-
-
-@pytest.fixture
-def upstream():
-    recording = Recording()
-    with start(recording) as running:
-        running.recording = recording
-        yield running
+from tests.test_mcp_pool import add_demo, endpoint_of
 
 
 def approved_call(server, agent, tool="echo", arguments=None):
