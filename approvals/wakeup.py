@@ -15,8 +15,12 @@ net, and the listener asks for a poll each time it (re)connects.
 """
 
 import asyncio
+import atexit
 import contextlib
 import logging
+import os
+import queue
+import threading
 import weakref
 from functools import partial
 from pathlib import Path
@@ -47,6 +51,55 @@ def _ring_now(call_id):
         transport().publish(call_id)
     except Exception:  # the call is final whatever happens here; the safety poll catches up
         logger.warning("Could not announce that tool call %s finished", call_id, exc_info=True)
+
+
+_announcements = None  # this process's queue for its publisher thread, made on first use
+_announcements_lock = threading.Lock()
+
+
+def _publisher():
+    """The queue of this process's publisher thread (Redis), started on first use; a forked
+    child (a prefork worker) starts its own, since threads don't survive a fork."""
+    global _announcements
+    with _announcements_lock:
+        if _announcements is None:
+            _announcements = queue.SimpleQueue()
+            threading.Thread(
+                target=_publish_forever, args=(_announcements,), name="wakeup-publisher",
+                daemon=True,
+            ).start()  # fmt: skip
+        return _announcements
+
+
+def _publish_forever(announcements):
+    while True:
+        url, channel, message = announcements.get()
+        if url is None:  # `_flush`'s marker: everything put before it has gone out
+            message.set()
+            continue
+        try:
+            Redis.send(url, channel, message)
+        except Exception:  # the call is final whatever happens here; the safety poll catches up
+            logger.warning("Could not announce that tool call %s finished", message, exc_info=True)
+
+
+@atexit.register
+def _flush(timeout=2.0):
+    """At exit, send what is still queued (a process that finished a call and ends at once,
+    e.g. a `manage.py` command): the publisher is a daemon thread, which exit would stop."""
+    if _announcements is not None:
+        sent = threading.Event()
+        _announcements.put((None, None, sent))
+        sent.wait(timeout)
+
+
+def _forget_publisher():
+    global _announcements, _announcements_lock
+    _announcements, _announcements_lock = None, threading.Lock()
+    Redis._clients = {}  # a client's sockets are the parent's
+
+
+os.register_at_fork(after_in_child=_forget_publisher)
 
 
 def subscribe_here(callback):
@@ -114,14 +167,22 @@ class Redis:
         self.channel = f"{prefix}{CHANNEL}"
 
     def publish(self, call_id):
+        """Hand the announcement to this process's publisher thread: the PUBLISH's round trip
+        (a second at most, when Redis is down) must not hold the thread that finished the
+        call, which in the web process is the database thread every agent's request shares
+        (config/asgi.py; issue 11 measured ~6 % of that thread's time in it)."""
+        _publisher().put((self.url, self.channel, str(call_id)))
+
+    @classmethod
+    def send(cls, url, channel, message):
         import redis
 
-        client = self._clients.get(self.url)
+        client = cls._clients.get(url)
         if client is None:
-            # Short timeouts: a Redis that is down must not hold up the finishing process long.
-            client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
-            self._clients[self.url] = client
-        client.publish(self.channel, str(call_id))
+            # Short timeouts: a Redis that is down must not hold announcements up for long.
+            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            cls._clients[url] = client
+        client.publish(channel, message)
 
     async def listen(self, on_call_ids, on_connected):
         import redis.asyncio

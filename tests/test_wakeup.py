@@ -5,6 +5,7 @@ The safety poll is set to a minute and every wait to 20 s, so a waiter that retu
 
 import asyncio
 import os
+import socket
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, connections
 
-from approvals import waiting
+from approvals import waiting, wakeup
 from approvals.models import Status, ToolCall, request_tool_call
 from approvals.waiting import wait_until_final
 from integrations.models import Agent, ApprovalMode, McpServer
@@ -138,3 +139,19 @@ def test_a_waiter_that_starts_just_after_the_announcement_returns_at_once(mcp_de
         return woken
 
     assert run(scenario()) is True
+
+
+def test_announcing_on_a_redis_that_does_not_answer_holds_up_no_one(settings):
+    """The PUBLISH goes out on the process's publisher thread: the thread that finished the
+    call (in the web process, the database thread every agent's request shares) goes on at
+    once, even while Redis doesn't answer at all."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{mute.getsockname()[1]}/0"
+
+        wakeup.Redis().publish(123)  # returns though nothing has answered
+
+        mute.settimeout(30)
+        connected, _ = mute.accept()  # the publisher thread tries, behind it
+        connected.close()
