@@ -203,6 +203,37 @@ def test_run_starts_everything_shows_the_demo_and_stops_on_ctrl_c(tmp_path):
         stop(process)
 
 
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell's `make run &` hands down
+
+
+@pytest.mark.parametrize(
+    "signum, started",
+    [(signal.SIGTERM, None), (signal.SIGHUP, None), (signal.SIGINT, _ignore_sigint)],
+    ids=["SIGTERM", "SIGHUP", "SIGINT inherited ignored"],
+)
+def test_run_stops_every_child_on_a_signal_not_only_on_ctrl_c(tmp_path, signum, started):
+    env = {k: v for k, v in os.environ.items() if k not in OWN_SERVICES}
+    for name in ("DJANGO_SUPERUSER_PASSWORD", "SITE_URL"):
+        env.pop(name, None)
+    env.update(TOOLGATE_VAR_DIR=str(tmp_path), PORT=str(free_port()), TOOLGATE_DEMO="false")
+    assert manage(env, "migrate", "-v0").wait(timeout=120) == 0
+    process = manage(
+        env, "run", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=started
+    )
+    try:
+        read_until(process, r"Press Ctrl-C")
+        children = psutil.Process(process.pid).children()
+        assert len(children) == 3  # web, worker, beat
+        process.send_signal(signum)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            stop(process)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not [child for child in alive if child.status() != psutil.STATUS_ZOMBIE]
+
+
 @pytest.mark.django_db
 def test_the_demo_is_registered_even_when_its_server_does_not_start(settings):
     settings.DEMO_MCP_PORT = free_port()  # nothing listens there

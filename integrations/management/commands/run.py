@@ -1,8 +1,9 @@
 """`manage.py run`: the whole app on one machine (what `make run` starts).
 
 Starts the web server (uvicorn, ASGI), a Celery worker, Celery beat and the bundled demo MCP
-server (`integrations/demo.py`, on loopback) as child processes, stops all of them on Ctrl-C,
-and stops the rest if one of them dies (the demo server excepted: Toolgate runs on without it).
+server (`integrations/demo.py`, on loopback) as child processes, stops all of them on Ctrl-C
+(or SIGTERM, SIGHUP), and stops the rest if one of them dies (the demo server excepted:
+Toolgate runs on without it).
 
 On first run with an empty database it creates the superuser `admin` and prints its password
 once. On the first run with the demo (`TOOLGATE_DEMO`, on by default in development) it also
@@ -46,12 +47,14 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         call_command("collectstatic", interactive=False, verbosity=0)
         password = self.create_first_superuser()
-        processes = self.start_processes()
-        demo = self.set_up_demo(processes["demo"]) if "demo" in processes else None
-        wait_for_port(settings.PORT, processes["web"])
-        if processes["web"].poll() is None:  # else supervise() says that it exited
-            self.announce(password, demo, processes)
+        processes = {}
+        stop_on_signals()
         try:
+            self.start_processes(processes)
+            demo = self.set_up_demo(processes["demo"]) if "demo" in processes else None
+            wait_for_port(settings.PORT, processes["web"])
+            if processes["web"].poll() is None:  # else supervise() says that it exited
+                self.announce(password, demo, processes)
             self.supervise(processes)
         except KeyboardInterrupt:
             self.stdout.write("\nStopping…")
@@ -66,7 +69,9 @@ class Command(BaseCommand):
         User.objects.create_superuser("admin", email="", password=password)
         return password
 
-    def start_processes(self):
+    def start_processes(self, processes):
+        """Start the children into `processes` one by one, so that a stop that comes while
+        they start finds every one already started."""
         python = sys.executable
         celery = [python, "-m", "celery", "-A", "config", "--quiet"]  # no banners
         commands = {
@@ -85,7 +90,8 @@ class Command(BaseCommand):
             commands["demo"] = [
                 python, "-m", "integrations.demo", "--port", str(settings.DEMO_MCP_PORT)
             ]  # fmt: skip
-        return {name: subprocess.Popen(command) for name, command in commands.items()}
+        for name, command in commands.items():
+            processes[name] = subprocess.Popen(command)
 
     # The demo --------------------------------------------------------------------------------
 
@@ -198,6 +204,8 @@ class Command(BaseCommand):
             time.sleep(0.5)
 
     def stop(self, processes):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
         for process in processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -207,6 +215,19 @@ class Command(BaseCommand):
                 process.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def stop_on_signals():
+    """Ctrl-C, and also SIGTERM (`kill`, `timeout`, a service manager) and SIGHUP (the
+    terminal closed), stop every child instead of leaving them running without their parent.
+    SIGINT is set too: started in the background by a shell, this process inherits it
+    ignored."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
 
 
 def port_is_free(port):
