@@ -148,7 +148,8 @@ def test_announcing_on_a_redis_that_does_not_answer_holds_up_no_one(settings):
     with socket.socket() as mute:
         mute.bind(("127.0.0.1", 0))
         mute.listen()
-        settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{mute.getsockname()[1]}/0"
+        # Not a Redis: a socket of this test's own that never answers, so no database is named.
+        settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{mute.getsockname()[1]}"
 
         wakeup.Redis().publish(123)  # returns though nothing has answered
 
