@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 BENCHMARKS = ("latency", "waiters", "click")
+# What `python -m bench` (make bench) runs each with: the waiters at the issue's 1,000.
+DEFAULTS = {"waiters": ("--n", "1000")}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,9 +66,8 @@ def run_all():
             json_path = os.path.join(folder, f"{name}.json")
             print(f"=== {name} ===", flush=True)
             started = time.monotonic()
-            process = subprocess.Popen(
-                [sys.executable, "-m", "bench", name, "--json", json_path], cwd=ROOT
-            )
+            argv = [*DEFAULTS.get(name, ()), "--json", json_path]
+            process = subprocess.Popen([sys.executable, "-m", "bench", name, *argv], cwd=ROOT)
             try:
                 code = process.wait(timeout=1800)
             except (KeyboardInterrupt, subprocess.TimeoutExpired):
@@ -91,7 +92,46 @@ def run_all():
         for line in _module(name).report(results):
             print(line)
         print(f"  ({name} took {took:.0f} s)")
+    for line in targets(outcomes):
+        print(line)
     return 1 if failed else 0
+
+
+def targets(outcomes):
+    """Every target of issue 11 beside what this run measured, in one block at the end: the
+    latency and throughput rows of `latency.headline`, the approval click, and the waiters
+    (none answered before its decision, every one back with the final status)."""
+    from bench import click, latency
+
+    def results(name):
+        return outcomes.get(name, (None, None, None))[1]
+
+    lines = ["", "=== targets (issue 11) ==="]
+    if results("latency"):
+        lines += latency.headline(results("latency"))[2:]
+    else:
+        lines.append("  MISS latency and throughput: the benchmark failed")
+    if results("click"):
+        for name, stats in results("click")["cases"].items():
+            ratio = stats["median_ratio"]
+            lines.append(
+                f"  {'met ' if ratio <= 1.0 else 'MISS'} "
+                f"{'click -> result, ' + click.LABELS[name] + ', median':<52} "
+                f"{ratio:>8.2f}x (target <= 1.0x of {click.TARGET_MS:.0f} ms + the tool)"
+            )
+    else:
+        lines.append("  MISS approval click: the benchmark failed")
+    waiters = results("waiters")
+    if waiters:
+        n, completed, early = waiters["n"], waiters["completed"], waiters["early"]
+        met = completed == n and early == 0 and not waiters["errors"]
+        lines.append(
+            f"  {'met ' if met else 'MISS'} {f'{n} waiters on one web process':<52} "
+            f"{f'{completed}/{n}, {early} early':>9} (target: all back, none early, no errors)"
+        )
+    else:
+        lines.append("  MISS waiters: the benchmark failed")
+    return lines
 
 
 def main(argv):

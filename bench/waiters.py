@@ -166,19 +166,23 @@ async def _hold_and_decide(toolgate, call_ids, args):
             peak[key] = max(peak[key], figures[key])
         return figures
 
-    # Ramp: until the web process handles every request. Django runs each request's sync
-    # work (auth, ORM) on a thread of that request's own, so a thread per waiter shows it;
-    # should that change, a thread count that stops growing for a second ends the ramp too.
+    # Ramp: until the web process has handled every request, that is, until it holds all
+    # the connections and has gone quiet (under a tenth of a core for two samples in a row):
+    # each request's start (the agent's and the call's lookups) is done, and what is left is
+    # waiting. (A waiter holds no thread, so the thread count says nothing.)
     ramp_until = all_sent + args.wait / 2
-    ramp_seconds, threads, steady_since = None, -1, time.monotonic()
+    ramp_seconds, quiet = None, 0
+    last_cpu, last_at = None, None
     while time.monotonic() < ramp_until:
         figures = await sample()
         now = time.monotonic()
-        if figures["threads"] != threads:
-            threads, steady_since = figures["threads"], now
-        if figures["threads"] > len(sent) or now - steady_since >= 1.0:
-            ramp_seconds = now - all_sent
-            break
+        if last_cpu is not None and figures["connections"] >= len(sent):
+            busy = (figures["cpu"] - last_cpu) / (now - last_at)
+            quiet = quiet + 1 if busy < 0.1 else 0
+            if quiet >= 2:
+                ramp_seconds = now - all_sent
+                break
+        last_cpu, last_at = figures["cpu"], now
         await asyncio.sleep(0.1)
     print(
         f"  handled by the web process after {ramp_seconds or args.wait / 2:.2f} s; "
