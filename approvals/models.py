@@ -25,7 +25,7 @@ from django.utils.crypto import salted_hmac
 
 from approvals import policy, wakeup
 from approvals.rules import PolicyRule
-from integrations import limits, mcp_client, scanner
+from integrations import limits, mcp_client, scanner, statements
 from integrations.fields import EncryptedJSONField, EncryptedTextField
 from integrations.models import Agent, McpServer, Tool
 from integrations.queueing import enqueue_on_commit
@@ -185,7 +185,12 @@ class ToolCall(models.Model):
             self.arguments_digest = self.arguments_digest or _digest(
                 self.server_name, self.tool_name, canonical
             )
-        super().save(*args, **kwargs)
+        if self.pk is None and not args and not kwargs:
+            # The ORM's INSERT, its SQL built once per connection (integrations/statements.py):
+            # every request stores its call.
+            statements.insert(self)
+        else:
+            super().save(*args, **kwargs)
 
     @property
     def is_final(self):
@@ -195,8 +200,10 @@ class ToolCall(models.Model):
         """Move from one of `sources` to `target` (when the row also matches `where`) in one
         conditional UPDATE; True if this call moved it, False if something else got there."""
         fields["status"] = target
-        rows = ToolCall.objects.filter(pk=self.pk, status__in=sources, **(where or {}))
-        changed = rows.update(**fields)
+        # `ToolCall.objects.filter(…).update(…)`, its SQL built once per connection
+        # (integrations/statements.py): a waited call's result is written here.
+        filters = {"pk": self.pk, "status__in": list(sources), **(where or {})}
+        changed = statements.update(ToolCall, filters, **fields)
         if changed:
             for name, value in fields.items():
                 setattr(self, name, value)

@@ -15,7 +15,7 @@ from django.db import models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from integrations import limits, mcp_client, oauth, scanner
+from integrations import limits, mcp_client, oauth, scanner, statements
 from integrations.fields import EncryptedJSONField, EncryptedTextField
 from integrations.queueing import enqueue_on_commit
 
@@ -596,9 +596,18 @@ class Agent(models.Model):
         if not token or not token.startswith(cls.TOKEN_PREFIX) or len(token) > 200:
             return None
         digest = hash_token(token)
-        agent = cls.objects.filter(token_hash=digest, is_active=True).first()
+        found = _AGENT_BY_TOKEN.rows(digest=digest)
+        agent = found[0] if found else None
         # The index lookup already only matches the exact hash; comparing again in constant
         # time keeps the check honest should the lookup ever become a prefix or range match.
         if agent is None or not hmac.compare_digest(agent.token_hash, digest):
             return None
         return agent
+
+
+# `Agent.objects.filter(token_hash=…, is_active=True).first()`, its SQL built once per connection
+# (integrations/statements.py): at every API and MCP request.
+_AGENT_BY_TOKEN = statements.Query(
+    lambda filters: Agent.objects.filter(token_hash=filters.sentinel("digest"), is_active=True)[:1],
+    digest=Agent._meta.get_field("token_hash"),
+)

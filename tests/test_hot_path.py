@@ -287,3 +287,260 @@ def test_a_large_body_is_parsed_in_the_loop_with_the_same_answers(client, upstre
         "/api/v1/tool-calls?wait=10", missing, content_type="application/json", headers=headers
     )
     assert (refused.status_code, refused.json()["error"]["code"]) == (404, "unknown_server")
+
+
+# The hot path's statements, their SQL built once per connection (integrations/statements.py) --
+
+
+def columns(obj):
+    """Every column of an instance, as the program reads it (secrets decrypted, JSON decoded,
+    datetimes as datetimes), with its state."""
+    values = {f.attname: getattr(obj, f.attname) for f in obj._meta.concrete_fields}
+    return values, (obj._state.db, obj._state.adding)
+
+
+class Given:
+    """The `filters` of a statement's builder, giving real values instead of sentinels: the
+    very queryset the statement runs, for the ORM to run."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def sentinel(self, name, many=0):
+        return self.values[name]
+
+
+def secret_server(name="demo", **fields):
+    return McpServer.objects.create(
+        name=name, url="https://mcp.example.com/mcp?key=s3cret", secret_token="tok-1",
+        headers={"X-Key": "h-1"}, server_info={"transport": "streamable_http"}, **fields,
+    )  # fmt: skip
+
+
+def add_tool(server, name="echo"):
+    from integrations.models import Tool
+
+    definition = {"name": name, "inputSchema": {"type": "object"}}
+    return Tool.objects.create_from_definition(server, definition, timezone.now())
+
+
+def test_the_tool_lookup_gives_the_instances_the_orm_gives(django_assert_num_queries):
+    from approvals import policy
+    from integrations.oauth import OAuthCredential
+
+    plain, with_oauth = secret_server(), secret_server("other", auth_kind="oauth")
+    OAuthCredential.objects.create(
+        server=with_oauth, client_secret="cs-1", client_registration={"client_secret": "cs-1"},
+        access_token="at-1", refresh_token="rt-1", expires_at=timezone.now(),
+    )  # fmt: skip
+    for server in (plain, with_oauth):
+        add_tool(server)
+    agent, _ = Agent.create_with_token("bot", [plain, with_oauth])
+    PolicyRule.objects.create(server=with_oauth, condition="true", action="ask")
+    for server in ("demo", "other", "nope"):
+        values = {"agent": agent.pk, "server": server, "tool": "echo", "now": timezone.now()}
+        orm = list(policy._tool_of_agent(Given(**values)))
+        with django_assert_num_queries(1):
+            fast = policy._TOOL_OF_AGENT.rows(**values)
+        assert len(fast) == len(orm) == (server != "nope")
+        for mine, theirs in zip(fast, orm, strict=True):
+            assert columns(mine) == columns(theirs)
+            assert columns(mine.server) == columns(theirs.server)
+            assert mine.server.secret_token == "tok-1" and mine.server.headers == {"X-Key": "h-1"}
+            assert mine.server_has_rules == theirs.server_has_rules == (server == "other")
+            with django_assert_num_queries(0):  # select_related, as the ORM's
+                if server == "other":
+                    assert columns(mine.server.oauth) == columns(theirs.server.oauth)
+                    assert mine.server.oauth.access_token == "at-1"
+                else:
+                    assert mine.server.reconnect_reason == theirs.server.reconnect_reason == ""
+
+
+def test_the_tool_lookup_is_the_orms_sql():
+    from approvals import policy
+
+    server = secret_server()
+    add_tool(server)
+    agent, _ = Agent.create_with_token("bot", [server])
+    values = {"agent": agent.pk, "server": "demo", "tool": "echo", "now": timezone.now()}
+    policy._TOOL_OF_AGENT.rows(**values)
+    wrapper = connections["default"]  # this thread's (`connection` is a proxy)
+    compiled = policy._TOOL_OF_AGENT._compiled.for_connection(wrapper, None)
+    orm = policy._tool_of_agent(Given(**values)).query.get_compiler(connection=wrapper)
+    sql, params = orm.as_sql()
+    assert compiled.sql == sql
+    filled = list(compiled.params)
+    compiled.filters.fill(filled, compiled.slots, values, wrapper)
+    assert filled == list(params)
+
+
+def test_an_expired_rule_and_an_admins_change_are_read_at_once():
+    """Nothing but SQL text is kept: each lookup reads the rows as they are now."""
+    from approvals import policy
+    from approvals.models import Refused
+
+    server = add_demo_rows()
+    agent, _ = Agent.create_with_token("bot", [server])
+    rule = PolicyRule.objects.create(server=server, condition="true", action="deny")
+    assert policy.find_tool(agent, "demo", "echo")[1].server_has_rules
+    PolicyRule.objects.filter(pk=rule.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert not policy.find_tool(agent, "demo", "echo")[1].server_has_rules
+    McpServer.objects.filter(pk=server.pk).update(enabled=False)
+    with pytest.raises(Refused) as refused:
+        request_tool_call(agent, "demo", "echo", {"text": "hi"})
+    assert refused.value.code == "server_disabled"
+    agent.servers.clear()
+    with pytest.raises(Refused) as refused:
+        request_tool_call(agent, "demo", "echo", {"text": "hi"})
+    assert refused.value.code == "unknown_server"
+
+
+def add_demo_rows():
+    server = secret_server(approval_mode=ApprovalMode.NO_APPROVAL)
+    add_tool(server)  # reviewed: what a server offers before its first sync is the baseline
+    return server
+
+
+def test_the_agents_lookup_gives_the_instance_the_orm_gives():
+    from integrations.models import _AGENT_BY_TOKEN, hash_token
+
+    agent, token = Agent.create_with_token("bot")
+    Agent.objects.filter(pk=agent.pk).update(last_used_at=timezone.now())
+    digest = hash_token(token)
+    [mine] = _AGENT_BY_TOKEN.rows(digest=digest)
+    theirs = Agent.objects.filter(token_hash=digest, is_active=True).first()
+    assert columns(mine) == columns(theirs)
+    assert Agent.authenticate(token).pk == agent.pk
+    Agent.objects.filter(pk=agent.pk).update(is_active=False)
+    assert _AGENT_BY_TOKEN.rows(digest=digest) == [] and Agent.authenticate(token) is None
+
+
+def stored_columns(call):
+    """A stored call's columns as the ORM reads them back, and as the database holds them."""
+    values, _ = columns(ToolCall.objects.get(pk=call.pk))
+    del values["id"]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT arguments, warnings FROM approvals_toolcall WHERE id = %s", [call.pk]
+        )
+        raw = cursor.fetchone()
+    return values, raw
+
+
+def test_a_call_is_inserted_as_the_orm_inserts_it(django_assert_num_queries):
+    from django.db.models import Model
+    from django.db.models.signals import post_save, pre_save
+
+    server = add_demo_rows()
+    agent, _ = Agent.create_with_token("bot", [server])
+    tool = server.tools.get()
+    now = timezone.now()
+
+    def new_call():
+        return ToolCall(
+            agent=agent, server=server, tool=tool, server_name="demo", tool_name="echo",
+            tool_fingerprint=tool.fingerprint, arguments={"text": "hé", "n": [1, 2]},
+            status=Status.RUNNING, decided_by=DecidedBy.AUTO, decided_at=now, started_at=now,
+            requested_at=now, reasons=[{"code": "no_approval", "message": "…"}],
+        )  # fmt: skip
+
+    signals = []
+
+    def record(sender, instance, **kwargs):
+        signals.append((kwargs.get("created"), instance.pk, kwargs["using"], kwargs["raw"]))
+
+    pre_save.connect(record, sender=ToolCall)
+    post_save.connect(record, sender=ToolCall)
+    try:
+        mine, theirs = new_call(), new_call()
+        with django_assert_num_queries(1):
+            mine.save()
+        ToolCall.save_base(theirs)  # the ORM's own INSERT (ToolCall.save fills the digest)
+        theirs.arguments_size, theirs.arguments_digest = mine.arguments_size, mine.arguments_digest
+        Model.save(theirs, force_update=True)
+    finally:
+        pre_save.disconnect(record, sender=ToolCall)
+        post_save.disconnect(record, sender=ToolCall)
+    assert signals[:2] == [(None, None, "default", False), (True, mine.pk, "default", False)]
+    assert mine.pk and not mine._state.adding and mine._state.db == "default"
+    assert columns(mine)[1] == columns(theirs)[1]
+    (mine_values, mine_raw), (their_values, their_raw) = (
+        stored_columns(mine),
+        stored_columns(theirs),
+    )
+    assert mine_values == their_values
+    assert mine_values["arguments"] == {"text": "hé", "n": [1, 2]}
+    for raw in (*mine_raw, *their_raw):  # encrypted at rest, each encryption its own
+        assert raw.startswith("gAAAAA") and "text" not in raw
+    assert mine_raw[0] != their_raw[0]
+
+
+def test_a_transition_updates_as_the_orm_updates(django_user_model):
+    """`_transition`'s UPDATE (statements.update) writes what the ORM's update() writes, and
+    only where the row is still in the source status (and matches `where`)."""
+    server = add_demo_rows()
+    agent, _ = Agent.create_with_token("bot", [server])
+    user = django_user_model.objects.create(username="alice")
+    now = timezone.now()
+
+    def pending():
+        call = ToolCall(
+            agent=agent, server=server, server_name="demo", tool_name="echo",
+            arguments={"a": 1}, status=Status.PENDING_APPROVAL,
+            requested_at=now, expires_at=now + timedelta(hours=1),
+        )  # fmt: skip
+        call.save()
+        return call
+
+    mine, theirs = pending(), pending()
+    fields = {
+        "decided_by": DecidedBy.HUMAN, "decided_by_user": user, "decided_at": now,
+        "note": "ok", "arguments": {"a": 2}, "requested_arguments": {"a": 1},
+        "reasons": [{"code": "x", "message": "y"}], "result_content": None,
+    }  # fmt: skip
+    assert mine._transition(
+        [Status.PENDING_APPROVAL], Status.APPROVED, where={"expires_at__gt": now}, **fields
+    )
+    ToolCall.objects.filter(pk=theirs.pk, status__in=[Status.PENDING_APPROVAL]).update(
+        status=Status.APPROVED, **fields
+    )
+    assert stored_columns(mine)[0] == stored_columns(theirs)[0]
+    assert mine.status == Status.APPROVED and mine.decided_by_user == user
+    # The row moved on: a second transition from the same source changes nothing.
+    assert not mine._transition([Status.PENDING_APPROVAL], Status.DENIED)
+    assert ToolCall.objects.get(pk=mine.pk).status == Status.APPROVED
+    late = pending()
+    assert not late._transition(
+        [Status.PENDING_APPROVAL],
+        Status.APPROVED,
+        where={"expires_at__gt": now + timedelta(days=1)},
+    )
+    assert ToolCall.objects.get(pk=late.pk).status == Status.PENDING_APPROVAL
+
+
+def test_a_waited_call_compiles_no_sql_once_warm(client, upstream, monkeypatch):
+    """The four statements of an auto-approved waited call are compiled at their first run on a
+    connection, and only their values are prepared after that."""
+    from django.db.models.sql.compiler import SQLCompiler
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    waited_call(client, token)
+    compiled = []
+
+    def counting(as_sql):
+        def counted(self, *args, **kwargs):
+            compiled.append(type(self).__name__)
+            return as_sql(self, *args, **kwargs)
+
+        return counted
+
+    compilers, found = [SQLCompiler], 0
+    while found < len(compilers):  # every compiler class, the backends' own among them
+        compilers += compilers[found].__subclasses__()
+        found += 1
+    for compiler in compilers:
+        if "as_sql" in vars(compiler):
+            monkeypatch.setattr(compiler, "as_sql", counting(vars(compiler)["as_sql"]))
+    assert waited_call(client, token).json()["status"] == "succeeded"
+    assert compiled == []
