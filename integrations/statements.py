@@ -80,17 +80,17 @@ class _Filters:
         self.sentinels = {}
 
     def sentinel(self, name, many=0):
-        """The sentinel for `name`, or a list of `many` for an `__in` filter."""
-        if many:
-            values = [_sentinel(self.fields[name]) for _ in range(many)]
-        else:
-            values = _sentinel(self.fields[name])
-        self.sentinels[name] = values
-        return values
+        """The sentinel for `name` (the same one wherever the value goes), or a list of `many`
+        for an `__in` filter."""
+        if name not in self.sentinels:
+            field = self.fields[name]
+            many_of = [_sentinel(field) for _ in range(many)]
+            self.sentinels[name] = many_of if many else _sentinel(field)
+        return self.sentinels[name]
 
     def slots(self, params, connection):
         """{name: [(index of a sentinel among `params`, which of its list)]}; every sentinel
-        must be there, once."""
+        must be there, as a parameter of its own."""
         found = {}
         for name, values in self.sentinels.items():
             field = self.fields[name]
@@ -98,9 +98,10 @@ class _Filters:
             for which, value in enumerate(listed):
                 prepared = field.get_db_prep_value(value, connection, prepared=False)
                 at = [i for i, param in enumerate(params) if _same(param, prepared)]
-                if len(at) != 1:
-                    raise ValueError(f"The filter on {name} is not one parameter of the SQL.")
-                found.setdefault(name, []).append((at[0], which if listed is values else None))
+                if not at:
+                    raise ValueError(f"The filter on {name} is not a parameter of the SQL.")
+                places = [(i, which if listed is values else None) for i in at]
+                found.setdefault(name, []).extend(places)
         return found
 
     def fill(self, params, slots, values, connection):

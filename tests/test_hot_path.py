@@ -544,3 +544,30 @@ def test_a_waited_call_compiles_no_sql_once_warm(client, upstream, monkeypatch):
             monkeypatch.setattr(compiler, "as_sql", counting(vars(compiler)["as_sql"]))
     assert waited_call(client, token).json()["status"] == "succeeded"
     assert compiled == []
+
+
+def test_a_statement_it_cannot_build_fails_loudly_not_quietly():
+    from django.core.exceptions import EmptyResultSet
+    from django.db.models import F
+
+    from integrations import statements
+
+    active = statements.Query(
+        lambda filters: Agent.objects.filter(is_active=filters.sentinel("active")),
+        active=Agent._meta.get_field("is_active"),
+    )
+    with pytest.raises(TypeError, match="No sentinel"):
+        active.rows(active=True)  # a boolean has no value to spare for a sentinel
+    folded = statements.Query(
+        lambda filters: Agent.objects.filter(pk__in=[]).filter(name=filters.sentinel("name")),
+        name=Agent._meta.get_field("name"),
+    )
+    with pytest.raises(EmptyResultSet):  # the ORM's own: no SQL to keep
+        folded.rows(name="bot")
+    agent, _ = Agent.create_with_token("bot")
+    with pytest.raises(TypeError, match="expressions go through the ORM"):
+        statements.update(Agent, {"pk": agent.pk}, name=F("description"))
+    with pytest.raises(ValueError, match="own columns"):
+        statements.update(Agent, {"servers__name": "x"}, name="y")
+    assert statements.update(Agent, {"pk__in": []}, name="y") == 0
+    assert Agent.objects.get(pk=agent.pk).name == "bot"
