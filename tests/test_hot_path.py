@@ -352,7 +352,9 @@ def test_the_tool_lookup_gives_the_instances_the_orm_gives(django_assert_num_que
                 if server == "other":
                     assert columns(mine.server.oauth) == columns(theirs.server.oauth)
                     assert mine.server.oauth.access_token == "at-1"
-                else:
+                else:  # known to have none, as the ORM knows
+                    with pytest.raises(OAuthCredential.DoesNotExist):
+                        mine.server.oauth  # noqa: B018
                     assert mine.server.reconnect_reason == theirs.server.reconnect_reason == ""
 
 
