@@ -2,8 +2,8 @@
 
 Django builds and compiles a statement's SQL anew at every run. For the four statements of an
 auto-approved call that an agent waits for (the agent, the tool with its server, the INSERT,
-the result's UPDATE) that was ~2.5 ms of the web process's CPU, against ~0.3 ms for the
-database to run them (docs/architecture.md, "The hot path's SQL"). Here the ORM still writes
+the result's UPDATE) that was ~2.3 ms of the web process's CPU on SQLite, against ~0.4 ms
+for the database to run them (docs/architecture.md, "The hot path's SQL"). Here the ORM still writes
 each statement, from an ordinary queryset, UPDATE or model INSERT, but once per database
 connection; each run then only prepares its values and reads its rows, with the ORM's own
 methods:
