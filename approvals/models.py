@@ -223,18 +223,9 @@ class ToolCall(models.Model):
         the repeat gets its outcome, once; a later repeat is a new call. Matched on the
         requested arguments, so an approver's edit doesn't break it."""
         since = timezone.now() - timedelta(seconds=settings.MCP_REATTACH_WINDOW)
-        not_finished = models.Q(finished_at__isnull=True, status__in=LIVE_STATUSES)
-        handed_back = models.Q(finished_at__gte=since, handed_back_at__isnull=False)
         digest = _digest(server_name, tool_name, limits.canonical_json(arguments).encode())
-        # Only the digest index, so that no call's large arguments are read: the digest names
-        # the server and the tool (their columns would steer the planner to the (agent,
-        # server_name, tool_name, …) index), and the few candidates are ordered here (ORDER BY
-        # id would steer it to (agent, id)).
-        candidates = cls.objects.filter(
-            not_finished | handed_back,
-            agent=agent, arguments_digest=digest, expires_at__isnull=False,
-        ).only("pk", "finished_at", "handed_back_at").order_by()  # fmt: skip
-        for twin in sorted(candidates[:20], key=lambda call: call.pk, reverse=True):
+        candidates = _TWIN_CANDIDATES.rows(agent=agent.pk, digest=digest, since=since)
+        for twin in sorted(candidates, key=lambda call: call.pk, reverse=True):
             # The repeat takes the mark: only the next hand-back makes the call re-attachable
             # after it finished, and a finished call goes to the one repeat that cleared it.
             marked = cls.objects.filter(pk=twin.pk, handed_back_at__isnull=False)
@@ -870,6 +861,30 @@ def _store(call, decision, run_here):
     elif call.status == Status.APPROVED:
         call.enqueue()
     return call, True
+
+
+def _twin_candidates(filters):
+    not_finished = models.Q(finished_at__isnull=True, status__in=LIVE_STATUSES)
+    handed_back = models.Q(finished_at__gte=filters.sentinel("since"), handed_back_at__isnull=False)
+    # Only the digest index, so that no call's large arguments are read: the digest names the
+    # server and the tool (their columns would steer the planner to the (agent, server_name,
+    # tool_name, …) index), and the few candidates are ordered by the caller (ORDER BY id would
+    # steer it to (agent, id)).
+    return ToolCall.objects.filter(
+        not_finished | handed_back,
+        agent=filters.sentinel("agent"), arguments_digest=filters.sentinel("digest"),
+        expires_at__isnull=False,
+    ).only("pk", "finished_at", "handed_back_at").order_by()[:20]  # fmt: skip
+
+
+# `twin_to_reattach`'s query, its SQL built once per connection (integrations/statements.py):
+# every MCP `tools/call` asks it first.
+_TWIN_CANDIDATES = statements.Query(
+    _twin_candidates,
+    agent=Agent._meta.pk,
+    digest=ToolCall._meta.get_field("arguments_digest"),
+    since=ToolCall._meta.get_field("finished_at"),
+)
 
 
 class AnomalyKind(models.TextChoices):

@@ -2,11 +2,11 @@
 
 Django builds and compiles a statement's SQL anew at every run. For the four statements of an
 auto-approved call that an agent waits for (the agent, the tool with its server, the INSERT,
-the result's UPDATE) that was ~2.3 ms of the web process's CPU on SQLite, against ~0.4 ms
-for the database to run them (docs/architecture.md, "The hot path's SQL"). Here the ORM still writes
-each statement, from an ordinary queryset, UPDATE or model INSERT, but once per database
-connection; each run then only prepares its values and reads its rows, with the ORM's own
-methods:
+the result's UPDATE) that was ~2.3 ms of the web process's CPU on SQLite, against ~0.4 ms for
+the database to run them (docs/architecture.md, "The hot path's SQL"); the MCP endpoint's
+re-attach lookup is built here too. The ORM still writes each statement, from an ordinary
+queryset, UPDATE or model INSERT, but once per database connection; each run then only
+prepares its values and reads its rows, with the ORM's own methods:
 
 - values go through the fields' own `get_db_prep_value` / `get_db_prep_save` (so arguments and
   secrets are encrypted, JSON encoded, datetimes adapted exactly as by the ORM);

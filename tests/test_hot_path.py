@@ -573,3 +573,33 @@ def test_a_statement_it_cannot_build_fails_loudly_not_quietly():
         statements.update(Agent, {"servers__name": "x"}, name="y")
     assert statements.update(Agent, {"pk__in": []}, name="y") == 0
     assert Agent.objects.get(pk=agent.pk).name == "bot"
+
+
+def test_the_reattach_lookup_gives_the_instances_the_orm_gives():
+    from approvals.models import _TWIN_CANDIDATES, _digest, _twin_candidates
+    from integrations import limits
+
+    server = add_demo_rows()
+    agent, _ = Agent.create_with_token("bot", [server])
+    now = timezone.now()
+    arguments = {"text": "hi"}
+    for status, finished, handed_back in (
+        (Status.PENDING_APPROVAL, None, None),
+        (Status.SUCCEEDED, now, now),
+        (Status.SUCCEEDED, now, None),  # finished, never handed back: no twin
+        (Status.SUCCEEDED, now - timedelta(days=1), now),  # out of the window
+    ):
+        ToolCall(
+            agent=agent, server=server, server_name="demo", tool_name="echo",
+            arguments=arguments, status=status, expires_at=now + timedelta(hours=1),
+            finished_at=finished, handed_back_at=handed_back,
+        ).save()  # fmt: skip
+    digest = _digest("demo", "echo", limits.canonical_json(arguments).encode())
+    values = {"agent": agent.pk, "digest": digest, "since": now - timedelta(minutes=5)}
+    mine = sorted(_TWIN_CANDIDATES.rows(**values), key=lambda call: call.pk)
+    theirs = sorted(_twin_candidates(Given(**values)), key=lambda call: call.pk)
+    assert len(mine) == 2
+    for a, b in zip(mine, theirs, strict=True):
+        assert (a.pk, a.finished_at, a.handed_back_at) == (b.pk, b.finished_at, b.handed_back_at)
+        assert a.get_deferred_fields() == b.get_deferred_fields() != set()
+    assert ToolCall.twin_to_reattach(agent, "demo", "echo", arguments).pk == mine[-1].pk
