@@ -170,15 +170,24 @@ PARSE_IN_HOP_BYTES = 8 * 1024
 
 
 def _open_call(request, agent):
-    """(wait, the request looked up: `open_tool_call`), or the error response: `tool_calls`'s
-    database work before the decision, in the agent's hop (`api(prepare=…)`). None for a
+    """(wait, the request looked up: `open_tool_call`, the call stored or None), or the error
+    response: `tool_calls`'s database work, in the agent's hop (`api(prepare=…)`). The call is
+    stored here too, (call, created), when its decision was cheap enough to make here
+    (`decide_here`: two hops fewer); else `tool_calls` has it decided and stored. None for a
     body over PARSE_IN_HOP_BYTES: `tool_calls` does all this itself."""
     if not _small_body(request):
         return None
     checked = _checked_body(request)
     if isinstance(checked, JsonResponse):
         return checked
-    return _opened(agent, *checked)
+    opened = _opened(agent, *checked)
+    if isinstance(opened, JsonResponse) or not opened[1].decide_here():
+        return opened
+    wait, looked_up, _ = opened
+    try:
+        return wait, looked_up, looked_up.close(run_here=wait > 0)
+    except Refused as refused:
+        return _refusal(refused)
 
 
 def _small_body(request):
@@ -206,11 +215,12 @@ def _checked_body(request):
 
 def _opened(agent, wait, body):
     try:
-        return wait, open_tool_call(
+        opened = open_tool_call(
             agent, body["server"], body["tool"], body["arguments"], body["idempotency_key"]
         )
     except Refused as refused:
         return _refusal(refused)
+    return wait, opened, None
 
 
 @api("POST", prepare=_open_call)
@@ -222,9 +232,9 @@ async def tool_calls(request):
             prepared = await sync_to_async(_opened)(request.agent, *prepared)
     if isinstance(prepared, JsonResponse):
         return prepared
-    wait, opened = prepared
+    wait, opened, stored = prepared
     try:
-        call, created = await afinish_tool_call(opened, run_here=wait > 0)
+        call, created = stored or await afinish_tool_call(opened, run_here=wait > 0)
     except Refused as refused:
         return _refusal(refused)
     if created and call.claimed_at_insert:

@@ -667,7 +667,9 @@ async def _arequest(
 
 async def afinish_tool_call(request, run_here=False):
     """The rest of `arequest_tool_call` (no re-attaching) for a request `open_tool_call`
-    looked up: the decision on the validation threads, then the call stored (one hop)."""
+    looked up: the decision on the validation threads, then the call stored (one hop). A
+    caller already on the database thread may first try `request.decide_here()` and, if it
+    decided, `request.close(run_here)` there instead."""
     from approvals.validation import InvalidArguments, off_the_shared_thread
 
     if request.undecided:
@@ -675,13 +677,13 @@ async def afinish_tool_call(request, run_here=False):
             await off_the_shared_thread(request.call.agent_id, request.decide)
         except InvalidArguments as exc:  # the check overran its own deadline
             request.decision = policy.schema_refusal(exc)
-    return await sync_to_async(_close_request)(request, run_here)
+    return await sync_to_async(request.close)(run_here)
 
 
 @dataclass
 class _Request:
     """A request between its steps: looked up (database), decided (no database: it may run on
-    a validation thread), then stored (database)."""
+    a validation thread, or where it is when provably cheap), then stored (database)."""
 
     call: ToolCall
     existing: bool = False  # a call already stored for the idempotency key
@@ -698,6 +700,33 @@ class _Request:
             self.decision = policy.decide(
                 call.agent, call.tool, call.arguments, rules=self.rules, assigned=True
             )
+
+    def decide_here(self):
+        """Decide on this thread if that is provably cheap, and say whether it is decided.
+
+        For the JSON API's first hop to the shared database thread, where nothing whose cost
+        a server or an agent controls may run (config/asgi.py): then the call is stored in the
+        same hop (`close`), two hops fewer than by the validation threads (issue 11). Cheap
+        means no rule conditions to evaluate (CEL over the arguments), and the schema check
+        `within_budget` (small arguments and schema, the validator already built, 1 ms of CPU);
+        otherwise nothing is decided here and `afinish_tool_call` decides as before."""
+        from approvals.validation import OverBudget, within_budget
+
+        if not self.undecided:
+            return True
+        if self.rules is None or self.rules:
+            return False
+        try:
+            with within_budget():
+                self.decide()
+        except OverBudget:
+            self.decision = None
+            return False
+        return True
+
+    def close(self, run_here=False):
+        """Store the decided request (database): (call, created), or raise `Refused`."""
+        return _close_request(self, run_here)
 
 
 @contextmanager

@@ -21,6 +21,9 @@ try to make validation expensive. What keeps it bounded:
 * **Off the shared thread**: `off_the_shared_thread` runs the check on a small thread pool of
   its own, one check at a time per agent, so that all other API requests, whose database work
   shares one thread (config/asgi.py), never wait behind it (see `tests/test_validation.py`).
+  Only a check that is provably cheap may run where its caller is (`within_budget`): small
+  arguments, a small schema whose validator is already built, and INLINE_BUDGET seconds of
+  the thread's CPU at most, past which it stops with `OverBudget` and goes to those threads.
 
 Validators are built once per distinct schema and cached.
 """
@@ -31,7 +34,7 @@ import functools
 import json
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -61,6 +64,11 @@ class ValidationTimeout(InvalidArguments):
     code = "validation_timeout"
 
 
+class OverBudget(Exception):
+    """A check made `within_budget` was not provably cheap, or ran past its budget: it says
+    nothing about the arguments, and must be made again off the shared thread."""
+
+
 def depth(value, limit=MAX_DEPTH):
     """Nesting depth of a JSON value, giving up (returning limit + 1) past `limit`."""
     stack, deepest = [(value, 1)], 0
@@ -84,9 +92,15 @@ def validate_arguments(arguments, schema, timeout=None):
         raise InvalidArguments([f"arguments are nested deeper than {MAX_DEPTH} levels"])
     timeout = settings.ARGUMENT_VALIDATION_TIMEOUT if timeout is None else timeout
     schema = schema if isinstance(schema, dict) else {}
+    budgeted = getattr(_local, "budget", None) is not None
+    if budgeted and not (_small(arguments, *INLINE_ARGUMENTS) and _small(schema, *INLINE_SCHEMA)):
+        raise OverBudget
     with _deadline(timeout):
         try:
-            validator = _validator(json.dumps(schema, sort_keys=True))
+            key = json.dumps(schema, sort_keys=True)
+            if budgeted and key not in _built:  # building one checks the schema: not here
+                raise OverBudget
+            validator = _validator(key)
             errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
         except SchemaError as exc:
             raise InvalidArguments([f"the tool's input schema is invalid: {exc.message}"]) from None
@@ -111,6 +125,51 @@ async def off_the_shared_thread(agent_id, check):
             return await asyncio.wait_for(asyncio.shield(work), timeout + 1)
         except TimeoutError:
             raise _timed_out(timeout) from None
+
+
+# What `within_budget` takes as provably cheap: arguments and schema of at most this many values
+# and characters of strings (the arguments: about a small JSON API body, which is parsed in its
+# request's first hop too), and this much of the thread's CPU time for the check itself.
+INLINE_ARGUMENTS = (500, 4096)
+INLINE_SCHEMA = (2000, 32_768)
+INLINE_BUDGET = 0.001
+
+
+@contextlib.contextmanager
+def within_budget(seconds=INLINE_BUDGET):
+    """Checks made in this block on this thread (`validate_arguments`) are provably cheap or
+    raise `OverBudget`: arguments and schema small (INLINE_ARGUMENTS, INLINE_SCHEMA), the
+    schema's validator already built, and at most `seconds` of this thread's CPU time (checked
+    before every keyword, as the deadline is). For the policy's decision in the API's first hop
+    to the shared database thread, where a check whose cost a server or an agent controls must
+    not run (config/asgi.py); past the budget it is made again on the validation threads."""
+    previous = getattr(_local, "budget", None)
+    _local.budget = time.thread_time() + seconds
+    try:
+        yield
+    finally:
+        _local.budget = previous
+
+
+def _small(value, max_values, max_chars):
+    """Whether a JSON value has at most `max_values` values and `max_chars` characters of
+    strings (keys included), found in at most that many steps."""
+    stack, values, chars = [value], 0, 0
+    while stack:
+        item = stack.pop()
+        values += 1
+        if values > max_values:
+            return False
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, dict):
+            chars += sum(len(key) for key in item if isinstance(key, str))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        if chars > max_chars:
+            return False
+    return True
 
 
 def _describe(error):
@@ -141,6 +200,9 @@ def _check_deadline():
     deadline = getattr(_local, "deadline", None)
     if deadline is None:
         return
+    budget = getattr(_local, "budget", None)
+    if budget is not None and time.thread_time() > budget:
+        raise OverBudget
     now = time.monotonic()
     if now > deadline:
         raise _timed_out(_local.timeout)
@@ -328,7 +390,16 @@ def _validator(schema_json):
     schema = json.loads(schema_json)
     draft = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     draft.check_schema(schema)
-    return _bounded_class(draft)(schema, registry=Registry())
+    validator = _bounded_class(draft)(schema, registry=Registry())
+    with _built_lock:
+        _built[schema_json] = True
+        while len(_built) > 512:  # as many as the cache keeps; one evicted is built again
+            _built.popitem(last=False)
+    return validator
+
+
+_built = OrderedDict()  # schemas (as `_validator`'s key) whose validator was built
+_built_lock = threading.Lock()
 
 
 # --- Off the shared thread ------------------------------------------------------------------

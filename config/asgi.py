@@ -10,9 +10,10 @@ Two things keep a waiting agent (`?wait=`) down to a coroutine instead of a thre
   `settings.API_MIDDLEWARE`), each method of which would be a hop to that thread (issue 11).
   Nothing whose cost an agent or a server controls may run on that thread, or every agent
   waits behind it: checking a call's arguments (schema, personal data) runs on the validation
-  threads instead (`approvals.models.arequest_tool_call`). tests/test_validation.py pins both
-  (one thread for the database work, the checks beside it, another agent served while an
-  attack runs).
+  threads instead (`approvals.models.arequest_tool_call`), unless it is provably cheap and
+  stays within a budget of CPU (`_Request.decide_here`, `approvals.validation.within_budget`).
+  tests/test_validation.py pins both (one thread for the database work, the costly checks
+  beside it, another agent served while an attack runs).
 """
 
 import json

@@ -14,7 +14,13 @@ import pytest
 from django.utils import timezone
 
 from approvals.models import Status, ToolCall
-from approvals.validation import InvalidArguments, ValidationTimeout, validate_arguments
+from approvals.validation import (
+    InvalidArguments,
+    OverBudget,
+    ValidationTimeout,
+    validate_arguments,
+    within_budget,
+)
 from integrations.models import Agent, ApprovalMode, McpServer, Tool
 from tests.mcp_servers import start
 
@@ -106,6 +112,39 @@ def test_ordinary_schemas_still_report_every_problem():
         "arguments.n: 0 is less than the minimum of 1",
         "arguments.text: 'long' is too long",
     ]
+
+
+ECHO = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 9}}}
+
+
+def test_a_check_within_budget_answers_only_when_provably_cheap():
+    """`within_budget` (the decision in the API's first hop, on the shared database thread)
+    gives a real answer for small arguments against a small schema whose validator is built,
+    and OverBudget (check it on the validation threads) for anything else."""
+    with within_budget(), pytest.raises(OverBudget):  # its validator was never built
+        validate_arguments({"text": "hi"}, {**ECHO, "title": "never built"})
+    validate_arguments({"text": "hi"}, ECHO)  # built now, as on a validation thread
+    with within_budget():
+        validate_arguments({"text": "hi"}, ECHO)
+        with pytest.raises(InvalidArguments, match="is too long"):
+            validate_arguments({"text": "far too long"}, ECHO)
+    big_arguments = {"text": "x" * 5_000}, {"text": "hi", "more": list(range(600))}
+    for arguments in big_arguments:
+        with within_budget(), pytest.raises(OverBudget):
+            validate_arguments(arguments, ECHO)
+    big_schema = {**ECHO, "enum": [{"text": str(i)} for i in range(3_000)]}
+    validate_arguments({"text": "1"}, big_schema)  # its validator is built
+    with within_budget(), pytest.raises(OverBudget):
+        validate_arguments({"text": "1"}, big_schema)
+
+
+def test_a_check_past_its_budget_stops_there_and_not_at_the_deadline():
+    with pytest.raises(ValidationTimeout):
+        validate_arguments({"q": "x"}, fan_out(40), timeout=0.05)  # its validator is built
+    started = time.thread_time()
+    with within_budget(0.005), pytest.raises(OverBudget):
+        validate_arguments({"q": "x"}, fan_out(40), timeout=30)
+    assert time.thread_time() - started < 1  # the budget, not the 30 s deadline
 
 
 # Through the real web process --------------------------------------------------------------
@@ -214,12 +253,17 @@ def test_a_timed_out_check_leaves_only_an_audit_record(web):
     assert (call.status, call.error_code) == (Status.BLOCKED, "validation_timeout")
 
 
-def test_api_database_work_shares_one_thread_and_the_checks_run_beside_it(web, monkeypatch):
+def test_api_database_work_shares_one_thread_and_costly_checks_run_beside_it(
+    web, monkeypatch, settings
+):
     """Pins what config/asgi.py relies on: API requests skip Django's per-request thread, so
-    their database calls share one thread; the argument checks run on threads of their own."""
+    their database calls share one thread; the argument checks run on threads of their own,
+    except a provably cheap one (`_Request.decide_here`: the validator built, small arguments,
+    within a budget of CPU), which the request's first hop to the database thread makes."""
     from approvals import models
 
-    seen = {"db": set(), "checks": set()}
+    settings.ARGUMENT_VALIDATION_TIMEOUT = 0.5
+    seen = {"db": set(), "checks": []}
     real_open, real_decide = models._open_request, models._Request.decide
 
     def open_request(*args):
@@ -227,14 +271,19 @@ def test_api_database_work_shares_one_thread_and_the_checks_run_beside_it(web, m
         return real_open(*args)
 
     def decide(self):
-        seen["checks"].add(threading.current_thread().name)
-        return real_decide(self)
+        real_decide(self)  # recorded only once it decided (not when it stopped, over budget)
+        seen["checks"].append((self.call.tool_name, threading.current_thread().name))
 
     monkeypatch.setattr(models, "_open_request", open_request)
     monkeypatch.setattr(models._Request, "decide", decide)
-    _, other = make_tools()
+    attacker, other = make_tools()
     for _ in range(4):
         assert post_call(web, other, "echo", {"text": "hi"}).status_code == 201
+    for _ in range(2):  # the second time its validator is built, and its budget runs out
+        refused = post_call(web, attacker, "fan_out", {"q": "x"})
+        assert refused.json()["error"]["code"] == "validation_timeout"
     assert len(seen["db"]) == 1
-    assert all(name.startswith("validation") for name in seen["checks"])
-    assert not seen["db"] & seen["checks"]
+    echoes = [thread for tool, thread in seen["checks"] if tool == "echo"]
+    assert echoes[1:] == [*seen["db"]] * 3  # the first one may have built the validator
+    fan_outs = [thread for tool, thread in seen["checks"] if tool == "fan_out"]
+    assert len(fan_outs) == 2 and all(name.startswith("validation") for name in fan_outs)
