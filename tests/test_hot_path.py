@@ -603,3 +603,13 @@ def test_the_reattach_lookup_gives_the_instances_the_orm_gives():
         assert (a.pk, a.finished_at, a.handed_back_at) == (b.pk, b.finished_at, b.handed_back_at)
         assert a.get_deferred_fields() == b.get_deferred_fields() != set()
     assert ToolCall.twin_to_reattach(agent, "demo", "echo", arguments).pk == mine[-1].pk
+
+
+def test_the_web_process_keeps_its_start_up_objects_out_of_full_collections():
+    """config/asgi.py freezes what start-up made: the cyclic collector's full collections
+    then walk only what requests made since, not ~130,000 long-lived objects (issue 11)."""
+    import gc
+
+    import config.asgi  # noqa: F401 - what uvicorn imports
+
+    assert gc.get_freeze_count() > 50_000
