@@ -25,7 +25,7 @@ try to make validation expensive. What keeps it bounded:
   arguments, a small schema whose validator is already built, and INLINE_BUDGET seconds of
   the thread's CPU at most, past which it stops with `OverBudget` and goes to those threads.
 
-Validators are built once per distinct schema and cached.
+Validators are built once per distinct schema and cached (`_validator`).
 """
 
 import asyncio
@@ -88,19 +88,19 @@ def validate_arguments(arguments, schema, timeout=None):
     """Raise InvalidArguments (ValidationTimeout past the deadline) unless `arguments` match."""
     if not isinstance(arguments, dict):
         raise InvalidArguments(["arguments must be a JSON object"])
-    if depth(arguments) > MAX_DEPTH:
-        raise InvalidArguments([f"arguments are nested deeper than {MAX_DEPTH} levels"])
-    timeout = settings.ARGUMENT_VALIDATION_TIMEOUT if timeout is None else timeout
     schema = schema if isinstance(schema, dict) else {}
     budgeted = getattr(_local, "budget", None) is not None
     if budgeted and not (_small(arguments, *INLINE_ARGUMENTS) and _small(schema, *INLINE_SCHEMA)):
         raise OverBudget
+    if depth(arguments) > MAX_DEPTH:
+        raise InvalidArguments([f"arguments are nested deeper than {MAX_DEPTH} levels"])
+    timeout = settings.ARGUMENT_VALIDATION_TIMEOUT if timeout is None else timeout
     with _deadline(timeout):
         try:
-            key = json.dumps(schema, sort_keys=True)
-            if budgeted and key not in _built:  # building one checks the schema: not here
+            # Building a validator checks the schema, unbounded: never within a budget.
+            validator = _validator(json.dumps(schema, sort_keys=True), build=not budgeted)
+            if validator is None:
                 raise OverBudget
-            validator = _validator(key)
             errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
         except SchemaError as exc:
             raise InvalidArguments([f"the tool's input schema is invalid: {exc.message}"]) from None
@@ -159,6 +159,8 @@ def _small(value, max_values, max_chars):
         item = stack.pop()
         values += 1
         if values > max_values:
+            return False
+        if isinstance(item, dict | list) and values + len(stack) + len(item) > max_values:
             return False
         if isinstance(item, str):
             chars += len(item)
@@ -385,21 +387,29 @@ def _bounded_class(draft):
     )
 
 
-@functools.lru_cache(maxsize=512)
-def _validator(schema_json):
+def _validator(schema_json, build=True):
+    """The validator of a schema (its canonical JSON), built once and cached (the 512 most
+    recently used); None if it isn't built yet and not `build`."""
+    with _validators_lock:
+        validator = _validators.get(schema_json)
+        if validator is not None:
+            _validators.move_to_end(schema_json)
+            return validator
+    if not build:
+        return None
     schema = json.loads(schema_json)
     draft = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     draft.check_schema(schema)
     validator = _bounded_class(draft)(schema, registry=Registry())
-    with _built_lock:
-        _built[schema_json] = True
-        while len(_built) > 512:  # as many as the cache keeps; one evicted is built again
-            _built.popitem(last=False)
+    with _validators_lock:
+        _validators[schema_json] = validator
+        while len(_validators) > 512:
+            _validators.popitem(last=False)
     return validator
 
 
-_built = OrderedDict()  # schemas (as `_validator`'s key) whose validator was built
-_built_lock = threading.Lock()
+_validators = OrderedDict()  # schema JSON -> validator, most recently used last
+_validators_lock = threading.Lock()
 
 
 # --- Off the shared thread ------------------------------------------------------------------
