@@ -287,3 +287,21 @@ def test_api_database_work_shares_one_thread_and_costly_checks_run_beside_it(
     assert echoes[1:] == [*seen["db"]] * 3  # the first one may have built the validator
     fan_outs = [thread for tool, thread in seen["checks"] if tool == "fan_out"]
     assert len(fan_outs) == 2 and all(name.startswith("validation") for name in fan_outs)
+
+
+@pytest.mark.django_db
+def test_a_request_with_rule_conditions_to_evaluate_is_not_decided_in_the_first_hop():
+    """A rule's CEL condition runs over the agent's arguments at a cost no budget interrupts:
+    such a decision is left to the validation threads (`afinish_tool_call`)."""
+    from approvals.models import open_tool_call
+    from approvals.rules import PolicyRule
+
+    make_tools(mode=ApprovalMode.NO_APPROVAL)
+    agent = Agent.objects.get(name="other")
+    validate_arguments({"text": "hi"}, Tool.objects.get(name="echo").input_schema)  # built
+    assert open_tool_call(agent, "evil", "echo", {"text": "hi"}).decide_here()
+    PolicyRule.objects.create(
+        server=McpServer.objects.get(), condition='args.text == "hi"', action="deny"
+    )
+    request = open_tool_call(agent, "evil", "echo", {"text": "hi"})
+    assert not request.decide_here() and request.decision is None
