@@ -83,9 +83,21 @@ postgresql_only = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def fresh_pool():
+    """Django's pool as a web process starts it. The pool is the test process's (one per alias,
+    a class attribute of the backend), so it is as earlier tests left it: threads querying at
+    once grow it past DATABASE_POOL_MIN_SIZE (test_encryption's eight: nine connections), it
+    keeps the extra ones idle for psycopg-pool's max_idle (10 min, then one closed at a time)
+    and lends its idle connections in turn, first in first out, so six requests in a row met
+    six of them. Closed here, it opens again at the test's first query with MIN_SIZE ones;
+    a connection still out of the old pool is closed when it is given back."""
+    connection.close_pool()
+
+
 @pytest.mark.integration
 @postgresql_only
-def test_page_requests_in_a_row_share_pooled_connections(toolgate, approver, client):
+def test_page_requests_in_a_row_share_pooled_connections(fresh_pool, toolgate, approver, client):
     """Django runs each page request on a new thread, and a connection is per thread: without
     the pool each of these requests opened a PostgreSQL connection (a new server backend)."""
     backends = []
