@@ -625,10 +625,10 @@ def request_tool_call(
     `unknown` like any call lost mid-run. With `reattach`, the agent's `twin_to_reattach` of
     the request, if any, is returned instead of a new call (the MCP endpoint's retries).
     """
-    request = _open_request(agent, server_name, tool_name, arguments, idempotency_key, reattach)
+    request = _open_request(agent, server_name, tool_name, arguments, idempotency_key)
     if request.undecided:
         request.decide()
-    return _close_request(request, run_here)
+    return _close_request(request, run_here, reattach)
 
 
 async def arequest_tool_call(
@@ -639,37 +639,37 @@ async def arequest_tool_call(
     the rules' conditions set (schema validation, personal data, CEL), runs on the validation
     threads instead, bounded by its deadline, so no request waits behind another's.
 
-    With `reattach`, one agent's requests are looked up and stored one at a time in this
-    process, so identical calls sent at once (a client retrying without waiting, several of its
-    sessions) re-attach to one pending call instead of each queueing one for the approvers.
-    The decision of an agent's calls already runs one at a time (`off_the_shared_thread`)."""
+    With `reattach` (see `afinish_tool_call`), a retry re-attaches to its pending twin."""
+    request = await sync_to_async(_open_request)(
+        agent, server_name, tool_name, arguments, idempotency_key
+    )
+    return await afinish_tool_call(request, run_here, reattach)
+
+
+async def afinish_tool_call(request, run_here=False, reattach=False):
+    """The rest of `arequest_tool_call` for a request `open_tool_call` looked up: the decision
+    on the validation threads, then the call stored (one hop). A caller already on the
+    database thread may first try `request.decide_here()` and, if it decided,
+    `request.close(run_here)` there instead.
+
+    With `reattach`, the agent's `twin_to_reattach` of the request, if any, is returned instead
+    of a new call, looked up in the hop that would store the new one; and one agent's requests
+    are decided and stored one at a time in this process, so identical calls sent at once (a
+    client retrying without waiting, several of its sessions) re-attach to one pending call
+    instead of each queueing one for the approvers. The decision of an agent's calls already
+    runs one at a time (`off_the_shared_thread`)."""
     if not reattach:
-        return await _arequest(agent, server_name, tool_name, arguments, idempotency_key, run_here)
+        return await _afinish(request, run_here)
     locks = _REATTACH_LOCKS.setdefault(asyncio.get_running_loop(), {})
-    async with locks.setdefault(agent.pk, anyio.Lock()):
-        return await _arequest(
-            agent, server_name, tool_name, arguments, idempotency_key, run_here, reattach=True
-        )
+    async with locks.setdefault(request.call.agent_id, anyio.Lock()):
+        return await _afinish(request, run_here, reattach=True)
 
 
 # event loop -> {agent pk: the lock its re-attaching requests take}; a lock is bound to a loop
 _REATTACH_LOCKS = weakref.WeakKeyDictionary()
 
 
-async def _arequest(
-    agent, server_name, tool_name, arguments, idempotency_key, run_here, reattach=False
-):
-    request = await sync_to_async(_open_request)(
-        agent, server_name, tool_name, arguments, idempotency_key, reattach
-    )
-    return await afinish_tool_call(request, run_here)
-
-
-async def afinish_tool_call(request, run_here=False):
-    """The rest of `arequest_tool_call` (no re-attaching) for a request `open_tool_call`
-    looked up: the decision on the validation threads, then the call stored (one hop). A
-    caller already on the database thread may first try `request.decide_here()` and, if it
-    decided, `request.close(run_here)` there instead."""
+async def _afinish(request, run_here, reattach=False):
     from approvals.validation import InvalidArguments, off_the_shared_thread
 
     if request.undecided:
@@ -677,7 +677,7 @@ async def afinish_tool_call(request, run_here=False):
             await off_the_shared_thread(request.call.agent_id, request.decide)
         except InvalidArguments as exc:  # the check overran its own deadline
             request.decision = policy.schema_refusal(exc)
-    return await sync_to_async(request.close)(run_here)
+    return await sync_to_async(request.close)(run_here, reattach)
 
 
 @dataclass
@@ -724,9 +724,9 @@ class _Request:
             return False
         return True
 
-    def close(self, run_here=False):
+    def close(self, run_here=False, reattach=False):
         """Store the decided request (database): (call, created), or raise `Refused`."""
-        return _close_request(self, run_here)
+        return _close_request(self, run_here, reattach)
 
 
 @contextmanager
@@ -748,10 +748,10 @@ def open_tool_call(agent, server_name, tool_name, arguments, idempotency_key="")
     return _open_request(agent, server_name, tool_name, arguments, idempotency_key)
 
 
-def _open_request(agent, server_name, tool_name, arguments, idempotency_key, reattach=False):
-    """Look the request up: the call already stored for its idempotency key (or its pending
-    twin, with `reattach`), or a new call (unsaved) with everything its decision needs loaded,
-    or the refusal found on the way. Checks what was sent before any query uses it."""
+def _open_request(agent, server_name, tool_name, arguments, idempotency_key):
+    """Look the request up: the call already stored for its idempotency key, or a new call
+    (unsaved) with everything its decision needs loaded, or the refusal found on the way.
+    Checks what was sent before any query uses it."""
     refused = _unusable_request(server_name, tool_name, arguments)
     if refused:
         raise refused  # nothing can match it or store it; no column is cut to fit it
@@ -760,9 +760,6 @@ def _open_request(agent, server_name, tool_name, arguments, idempotency_key, rea
         if existing:
             _check_same_request(existing, server_name, tool_name, arguments)
             return _Request(existing, existing=True)
-    twin = reattach and ToolCall.twin_to_reattach(agent, server_name, tool_name, arguments)
-    if twin:
-        return _Request(twin, existing=True)
     server, tool, decision = policy.find_tool(agent, server_name, tool_name)
     call = ToolCall(
         agent=agent,
@@ -794,10 +791,19 @@ def _check_same_request(call, server_name, tool_name, arguments):
         )  # fmt: skip
 
 
-def _close_request(request, run_here):
+def _close_request(request, run_here, reattach=False):
+    """Store the decided request (or refuse it), unless it was already stored: the call of its
+    idempotency key or, with `reattach`, its twin (looked up first: whatever the decision, a
+    retry of a call that went to a human gets that call)."""
     call, decision = request.call, request.decision
     if request.existing:
         return call, False
+    if reattach:
+        twin = ToolCall.twin_to_reattach(
+            call.agent, call.server_name, call.tool_name, call.arguments
+        )
+        if twin:
+            return twin, False
     call.reasons = decision.reasons_json()
     if decision.outcome == policy.Outcome.REFUSE:
         refused = Refused(decision.status, decision.code, decision.message, list(decision.details))

@@ -130,8 +130,9 @@ class BodyLimit:
     a temporary file past FILE_UPLOAD_MAX_MEMORY_SIZE, with no limit and before anyone is
     authenticated: a client streaming gigabytes (no Content-Length needed) filled the disk.
     A body over `limit()` is answered 413 here without reading the rest (JSON on `/api/`);
-    the JSON API and the forms keep their own, smaller limits below it. The MCP endpoint
-    authenticates first and has the JSON API's limit (approvals/mcp/app.py)."""
+    the JSON API and the forms keep their own, smaller limits below it. The MCP endpoint reads
+    no more than 8 KiB before it authenticates, and has the JSON API's limit
+    (approvals/mcp/app.py)."""
 
     def __init__(self, app):
         self.app = app

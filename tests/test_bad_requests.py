@@ -330,15 +330,18 @@ def test_an_endless_body_to_the_mcp_endpoint_is_refused(toolgate, agent):
 
 def test_slow_bodies_stall_no_other_agent(toolgate, agent):
     """Bodies that trickle in (or stop half-way) on every kind of endpoint, while another
-    agent calls a tool over the JSON API and over MCP."""
+    agent calls a tool over the JSON API and over MCP (where a small body is read before the
+    agent's lookup, a larger one after)."""
     _, other = Agent.create_with_token("other", servers=McpServer.objects.all())
     slow = []
-    for path in ["/api/v1/tool-calls", "/mcp/demo/", "/admin/login/", "/mcp/demo/messages/"]:
+    for path, length in [("/api/v1/tool-calls", 100000), ("/mcp/demo/", 100000),
+                         ("/mcp/demo/", 1000), ("/admin/login/", 100000),
+                         ("/mcp/demo/messages/", 100000)]:  # fmt: skip
         sock = socket.create_connection(("127.0.0.1", toolgate.port), timeout=30)
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {agent.token}\r\n"
             "Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
-            'Content-Length: 100000\r\n\r\n{"server": '.encode()
+            f'Content-Length: {length}\r\n\r\n{{"server": '.encode()
         )
         slow.append(sock)
     try:

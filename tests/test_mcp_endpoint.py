@@ -991,3 +991,90 @@ def test_an_oauth_upstream_is_called_with_its_token_through_the_endpoint(
 
     assert text_of(run(go)) == "with oauth"
     assert upstream.tokens_seen[-1] == OAuthCredential.objects.get(server=server).access_token
+
+
+@contextlib.contextmanager
+def web_process_work(monkeypatch):
+    """What the web process's threads do meanwhile: SQL statements, and hops from its event loop
+    to a thread (a GIL hand-over and a wake-up of the loop each; issue 11). The clients run in
+    this thread, the app on threads of its own."""
+    import asyncio
+
+    from django.db.backends.utils import CursorWrapper
+
+    work = {"sql": [], "hops": []}
+    test_thread = threading.current_thread()
+    execute, run_in_executor = CursorWrapper.execute, asyncio.BaseEventLoop.run_in_executor
+
+    def counted_execute(self, sql, *args, **kwargs):
+        work["sql"].append(sql.split(" ", 1)[0])
+        return execute(self, sql, *args, **kwargs)
+
+    def counted_hop(self, executor, func, *args):
+        if threading.current_thread() is not test_thread:
+            work["hops"].append(func)
+        return run_in_executor(self, executor, func, *args)
+
+    monkeypatch.setattr(CursorWrapper, "execute", counted_execute)
+    monkeypatch.setattr(asyncio.BaseEventLoop, "run_in_executor", counted_hop)
+    try:
+        yield work
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("kind", ["legacy", "modern"])
+def test_an_auto_approved_call_costs_the_json_apis_queries_and_hops_and_a_look_for_a_twin(
+    toolgate, agent, monkeypatch, kind
+):
+    """The agent and the call's tool (with its server, the endpoint's check) in one hop before
+    the SDK reads the request; the decision, on a validation thread; the insert, after a look
+    for a twin to re-attach to, in one hop; the result. The JSON API's 4 queries and 4 hops
+    (tests/test_hot_path.py) and the twin's query: no second lookup of the server or of its
+    tools' `Mcp-Param-*` headers, no hop of its own for the call's lookup."""
+
+    async def go():
+        async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token, kind) as client:
+            await client.call_tool("echo", {"text": "warm"})  # the agent's last use, a session
+            with web_process_work(monkeypatch) as work:
+                result = await client.call_tool("echo", {"text": "hi"})
+            return result, work
+
+    result, work = run(go)
+    assert text_of(result) == "hi"
+    assert work["sql"] == ["SELECT", "SELECT", "SELECT", "INSERT", "UPDATE"], work["sql"]
+    assert len(work["hops"]) == 4, work["hops"]
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_a_call_whose_body_arrives_in_pieces_is_answered_as_one_sent_whole(toolgate, agent, pieces):
+    """A body of a declared length up to `app.PARSE_FIRST_BYTES` is read before the agent is
+    looked up (its `tools/call` with it), however it is split on the way."""
+    import socket
+    import time
+
+    params = {"name": "echo", "arguments": {"text": "in pieces"}, "_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {}}}  # fmt: skip
+    body = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params})
+    body = body.encode()
+    head = (
+        f"POST /mcp/demo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {agent.token}\r\n"
+        "Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+        "MCP-Protocol-Version: 2026-07-28\r\nMcp-Method: tools/call\r\nMcp-Name: echo\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    step = -(-len(body) // pieces)
+    with socket.create_connection(("127.0.0.1", toolgate.port), timeout=30) as sock:
+        sock.sendall(head)
+        for start in range(0, len(body), step):
+            time.sleep(0.1)  # each piece its own read on the server's side
+            sock.sendall(body[start : start + step])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status, _, content = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200")
+    message = json.loads(content)
+    assert (message["id"], message["result"]["content"][0]["text"]) == (7, "in pieces")

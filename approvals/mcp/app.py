@@ -45,6 +45,7 @@ from approvals.agent_auth import agent_for, rate_limited, touch
 from approvals.mcp import batches, calls, sessions, tools
 from approvals.mcp.events import SessionManager
 from approvals.mcp.server import CALLER, LISTED, Caller, ToolgateServer, listed_for_request
+from approvals.models import Refused, open_tool_call
 from approvals.policy import agent_refusal
 from integrations.limits import unstorable
 
@@ -74,31 +75,50 @@ def route(path):
     return (parts[0] if parts else ""), kind
 
 
-def _authenticate(authorization, server_name, method, modern_post=False):
+def _authenticate(authorization, server_name, method, checks_headers=False, wanted=None):
     """(caller, status, retry_after), in one hop to the database thread. The `Caller`, or an
     HTTP status to refuse with: 401 (no such active agent), 404 (no such server for this
     agent, whether it doesn't exist or isn't the agent's); then one request counted against
     its rate limit (`retry_after`: seconds to wait, 0 within it; ending a session, DELETE, is
-    never refused), and within it the agent's last use recorded. For a 2026-07-28 POST to a
-    server's endpoint it also finds out whether a tool of the server declares `Mcp-Param-*`
-    headers."""
+    never refused), and within it the agent's last use recorded.
+
+    `wanted`: the (tool name, arguments) of the `tools/call` a POST to a server's endpoint
+    holds, or None. That call is looked up here (`open_tool_call`: the tool, found through the
+    agent's servers, with its server, which is then the server to check), as the JSON API
+    does with its agent's lookup, and handed to the call's handler (`Caller.opened`). With
+    `checks_headers` (a 2026-07-28 POST whose `Mcp-Param-*` headers the SDK may check, see
+    `_serve_modern`) it also finds out whether the tool called may declare such headers (with
+    no call looked up: any tool of the server)."""
     close_old_connections()  # this thread is long-lived; drop connections that went stale
     agent = agent_for(authorization)
     if agent is None:
         return None, 401, 0
-    declares_headers = None
+    opened, declares_headers = None, None
     if server_name:
-        server = agent.servers.filter(name=server_name).first()
-        if server is None or agent_refusal(agent, server):
+        opened = wanted and _open(agent, server_name, *wanted)
+        server = opened.call.server if opened else agent.servers.filter(name=server_name).first()
+        if server is None or agent_refusal(agent, server, assigned=True):
             return None, 404, 0
-        if modern_post:
+        if checks_headers and opened:
+            declares_headers = tools.declares_headers(opened.call.tool)
+        elif checks_headers:
             declares_headers = tools.may_declare_headers(server)
-    caller = Caller(agent, server_name, declares_headers)
+    caller = Caller(agent, server_name, declares_headers, opened)
     retry_after = rate_limited(agent)
     if retry_after and method != "DELETE":  # ending a session frees, never costs
         return caller, None, retry_after
     touch(agent)
     return caller, None, 0
+
+
+def _open(agent, server_name, tool_name, arguments):
+    """The request of a `tools/call` looked up (`open_tool_call`), if it names a server the
+    agent may use; else None, and the call's handler looks it up again (and refuses it)."""
+    try:
+        opened = open_tool_call(agent, server_name, tool_name, arguments)
+    except Refused:  # a name or arguments no query may see
+        return None
+    return opened if opened.call.server else None
 
 
 class McpApp:
@@ -138,9 +158,13 @@ class McpApp:
             return await _error(send, 404, "not_found", "There is no MCP endpoint at this URL.")
         server_name, kind = where
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        modern_post = scope["method"] == "POST" and kind == "http" and _modern(headers)
+        post = scope["method"] == "POST" and kind == "http"
+        parsed, receive = await _small_body(headers, receive) if post else (_UNREAD, receive)
+        wanted = _wanted_call(parsed) if server_name else None
+        checks_headers = post and _modern(headers)  # the SDK may ask for a tool's schema
+        checks_headers &= parsed is _UNREAD or _called_tool(parsed, headers) is not None
         caller, status, retry_after = await sync_to_async(_authenticate)(
-            headers.get("authorization"), server_name, scope["method"], modern_post
+            headers.get("authorization"), server_name, scope["method"], checks_headers, wanted
         )
         if status == 401:
             return await _unauthorized(send)
@@ -149,11 +173,11 @@ class McpApp:
         if retry_after:
             return await _rate_limited(send, retry_after)
         scope = {**scope, "user": _user(caller.agent, server_name), CALLER: caller}
-        await self._serve(scope, receive, send, server_name, kind, headers)
+        await self._serve(scope, receive, send, server_name, kind, headers, parsed)
 
-    async def _serve(self, scope, receive, send, server_name, kind, headers):
+    async def _serve(self, scope, receive, send, server_name, kind, headers, parsed=_UNREAD):
         if scope["method"] == "POST" and kind != "sse":
-            checked = _Envelope(self._route, server_name, kind, headers)
+            checked = _Envelope(self._route, server_name, kind, headers, parsed=parsed)
             await RequestBodyLimitMiddleware(checked, settings.API_MAX_BODY_BYTES)(
                 scope, receive, send
             )
@@ -218,13 +242,15 @@ class _Envelope:
     usable, except on the legacy SSE transport, which takes one message per POST. Runs inside
     the JSON API's body limit, so the body arrives whole and bounded."""
 
-    def __init__(self, app, *args):
-        self.app, self.args = app, args
+    def __init__(self, app, *args, parsed=_UNREAD):
+        self.app, self.args, self.parsed = app, args, parsed  # parsed: by `_small_body`
 
     async def __call__(self, scope, receive, send):
         message = await receive()
         whole = message["type"] == "http.request" and not message.get("more_body", False)
-        value = _parse(message.get("body", b"")) if whole else _UNREAD
+        value = _UNREAD
+        if whole:
+            value = self.parsed if self.parsed is not _UNREAD else _parse(message.get("body", b""))
         problem = envelope_problem(value, batches=self.args[1] != "messages")
         if problem:
             return await _jsonrpc_error(send, INVALID_REQUEST, problem)
@@ -234,6 +260,53 @@ class _Envelope:
             return replayed.pop() if replayed else await receive()
 
         await self.app(scope, replay, send, *self.args, message=value)
+
+
+# A POSTed body of a declared length up to this is read and parsed before the agent's lookup,
+# so that the `tools/call` it holds is looked up in the same hop (parsing it is then bounded at
+# about a query's cost, in the loop); a larger one is read only once the agent is known.
+PARSE_FIRST_BYTES = 8 * 1024
+
+
+async def _small_body(headers, receive):
+    """(the body parsed, a `receive` that replays it) for a body whose declared length is at
+    most PARSE_FIRST_BYTES, read whole as one message; else (`_UNREAD`, `receive`), with
+    what was read (nothing, for a larger or undeclared length) replayed."""
+    declared = headers.get("content-length", "")
+    if not declared.isdigit() or int(declared) > PARSE_FIRST_BYTES:
+        return _UNREAD, receive
+    messages, size, more = [], 0, True
+    while more and size <= PARSE_FIRST_BYTES:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    parsed = _UNREAD
+    if not more and size <= PARSE_FIRST_BYTES and messages[-1]["type"] == "http.request":
+        body = b"".join(message.get("body", b"") for message in messages)
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        parsed = _parse(body)
+    messages.reverse()
+
+    async def replay():
+        return messages.pop() if messages else await receive()
+
+    return parsed, replay
+
+
+def _wanted_call(message):
+    """(tool name, arguments) of a `tools/call` message that names a tool and has arguments
+    that are an object (or none), or None."""
+    if not isinstance(message, dict) or message.get("method") != "tools/call":
+        return None
+    params = message.get("params")
+    name = params.get("name") if isinstance(params, dict) else None
+    arguments = params.get("arguments") if isinstance(params, dict) else None
+    if not isinstance(name, str) or not isinstance(arguments, dict | None):
+        return None
+    return name, arguments or {}
 
 
 def _parse(body):

@@ -30,7 +30,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS
 
 from approvals.mcp import tasks, tools
-from approvals.models import Refused, ToolCall, arequest_tool_call
+from approvals.models import Refused, ToolCall, afinish_tool_call, arequest_tool_call
 from approvals.policy import Code
 from approvals.running import run_here
 from approvals.waiting import wait_until_final
@@ -55,9 +55,8 @@ class PROCESS:
 
 async def call_tool(ctx, caller, params):
     arguments = params.arguments or {}
-    server_name, tool_name = await _target(ctx, caller, params.name)
     try:
-        call, created = await _request(caller.agent, server_name, tool_name, arguments)
+        call, created = await _request(ctx, caller, params.name, arguments)
     except Refused as refused:
         return _refusal(refused, params.name)
     if created and call.claimed_at_insert:  # auto-approved, stored `running` to run here
@@ -89,11 +88,17 @@ async def _target(ctx, caller, name):
     return tool["server"], tool["name"]
 
 
-async def _request(agent, server_name, tool_name, arguments):
-    # The async request path: its decision (schema, personal data, rules) runs off the thread
-    # all the web process's database work shares; a retry re-attaches to its pending twin.
+async def _request(ctx, caller, name, arguments):
+    """The async request path: its decision (schema, personal data, rules) runs off the thread
+    all the web process's database work shares; a retry re-attaches to its pending twin. The
+    call looked up with the agent (`Caller.opened`: this request's, for this very tool and
+    these arguments) is not looked up again."""
+    opened = caller.opened
+    if opened is not None and (opened.call.tool_name, opened.call.arguments) == (name, arguments):
+        return await afinish_tool_call(opened, run_here=True, reattach=True)
+    server_name, tool_name = await _target(ctx, caller, name)
     return await arequest_tool_call(
-        agent, server_name, tool_name, arguments, run_here=True, reattach=True
+        caller.agent, server_name, tool_name, arguments, run_here=True, reattach=True
     )
 
 

@@ -44,9 +44,13 @@ class Caller:
 
     agent: object
     scope: str
-    # On a server's endpoint, for a 2026-07-28 POST: whether a tool of the server may declare
-    # `Mcp-Param-*` headers (`tools.may_declare_headers`); None: not looked up.
+    # On a server's endpoint, for a 2026-07-28 POST: whether the tool called (not knowing it, a
+    # tool of the server) may declare `Mcp-Param-*` headers (`tools.may_declare_headers`);
+    # None: not looked up.
     declares_headers: bool | None = None
+    # The request of the POST's `tools/call`, looked up with the agent (`open_tool_call`), for
+    # its handler to take (`calls.call_tool`); None: the handler looks the call up itself.
+    opened: object = None
 
     async def log(self, ctx, level, data, logger):
         """Pass on a log message from the upstream server, if the agent asked for that level:

@@ -57,6 +57,11 @@ def may_declare_headers(server):
     return declaring.filter(text__contains=X_MCP_HEADER).exists()
 
 
+def declares_headers(tool):
+    """`may_declare_headers` for one tool already loaded (None: no tool), without a query."""
+    return tool is not None and X_MCP_HEADER in json.dumps(tool.reviewed_definition or {})
+
+
 X_MCP_HEADER = "x-mcp-header"
 
 
