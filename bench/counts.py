@@ -5,10 +5,11 @@ validation threads), each a GIL hand-over and a wake-up of the loop; and the CPU
 of this process (the application and the agent's client together, one call at a time, so no
 contention inflates it; the upstream server runs in a process of its own).
 
-``python -m bench.counts [--calls N]``: a throw-away Toolgate (`bench.harness.Toolgate`: its
-SQLite database, the demo MCP server), the ASGI application in this process (httpx2's
-`ASGITransport`), one agent calling ``echo`` back to back; the figures are per call, averaged
-over the calls after a warm-up.
+``python -m bench.counts [--calls N] [--mcp]``: a throw-away Toolgate
+(`bench.harness.Toolgate`: its SQLite database, the demo MCP server), the ASGI application in
+this process (httpx2's `ASGITransport`), one agent calling ``echo`` back to back (``--mcp``:
+through the MCP endpoint, on one open session of the SDK's client); the figures are per call,
+averaged over the calls after a warm-up.
 """
 
 from __future__ import annotations
@@ -90,11 +91,44 @@ async def _calls(counter, token, warmup, calls):
     return first
 
 
+async def _mcp_calls(counter, token, warmup, calls):
+    """The same call through the MCP endpoint (`/mcp/demo/`), on one open 2026-07-28 session of
+    the SDK's client, with the endpoint's session manager running as in the web process."""
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    from config.asgi import application, mcp_application
+
+    transport = httpx2.ASGITransport(app=application)
+    headers = {"Authorization": f"Bearer {token}"}
+    http = httpx2.AsyncClient(
+        transport=transport, base_url="http://127.0.0.1", headers=headers, timeout=60
+    )
+    url = f"http://127.0.0.1/mcp/{harness.SERVER_NAME}/"
+    session = Client(streamable_http_client(url, http_client=http))
+    async with mcp_application.running(), http, session as client:
+        for i in range(warmup + calls):
+            if i == warmup:
+                counter.reset()
+                cpu = time.process_time()
+            result = await client.call_tool("echo", BODY["arguments"])
+            if result.is_error or result.content[0].text != BODY["arguments"]["text"]:
+                raise harness.BenchError(f"The call did not succeed: {result!r}")
+            if i == warmup:
+                first = list(counter.sql)
+        counter.cpu_ms = (time.process_time() - cpu) * 1000 / calls
+    return first
+
+
 def run(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.counts", description=__doc__)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--sql", action="store_true", help="print one call's statements and hops")
+    parser.add_argument(
+        "--mcp", action="store_true", help="call through the MCP endpoint instead of the JSON API"
+    )
     parser.add_argument(
         "--no-debug",
         action="store_true",
@@ -109,7 +143,8 @@ def run(argv):
             settings.DEBUG = False
         counter = Counter()
         counter.patch()
-        first = asyncio.run(_calls(counter, toolgate.token, options.warmup, options.calls))
+        calls = _mcp_calls if options.mcp else _calls
+        first = asyncio.run(calls(counter, toolgate.token, options.warmup, options.calls))
         n = options.calls
         figures = {
             "statements": counter.statements / n,
@@ -118,8 +153,9 @@ def run(argv):
             "hops": counter.hops / n,
             "cpu_ms": counter.cpu_ms,
         }
+    what = "MCP tools/call on /mcp/demo/" if options.mcp else "POST /api/v1/tool-calls?wait=30"
     print(
-        f"per auto-approved POST /api/v1/tool-calls?wait=30 ({n} calls): "
+        f"per auto-approved {what} ({n} calls): "
         + ", ".join(f"{name} {value:.2f}" for name, value in figures.items())
     )
     if options.sql:
