@@ -994,7 +994,7 @@ def test_an_oauth_upstream_is_called_with_its_token_through_the_endpoint(
 
 
 @contextlib.contextmanager
-def web_process_work(monkeypatch):
+def web_process_work():
     """What the web process's threads do meanwhile: SQL statements, and hops from its event loop
     to a thread (a GIL hand-over and a wake-up of the loop each; issue 11). The clients run in
     this thread, the app on threads of its own."""
@@ -1015,17 +1015,15 @@ def web_process_work(monkeypatch):
             work["hops"].append(func)
         return run_in_executor(self, executor, func, *args)
 
-    monkeypatch.setattr(CursorWrapper, "execute", counted_execute)
-    monkeypatch.setattr(asyncio.BaseEventLoop, "run_in_executor", counted_hop)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CursorWrapper, "execute", counted_execute)
+        patch.setattr(asyncio.BaseEventLoop, "run_in_executor", counted_hop)
         yield work
-    finally:
-        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("kind", ["legacy", "modern"])
 def test_an_auto_approved_call_costs_the_json_apis_queries_and_hops_and_a_look_for_a_twin(
-    toolgate, agent, monkeypatch, kind
+    toolgate, agent, kind
 ):
     """The agent and the call's tool (with its server, the endpoint's check) in one hop before
     the SDK reads the request; the decision, on a validation thread; the insert, after a look
@@ -1033,17 +1031,29 @@ def test_an_auto_approved_call_costs_the_json_apis_queries_and_hops_and_a_look_f
     (tests/test_hot_path.py) and the twin's query: no second lookup of the server or of its
     tools' `Mcp-Param-*` headers, no hop of its own for the call's lookup."""
 
-    async def go():
-        async with connect(f"{toolgate.base_url}/mcp/demo/", agent.token, kind) as client:
-            await client.call_tool("echo", {"text": "warm"})  # the agent's last use, a session
-            with web_process_work(monkeypatch) as work:
-                result = await client.call_tool("echo", {"text": "hi"})
-            return result, work
-
-    result, work = run(go)
+    result, work = run(_work_of_a_call, f"{toolgate.base_url}/mcp/demo/", agent, kind, "echo")
     assert text_of(result) == "hi"
     assert work["sql"] == ["SELECT", "SELECT", "SELECT", "INSERT", "UPDATE"], work["sql"]
     assert len(work["hops"]) == 4, work["hops"]
+
+
+@pytest.mark.parametrize("kind", ["legacy", "modern"])
+def test_a_call_on_the_combined_endpoint_is_looked_up_in_the_agents_hop_too(toolgate, agent, kind):
+    """On `/mcp/` the tool as listed (which names its server) is looked up in the agent's hop
+    as well: the hops of a call on a server's endpoint."""
+    url = f"{toolgate.base_url}/mcp/"
+    result, work = run(_work_of_a_call, url, agent, kind, "demo__echo")
+    assert text_of(result) == "hi"
+    assert len(work["hops"]) == 4, work["hops"]
+    assert work["sql"][-2:] == ["INSERT", "UPDATE"]
+
+
+async def _work_of_a_call(url, agent, kind, name):
+    async with connect(url, agent.token, kind) as client:
+        await client.call_tool(name, {"text": "warm"})  # the agent's last use, a session
+        with web_process_work() as work:
+            result = await client.call_tool(name, {"text": "hi"})
+        return result, work
 
 
 @pytest.mark.parametrize("pieces", [1, 3])

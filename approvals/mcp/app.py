@@ -44,7 +44,14 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from approvals.agent_auth import agent_for, rate_limited, touch
 from approvals.mcp import batches, calls, sessions, tools
 from approvals.mcp.events import SessionManager
-from approvals.mcp.server import CALLER, LISTED, Caller, ToolgateServer, listed_for_request
+from approvals.mcp.server import (
+    CALLER,
+    LISTED,
+    Caller,
+    Lookup,
+    ToolgateServer,
+    listed_for_request,
+)
 from approvals.models import Refused, open_tool_call
 from approvals.policy import agent_refusal
 from integrations.limits import unstorable
@@ -82,18 +89,19 @@ def _authenticate(authorization, server_name, method, checks_headers=False, want
     its rate limit (`retry_after`: seconds to wait, 0 within it; ending a session, DELETE, is
     never refused), and within it the agent's last use recorded.
 
-    `wanted`: the (tool name, arguments) of the `tools/call` a POST to a server's endpoint
-    holds, or None. That call is looked up here (`open_tool_call`: the tool, found through the
-    agent's servers, with its server, which is then the server to check), as the JSON API
-    does with its agent's lookup, and handed to the call's handler (`Caller.opened`). With
-    `checks_headers` (a 2026-07-28 POST whose `Mcp-Param-*` headers the SDK may check, see
+    `wanted`: the (tool name, arguments) of the `tools/call` a POST holds, or None. That call
+    is looked up here (`open_tool_call`: the tool, found through the agent's servers, with its
+    server, which on a server's endpoint is then the server to check; on `/mcp/`, first the
+    tool as listed, which names its server), as the JSON API does with its agent's lookup,
+    and handed to the call's handler (`Caller.lookup`); on `/mcp/` only within the rate limit.
+    With `checks_headers` (a 2026-07-28 POST whose `Mcp-Param-*` headers the SDK may check, see
     `_serve_modern`) it also finds out whether the tool called may declare such headers (with
     no call looked up: any tool of the server)."""
     close_old_connections()  # this thread is long-lived; drop connections that went stale
     agent = agent_for(authorization)
     if agent is None:
         return None, 401, 0
-    opened, declares_headers = None, None
+    lookup, declares_headers = None, None
     if server_name:
         opened = wanted and _open(agent, server_name, *wanted)
         server = opened.call.server if opened else agent.servers.filter(name=server_name).first()
@@ -103,12 +111,22 @@ def _authenticate(authorization, server_name, method, checks_headers=False, want
             declares_headers = tools.declares_headers(opened.call.tool)
         elif checks_headers:
             declares_headers = tools.may_declare_headers(server)
-    caller = Caller(agent, server_name, declares_headers, opened)
+        lookup = wanted and Lookup(*wanted, request=opened)
     retry_after = rate_limited(agent)
     if retry_after and method != "DELETE":  # ending a session frees, never costs
-        return caller, None, retry_after
+        return Caller(agent, server_name), None, retry_after
     touch(agent)
-    return caller, None, 0
+    if wanted and not server_name:  # within the rate limit: this one costs every tool's queries
+        lookup = _look_up_combined(agent, *wanted)
+    return Caller(agent, server_name, declares_headers, lookup), None, 0
+
+
+def _look_up_combined(agent, name, arguments):
+    """The `Lookup` of a call of `name` on `/mcp/`: the tool as listed (every tool's queries:
+    the name depends on the agent's other tools), and its request."""
+    listed = None if unstorable(name) else tools.listed_tool(agent, "", name)
+    opened = listed and _open(agent, listed["server"], listed["name"], arguments)
+    return Lookup(name, arguments, request=opened, listed=listed)
 
 
 def _open(agent, server_name, tool_name, arguments):
@@ -160,7 +178,7 @@ class McpApp:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         post = scope["method"] == "POST" and kind == "http"
         parsed, receive = await _small_body(headers, receive) if post else (_UNREAD, receive)
-        wanted = _wanted_call(parsed) if server_name else None
+        wanted = _wanted_call(parsed)
         checks_headers = post and _modern(headers)  # the SDK may ask for a tool's schema
         checks_headers &= parsed is _UNREAD or _called_tool(parsed, headers) is not None
         caller, status, retry_after = await sync_to_async(_authenticate)(
@@ -213,7 +231,10 @@ class McpApp:
         if name is None:
             return await self.manager.handle_request(scope, receive, send)
         caller = scope[CALLER]
-        if caller.declares_headers is False:
+        lookup = caller.looked_up(name)
+        if not server_name and lookup is not None:
+            listed = lookup.listed  # looked up with the agent
+        elif caller.declares_headers is False:
             listed = None  # as good as any schema here: one without `x-mcp-header` checks none
         else:
             listed = None  # a name no query may see (a NUL) is listed nowhere

@@ -79,7 +79,9 @@ async def _target(ctx, caller, name):
     if caller.scope:
         return caller.scope, name
     listed = ctx.request.scope.get(LISTED) if ctx.request is not None else None
-    if listed is not None and listed[0] == name:
+    if caller.looked_up(name) is not None:
+        tool = caller.looked_up(name).listed
+    elif listed is not None and listed[0] == name:
         tool = listed[1]
     else:
         tool = (await sync_to_async(tools.served_tools)(caller.agent, "")).get(name)
@@ -91,11 +93,11 @@ async def _target(ctx, caller, name):
 async def _request(ctx, caller, name, arguments):
     """The async request path: its decision (schema, personal data, rules) runs off the thread
     all the web process's database work shares; a retry re-attaches to its pending twin. The
-    call looked up with the agent (`Caller.opened`: this request's, for this very tool and
+    call looked up with the agent (`Caller.lookup`: this request's, for this very tool and
     these arguments) is not looked up again."""
-    opened = caller.opened
-    if opened is not None and (opened.call.tool_name, opened.call.arguments) == (name, arguments):
-        return await afinish_tool_call(opened, run_here=True, reattach=True)
+    lookup = caller.looked_up(name, arguments)
+    if lookup is not None and lookup.request is not None:
+        return await afinish_tool_call(lookup.request, run_here=True, reattach=True)
     server_name, tool_name = await _target(ctx, caller, name)
     return await arequest_tool_call(
         caller.agent, server_name, tool_name, arguments, run_here=True, reattach=True

@@ -48,9 +48,15 @@ class Caller:
     # tool of the server) may declare `Mcp-Param-*` headers (`tools.may_declare_headers`);
     # None: not looked up.
     declares_headers: bool | None = None
-    # The request of the POST's `tools/call`, looked up with the agent (`open_tool_call`), for
-    # its handler to take (`calls.call_tool`); None: the handler looks the call up itself.
-    opened: object = None
+    # The POST's `tools/call`, looked up with the agent; None: its handler looks it up itself.
+    lookup: "Lookup | None" = None
+
+    def looked_up(self, name, arguments=None):
+        """The `Lookup` of the call of `name` (with these `arguments`), if it is the one done."""
+        lookup = self.lookup
+        if lookup is None or lookup.name != name:
+            return None
+        return lookup if arguments is None or lookup.arguments == arguments else None
 
     async def log(self, ctx, level, data, logger):
         """Pass on a log message from the upstream server, if the agent asked for that level:
@@ -61,6 +67,20 @@ class Caller:
             if not wanted or LOG_LEVELS.index(level) < LOG_LEVELS.index(wanted):
                 return
         await ctx.session.send_log_message(level, data, logger, related_request_id=ctx.request_id)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A POST's `tools/call` (its MCP name and arguments), looked up with its agent, before the
+    SDK runs it (approvals/mcp/app.py), so its handler (`calls.call_tool`) needs no hop for it."""
+
+    name: str
+    arguments: dict
+    # The call's request (`open_tool_call`); None: the handler looks it up again, and refuses it.
+    request: object = None
+    # On `/mcp/`: the tool as listed to the agent (`tools.listed_tool`), which names its server;
+    # None: not listed.
+    listed: dict | None = None
 
 
 @contextlib.contextmanager
