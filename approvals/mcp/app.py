@@ -7,19 +7,19 @@
 | `/mcp/` | every server of the agent, tools named `<server>__<tool>` (approvals/mcp/tools.py) |
 | `/mcp/sse` (+ `/mcp/messages/`) | the same over SSE |
 
-Before the SDK sees a request: the agent's token (`Authorization: Bearer …`, 401 with
-`WWW-Authenticate` when missing or wrong, the same for an inactive agent), the server (a
-server that doesn't exist, is disabled or is not the agent's: the same 404), the per-agent
-rate limit of the JSON API (429 with `Retry-After`, and a JSON-RPC error body, which MCP
-clients hand to the caller of the request instead of a bare "error response"), and the
-agent's last use. Bodies are capped at the JSON API's `API_MAX_BODY_BYTES` (413), not the
-SDK's 4 MiB. The SDK's
-transports then check Host and Origin (DNS-rebinding protection, from ALLOWED_HOSTS and
-MCP_ALLOWED_ORIGINS) and serve both protocol eras: Streamable HTTP sessions of the
-`initialize` handshake (owned by the agent and endpoint that opened them: another token or
-endpoint gets "Session not found") and the 2026-07-28 stateless requests. On the handshake
-era, JSON-RPC batches (2025-03-26) and malformed messages are dealt with by
-`approvals.mcp.batches` before the SDK sees the request.
+Before the SDK sees a request (and, for a POST of a declared length up to 8 KiB, after its
+body is read, so that a `tools/call` is looked up with the agent, in one hop): the agent's
+token (`Authorization: Bearer …`, 401 with `WWW-Authenticate` when missing or wrong, the same
+for an inactive agent), the server (a server that doesn't exist, is disabled or is not the
+agent's: the same 404), the per-agent rate limit of the JSON API (429 with `Retry-After`, and
+a JSON-RPC error body, which MCP clients hand to the caller of the request instead of a bare
+"error response"), and the agent's last use. Bodies are capped at the JSON API's
+`API_MAX_BODY_BYTES` (413), not the SDK's 4 MiB. The SDK's transports then check Host and
+Origin (DNS-rebinding protection, from ALLOWED_HOSTS and MCP_ALLOWED_ORIGINS) and serve both
+protocol eras: Streamable HTTP sessions of the `initialize` handshake (owned by the agent and
+endpoint that opened them: another token or endpoint gets "Session not found") and the
+2026-07-28 stateless requests. On the handshake era, JSON-RPC batches (2025-03-26) and
+malformed messages are dealt with by `approvals.mcp.batches` before the SDK sees the request.
 """
 
 import contextlib

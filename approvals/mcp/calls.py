@@ -1,7 +1,8 @@
 """One `tools/call` from an agent, from request to answer.
 
 The request goes through the one request path (`arequest_tool_call`: the policy, one
-`ToolCall` row, its audit). Then, by what the policy made of it:
+`ToolCall` row, its audit; `afinish_tool_call` when the app looked it up with the agent). Then,
+by what the policy made of it:
 - auto-approved: run here, in this web process, so the server's progress and log
   notifications reach the agent while it runs (`ToolCall.arun`, the same claim as a worker's);
 - waiting for a human: a task for clients that support tasks; for the others the request is
