@@ -996,28 +996,29 @@ def test_an_oauth_upstream_is_called_with_its_token_through_the_endpoint(
 @contextlib.contextmanager
 def web_process_work():
     """What the web process's threads do meanwhile: SQL statements, and hops from its event loop
-    to a thread (a GIL hand-over and a wake-up of the loop each; issue 11). The clients run in
-    this thread, the app on threads of its own."""
-    import asyncio
+    to a thread (a GIL hand-over and a wake-up of the loop each; issue 11), counted where every
+    loop's `run_in_executor` hands its work over, uvloop's too. The clients run in this thread,
+    the app on threads of its own."""
+    from concurrent.futures import ThreadPoolExecutor
 
     from django.db.backends.utils import CursorWrapper
 
     work = {"sql": [], "hops": []}
     test_thread = threading.current_thread()
-    execute, run_in_executor = CursorWrapper.execute, asyncio.BaseEventLoop.run_in_executor
+    execute, submit = CursorWrapper.execute, ThreadPoolExecutor.submit
 
     def counted_execute(self, sql, *args, **kwargs):
         work["sql"].append(sql.split(" ", 1)[0])
         return execute(self, sql, *args, **kwargs)
 
-    def counted_hop(self, executor, func, *args):
+    def counted_hop(self, func, *args, **kwargs):
         if threading.current_thread() is not test_thread:
             work["hops"].append(func)
-        return run_in_executor(self, executor, func, *args)
+        return submit(self, func, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CursorWrapper, "execute", counted_execute)
-        patch.setattr(asyncio.BaseEventLoop, "run_in_executor", counted_hop)
+        patch.setattr(ThreadPoolExecutor, "submit", counted_hop)
         yield work
 
 
