@@ -613,3 +613,14 @@ def test_the_web_process_keeps_its_start_up_objects_out_of_full_collections():
     import config.asgi  # noqa: F401 - what uvicorn imports
 
     assert gc.get_freeze_count() > 50_000
+
+
+def test_the_web_process_hands_the_gil_over_within_a_millisecond():
+    """config/asgi.py sets the interpreter's switch interval to 1 ms (Python's default: 5 ms):
+    the loop and the database thread hand each call over twice, and under load each hand-over
+    waited up to the interval for the other to let go of the GIL (issue 11)."""
+    import sys
+
+    import config.asgi
+
+    assert sys.getswitchinterval() == pytest.approx(config.asgi.SWITCH_INTERVAL) == 0.001
