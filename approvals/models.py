@@ -632,25 +632,36 @@ def request_tool_call(
 
 
 async def arequest_tool_call(
-    agent, server_name, tool_name, arguments, idempotency_key="", run_here=False, reattach=False
+    agent,
+    server_name,
+    tool_name,
+    arguments,
+    idempotency_key="",
+    run_here=False,
+    reattach=False,
+    try_here=False,
 ):
     """`request_tool_call` for the web process, where all API database work shares one thread
     (config/asgi.py): the decision, whose cost the server's schema, the agent's arguments and
     the rules' conditions set (schema validation, personal data, CEL), runs on the validation
     threads instead, bounded by its deadline, so no request waits behind another's.
 
-    With `reattach` (see `afinish_tool_call`), a retry re-attaches to its pending twin."""
+    With `reattach` (see `afinish_tool_call`), a retry re-attaches to its pending twin; with
+    `try_here`, a cheap decision is made in the hop that stores the call."""
     request = await sync_to_async(_open_request)(
         agent, server_name, tool_name, arguments, idempotency_key
     )
-    return await afinish_tool_call(request, run_here, reattach)
+    return await afinish_tool_call(request, run_here, reattach, try_here)
 
 
-async def afinish_tool_call(request, run_here=False, reattach=False):
+async def afinish_tool_call(request, run_here=False, reattach=False, try_here=False):
     """The rest of `arequest_tool_call` for a request `open_tool_call` looked up: the decision
     on the validation threads, then the call stored (one hop). A caller already on the
     database thread may first try `request.decide_here()` and, if it decided,
-    `request.close(run_here)` there instead.
+    `request.close(run_here)` there instead. With `try_here` (a caller that has no hop of its
+    own to try it in: the MCP endpoint's `tools/call`), a request with no rule conditions is
+    first decided in the hop that stores it, when `decide_here` allows (one hop fewer); past
+    its budget, on the validation threads as before.
 
     With `reattach`, the agent's `twin_to_reattach` of the request, if any, is returned instead
     of a new call, looked up in the hop that would store the new one; and one agent's requests
@@ -659,19 +670,23 @@ async def afinish_tool_call(request, run_here=False, reattach=False):
     instead of each queueing one for the approvers. The decision of an agent's calls already
     runs one at a time (`off_the_shared_thread`)."""
     if not reattach:
-        return await _afinish(request, run_here)
+        return await _afinish(request, run_here, try_here=try_here)
     locks = _REATTACH_LOCKS.setdefault(asyncio.get_running_loop(), {})
     async with locks.setdefault(request.call.agent_id, anyio.Lock()):
-        return await _afinish(request, run_here, reattach=True)
+        return await _afinish(request, run_here, reattach=True, try_here=try_here)
 
 
 # event loop -> {agent pk: the lock its re-attaching requests take}; a lock is bound to a loop
 _REATTACH_LOCKS = weakref.WeakKeyDictionary()
 
 
-async def _afinish(request, run_here, reattach=False):
+async def _afinish(request, run_here, reattach=False, try_here=False):
     from approvals.validation import InvalidArguments, off_the_shared_thread
 
+    if try_here and request.undecided and request.rules == []:  # else `decide_here` won't
+        stored = await sync_to_async(request.close_if_cheap)(run_here, reattach)
+        if stored is not None:
+            return stored
     if request.undecided:
         try:
             await off_the_shared_thread(request.call.agent_id, request.decide)
@@ -727,6 +742,11 @@ class _Request:
     def close(self, run_here=False, reattach=False):
         """Store the decided request (database): (call, created), or raise `Refused`."""
         return _close_request(self, run_here, reattach)
+
+    def close_if_cheap(self, run_here=False, reattach=False):
+        """`close` if `decide_here` decided (on the database thread): (call, created), or raise
+        `Refused`; None if the decision is left to the validation threads."""
+        return self.close(run_here, reattach) if self.decide_here() else None
 
 
 @contextmanager

@@ -1027,15 +1027,16 @@ def test_an_auto_approved_call_costs_the_json_apis_queries_and_hops_and_a_look_f
     toolgate, agent, kind
 ):
     """The agent and the call's tool (with its server, the endpoint's check) in one hop before
-    the SDK reads the request; the decision, on a validation thread; the insert, after a look
-    for a twin to re-attach to, in one hop; the result. The JSON API's 4 queries and 4 hops
+    the SDK reads the request; the decision (provably cheap: `decide_here`) and the insert,
+    after a look for a twin to re-attach to, in one hop; the result. The JSON API's 4 queries
     (tests/test_hot_path.py) and the twin's query: no second lookup of the server or of its
-    tools' `Mcp-Param-*` headers, no hop of its own for the call's lookup."""
+    tools' `Mcp-Param-*` headers, no hop of its own for the call's lookup, none to a
+    validation thread."""
 
     result, work = run(_work_of_a_call, f"{toolgate.base_url}/mcp/demo/", agent, kind, "echo")
     assert text_of(result) == "hi"
     assert work["sql"] == ["SELECT", "SELECT", "SELECT", "INSERT", "UPDATE"], work["sql"]
-    assert len(work["hops"]) == 4, work["hops"]
+    assert len(work["hops"]) == 3, work["hops"]
 
 
 @pytest.mark.parametrize("kind", ["legacy", "modern"])
@@ -1045,7 +1046,7 @@ def test_a_call_on_the_combined_endpoint_is_looked_up_in_the_agents_hop_too(tool
     url = f"{toolgate.base_url}/mcp/"
     result, work = run(_work_of_a_call, url, agent, kind, "demo__echo")
     assert text_of(result) == "hi"
-    assert len(work["hops"]) == 4, work["hops"]
+    assert len(work["hops"]) == 3, work["hops"]
     assert work["sql"][-2:] == ["INSERT", "UPDATE"]
 
 

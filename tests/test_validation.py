@@ -305,3 +305,57 @@ def test_a_request_with_rule_conditions_to_evaluate_is_not_decided_in_the_first_
     )
     request = open_tool_call(agent, "evil", "echo", {"text": "hi"})
     assert not request.decide_here() and request.decision is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_mcp_endpoints_cheap_decision_is_made_in_the_hop_that_stores_the_call(
+    monkeypatch, settings
+):
+    """The MCP endpoint's `tools/call` has no first hop of its own to decide in (the SDK may
+    still refuse the request after the agent's): `afinish_tool_call(try_here=True)` decides a
+    provably cheap request on the database thread, in the hop that looks for its twin and
+    stores it, under the agent's re-attach lock; one past its budget, or with rule conditions,
+    is still decided on a validation thread."""
+    from asgiref.sync import async_to_sync
+
+    from approvals import models
+    from approvals.rules import PolicyRule
+
+    settings.ARGUMENT_VALIDATION_TIMEOUT = 0.5
+    seen = []
+    real_decide = models._Request.decide
+
+    def decide(self):
+        real_decide(self)  # recorded only once it decided (not when it stopped, over budget)
+        seen.append((self.call.arguments, threading.current_thread().name))
+
+    monkeypatch.setattr(models._Request, "decide", decide)
+    make_tools()  # calls that go to a human: a repeat re-attaches to one
+    agent = Agent.objects.get(name="other")
+
+    @async_to_sync
+    async def finish(tool, arguments):
+        request = await models.sync_to_async(models.open_tool_call)(agent, "evil", tool, arguments)
+        try:
+            _, created = await models.afinish_tool_call(
+                request, run_here=True, reattach=True, try_here=True
+            )
+        except models.Refused as refused:
+            return refused.code
+        return "stored" if created else "re-attached"  # a twin is read with few fields
+
+    validate_arguments({"text": "hi"}, Tool.objects.get(name="echo").input_schema)  # built
+    assert finish("echo", {"text": "first"}) == "stored"
+    assert finish("echo", {"text": "first"}) == "re-attached"
+    assert [call.status for call in ToolCall.objects.all()] == [Status.PENDING_APPROVAL]
+    with pytest.raises(ValidationTimeout):  # its validator built, as echo's
+        validate_arguments({"q": "x"}, Tool.objects.get(name="fan_out").input_schema, timeout=0.01)
+    assert finish("fan_out", {"q": "x"}) == "validation_timeout"  # past its budget
+    PolicyRule.objects.create(
+        server=McpServer.objects.get(), condition='args.text == "ruled"', action="deny"
+    )
+    assert finish("echo", {"text": "ruled"}) == "rule_denied"
+    threads = {str(arguments): thread for arguments, thread in seen}
+    assert not threads["{'text': 'first'}"].startswith("validation")
+    assert threads["{'text': 'ruled'}"].startswith("validation")
+    assert threads["{'q': 'x'}"].startswith("validation")  # refused there, at its deadline

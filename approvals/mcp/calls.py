@@ -93,15 +93,19 @@ async def _target(ctx, caller, name):
 
 async def _request(ctx, caller, name, arguments):
     """The async request path: its decision (schema, personal data, rules) runs off the thread
-    all the web process's database work shares; a retry re-attaches to its pending twin. The
-    call looked up with the agent (`Caller.lookup`: this request's, for this very tool and
-    these arguments) is not looked up again."""
+    all the web process's database work shares, unless provably cheap (`decide_here`): then
+    it is made in the hop that stores the call, under the agent's re-attach lock like the
+    store; a retry re-attaches to its pending twin. The call looked up with the agent
+    (`Caller.lookup`: this request's, for this very tool and these arguments) is not looked up
+    again. Not stored in the agent's hop, as the JSON API's is: the SDK may still refuse the
+    request after that hop (Host and Origin, the session), and a call stored then would be
+    pending for the approvers, or `running` and never run."""
     lookup = caller.looked_up(name, arguments)
     if lookup is not None and lookup.request is not None:
-        return await afinish_tool_call(lookup.request, run_here=True, reattach=True)
+        return await afinish_tool_call(lookup.request, run_here=True, reattach=True, try_here=True)
     server_name, tool_name = await _target(ctx, caller, name)
     return await arequest_tool_call(
-        caller.agent, server_name, tool_name, arguments, run_here=True, reattach=True
+        caller.agent, server_name, tool_name, arguments, run_here=True, reattach=True, try_here=True
     )
 
 
