@@ -5,8 +5,9 @@ validation threads), each a GIL hand-over and a wake-up of the loop; and the CPU
 of this process (the application and the agent's client together, one call at a time, so no
 contention inflates it; the upstream server runs in a process of its own).
 
-``python -m bench.counts [--calls N] [--mcp]``: a throw-away Toolgate
-(`bench.harness.Toolgate`: its SQLite database, the demo MCP server), the ASGI application in
+``python -m bench.counts [--calls N] [--mcp] [--postgres]``: a throw-away Toolgate
+(`bench.harness.Toolgate`: its SQLite database, or PostgreSQL's with Django's pool, the demo
+MCP server), the ASGI application in
 this process (httpx2's `ASGITransport`), one agent calling ``echo`` back to back (``--mcp``:
 through the MCP endpoint, on one open session of the SDK's client); the figures are per call,
 averaged over the calls after a warm-up.
@@ -33,6 +34,9 @@ class Counter:
     def reset(self):
         self.statements, self.writes, self.commits, self.hops = 0, 0, 0, 0
         self.sql = []
+        # PostgreSQL only: what the driver sends (Django's statements and any of its own), and
+        # the connections taken from Django's pool and given back to it
+        self.driver_statements, self.getconns, self.putconns = 0, 0, 0
 
     def patch(self):
         from django.db.backends.base.base import BaseDatabaseWrapper
@@ -63,6 +67,37 @@ class Counter:
         CursorWrapper._execute = counted_execute
         BaseDatabaseWrapper.commit = counted_commit
         asyncio.BaseEventLoop.run_in_executor = counted_run_in_executor
+
+    def patch_postgres(self):
+        import psycopg
+        import psycopg_pool
+
+        counter = self
+        cursor_execute = psycopg.Cursor.execute
+        getconn = psycopg_pool.ConnectionPool.getconn
+        putconn = psycopg_pool.ConnectionPool.putconn
+
+        def counted_cursor_execute(self, query, *args, **kwargs):
+            with counter.lock:
+                counter.driver_statements += 1
+                counter.sql.append("driver: " + str(query)[:80])
+            return cursor_execute(self, query, *args, **kwargs)
+
+        def counted_getconn(self, *args, **kwargs):
+            with counter.lock:
+                counter.getconns += 1
+                counter.sql.append("pool: getconn")
+            return getconn(self, *args, **kwargs)
+
+        def counted_putconn(self, conn):
+            with counter.lock:
+                counter.putconns += 1
+                counter.sql.append("pool: putconn")
+            return putconn(self, conn)
+
+        psycopg.Cursor.execute = counted_cursor_execute
+        psycopg_pool.ConnectionPool.getconn = counted_getconn
+        psycopg_pool.ConnectionPool.putconn = counted_putconn
 
 
 WRITES = {"INSERT", "UPDATE", "DELETE"}
@@ -135,14 +170,25 @@ def run(argv):
         help="DEBUG off once Django is set up, as in production: no query log "
         "(the bench's Toolgate runs with DEBUG on)",
     )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="the database in a throw-away PostgreSQL database (bench.harness.POSTGRES_URL), "
+        "with Django's pool as configured; also counts the driver's statements and the pool's "
+        "getconn/putconn",
+    )
     options = parser.parse_args(argv)
-    with harness.Toolgate("no_approval") as toolgate:
+    if options.postgres and not harness.postgres_answers():
+        raise harness.BenchError(f"No PostgreSQL answers on {harness.POSTGRES_URL}")
+    with harness.Toolgate("no_approval", postgres=options.postgres) as toolgate:
         if options.no_debug:
             from django.conf import settings
 
             settings.DEBUG = False
         counter = Counter()
         counter.patch()
+        if options.postgres:
+            counter.patch_postgres()
         calls = _mcp_calls if options.mcp else _calls
         first = asyncio.run(calls(counter, toolgate.token, options.warmup, options.calls))
         n = options.calls
@@ -153,6 +199,10 @@ def run(argv):
             "hops": counter.hops / n,
             "cpu_ms": counter.cpu_ms,
         }
+        if options.postgres:
+            figures["driver_statements"] = counter.driver_statements / n
+            figures["getconn"] = counter.getconns / n
+            figures["putconn"] = counter.putconns / n
     what = "MCP tools/call on /mcp/demo/" if options.mcp else "POST /api/v1/tool-calls?wait=30"
     print(
         f"per auto-approved {what} ({n} calls): "
