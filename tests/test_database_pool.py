@@ -118,7 +118,10 @@ def test_page_requests_in_a_row_share_pooled_connections(fresh_pool, toolgate, a
     finally:
         connection_created.disconnect(opened)
     assert len(backends) == 6  # each request took a connection...
-    assert len(set(backends)) <= 2  # ...from the pool's two (DATABASE_POOL_MIN_SIZE)
+    # ...from the pool, which opened its two (DATABASE_POOL_MIN_SIZE) and at most one more: a
+    # request's thread gives its connection back at `request_finished`, after the response
+    # went out, so the next request may come while this test's own and that one are both out.
+    assert len(set(backends)) <= 3
 
 
 def _postgres_sockets(process):
