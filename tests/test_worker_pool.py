@@ -15,7 +15,7 @@ from approvals.models import DecidedBy, Status, ToolCall
 from approvals.tasks import run_tool_call
 from integrations import mcp_client, mcp_pool
 from integrations.models import Agent
-from tests.conftest import _database_url, spawn_worker, wait_until
+from tests.conftest import _database_url, spawn_worker, stop_process_tree, wait_until
 from tests.test_mcp_pool import add_demo, endpoint_of
 
 
@@ -39,13 +39,32 @@ def run_in_worker(connection, call, **limits):
 # Through a real worker -------------------------------------------------------------------
 
 
+@pytest.fixture
+def worker(own_broker, tmp_path):
+    """`worker(name, **env)` starts a real worker (one prefork child) on the test's own broker;
+    each is stopped when the test ends, passed or failed: a worker left running until the end
+    of the run would keep working on later tests' rows and hold the test database, which then
+    could not be dropped."""
+    started = []
+
+    def start(name, **env):
+        log = tmp_path / f"{name}.log"
+        process = spawn_worker(_database_url(), own_broker[1], log, concurrency=1, **env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        stop_process_tree(process)
+
+
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
-def test_approved_calls_through_a_worker_share_one_upstream_session(upstream, own_broker, tmp_path):
+def test_approved_calls_through_a_worker_share_one_upstream_session(upstream, own_broker, worker):
     server = add_demo(upstream)
     agent, _ = Agent.create_with_token("bot", [server])
-    connection, broker_env = own_broker
-    spawn_worker(_database_url(), broker_env, tmp_path / "pooled.log", concurrency=1)
+    connection, _ = own_broker
+    worker("pooled")
     methods = upstream.recording
     before = {m: methods.count(m) for m in ("server/discover", "tools/list", "tools/call")}
 
@@ -71,15 +90,12 @@ def test_approved_calls_through_a_worker_share_one_upstream_session(upstream, ow
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_a_hung_call_in_the_worker_ends_at_its_time_limit_and_the_next_call_runs(
-    upstream, own_broker, tmp_path
+    upstream, own_broker, worker
 ):
     server = add_demo(upstream)
     agent, _ = Agent.create_with_token("bot", [server])
-    connection, broker_env = own_broker
-    spawn_worker(
-        _database_url(), broker_env, tmp_path / "hung.log", concurrency=1,
-        MCP_CALL_TIMEOUT="120", MCP_READ_TIMEOUT="120",
-    )  # fmt: skip
+    connection, _ = own_broker
+    worker("hung", MCP_CALL_TIMEOUT="120", MCP_READ_TIMEOUT="120")
     assert run_in_worker(connection, approved_call(server, agent)).status == Status.SUCCEEDED
     calls = upstream.recording.count("tools/call")
 
