@@ -261,7 +261,14 @@ def _pattern_properties(validator, pattern_properties, instance, schema):
 
 
 def _matches_a_pattern(schema, key):
-    return any(_search(pattern, key) for pattern in schema.get("patternProperties", {}))
+    # The deadline (and a budget) checked per pattern: `additionalProperties` and
+    # `unevaluatedProperties` try every key against every pattern within one keyword, a
+    # server's patterns times an agent's keys (600 x 500 took 0.35 s unchecked).
+    for pattern in schema.get("patternProperties", {}):
+        _check_deadline()
+        if _search(pattern, key):
+            return True
+    return False
 
 
 def _additional_properties(validator, additional, instance, schema):
