@@ -181,11 +181,11 @@ def _open_call(request, agent):
     if isinstance(checked, JsonResponse):
         return checked
     opened = _opened(agent, *checked)
-    if isinstance(opened, JsonResponse) or not opened[1].decide_here():
+    if isinstance(opened, JsonResponse):
         return opened
     wait, looked_up, _ = opened
     try:
-        return wait, looked_up, looked_up.close(run_here=wait > 0)
+        return wait, looked_up, looked_up.close_if_cheap(run_here=wait > 0)
     except Refused as refused:
         return _refusal(refused)
 
