@@ -46,6 +46,10 @@ class Status(models.TextChoices):
     UNKNOWN = "unknown", "Unknown (worker lost mid-call)"
 
 
+# A result up to this size (canonical JSON) is handed to the waiting agent before it is recorded
+# (`ToolCall.arun`'s `on_outcome`): scanning it for warnings in the loop costs about a query.
+REPLY_BEFORE_RECORD_BYTES = 16 * 1024
+
 LIVE_STATUSES = [Status.PENDING_APPROVAL, Status.APPROVED, Status.RUNNING]  # may still run
 
 FINAL_STATUSES = {
@@ -427,7 +431,7 @@ class ToolCall(models.Model):
         self._record(result, declined)
         return False
 
-    async def arun(self, *, on_progress=None, on_log=None):
+    async def arun(self, *, on_progress=None, on_log=None, on_outcome=None):
         """`run()` in the caller's event loop, for an agent waiting in the web process: the same
         claim (`approved → running`) and finish transitions, so exactly-once holds. A web
         process lost mid-call leaves the call `running`, and the sweeper makes it `unknown`.
@@ -436,6 +440,11 @@ class ToolCall(models.Model):
         A call this very request stored as `running` (`claimed_at_insert`: the policy decided
         it moments ago, from the rows as they are) is not claimed again, nor the policy asked
         again: the insert was its claim.
+
+        `on_outcome()`, if given, is called once a result of at most REPLY_BEFORE_RECORD_BYTES
+        is on this instance as it is about to be recorded, before it is (approvals/running.py:
+        the agent's reply need not wait for the record's commit). A larger result, and any
+        failure, are recorded first.
         """
         if self.claimed_at_insert:
             self.claimed_at_insert = False
@@ -458,7 +467,20 @@ class ToolCall(models.Model):
             if retry:
                 await sync_to_async(self.enqueue)()
             return
-        await sync_to_async(self._record)(result, declined)
+        if on_outcome is None or not _small(result):
+            await sync_to_async(self._record)(result, declined)
+            return
+        # Small: its warnings are found here, in the loop, at about a query's cost. Only this
+        # run moves a `running` call on, bar the sweeper after TOOL_CALL_LOST_AFTER, long past
+        # any call here (MCP_CALL_TIMEOUT): the record will store exactly what is set here.
+        fields = self._finished(**self._result_fields(result, declined))
+        for name, value in {**fields, "status": Status.SUCCEEDED}.items():
+            setattr(self, name, value)
+        on_outcome()
+        try:
+            await sync_to_async(self._transition)([Status.RUNNING], Status.SUCCEEDED, **fields)
+        except Exception:  # the agent has its result; the sweeper will make the call `unknown`
+            logger.exception("Tool call %s ran, but its result could not be recorded", self.pk)
 
     async def _aendpoint(self):
         if self.server.uses_oauth:
@@ -485,14 +507,17 @@ class ToolCall(models.Model):
         return True
 
     def _record(self, result, declined=()):
-        self._finish(
-            Status.SUCCEEDED,
-            result_content=result.content,
-            structured_content=result.structured_content,
-            is_error=result.is_error,
-            warnings=_result_warnings(result),
-            declined_requests=list(declined),
-        )
+        self._finish(Status.SUCCEEDED, **self._result_fields(result, declined))
+
+    @staticmethod
+    def _result_fields(result, declined=()):
+        return {
+            "result_content": result.content,
+            "structured_content": result.structured_content,
+            "is_error": result.is_error,
+            "warnings": _result_warnings(result),
+            "declined_requests": list(declined),
+        }
 
     def _record_failure(self, exc, declined=()):
         """Write a failed run onto the row; True when it never reached the server and may be
@@ -521,13 +546,11 @@ class ToolCall(models.Model):
         return False
 
     def _finish(self, status, **fields):
-        self._transition(
-            [Status.RUNNING],
-            status,
-            finished_at=timezone.now(),
-            attempts=self.attempts + 1,
-            **fields,
-        )
+        self._transition([Status.RUNNING], status, **self._finished(**fields))
+
+    def _finished(self, **fields):
+        """The fields a run's end writes, besides the status."""
+        return {"finished_at": timezone.now(), "attempts": self.attempts + 1, **fields}
 
     @classmethod
     def purge_old_data(cls, days=None):
@@ -581,6 +604,10 @@ class ToolCall(models.Model):
         if marked:
             notify("call.unknown", self)
         return marked
+
+
+def _small(result):
+    return result.size is not None and result.size <= REPLY_BEFORE_RECORD_BYTES
 
 
 def _result_warnings(result):

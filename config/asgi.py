@@ -40,6 +40,7 @@ from starlette.staticfiles import StaticFiles  # noqa: E402
 from approvals.api import START_IN_FIRST_HOP  # noqa: E402
 from approvals.mcp.app import PREFIX as MCP_PREFIX  # noqa: E402
 from approvals.mcp.app import McpApp  # noqa: E402
+from approvals.running import replies_first  # noqa: E402
 
 
 class ApiASGIHandler(ASGIHandler):
@@ -67,8 +68,15 @@ class ApiASGIHandler(ASGIHandler):
         database), and `request_finished`, from the response's close, here, in the loop. Its
         receivers reset the URLconf and close this thread's database and cache connections,
         which the API does not use; the database thread's own are checked at the next
-        request's start, as the MCP endpoint's are (approvals/mcp/app.py)."""
+        request's start, as the MCP endpoint's are (approvals/mcp/app.py).
+
+        A result the view replied with before it was recorded is recorded before this ends
+        (`approvals.running.replies_first`)."""
         START_IN_FIRST_HOP.set(True)  # this request's own context (and its hops')
+        async with replies_first():
+            await self._handle(scope, receive, send)
+
+    async def _handle(self, scope, receive, send):
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:

@@ -213,6 +213,7 @@ class ToolResult:
     structured_content: dict | None
     is_error: bool
     truncated_from: int | None = None  # bytes of the whole result, when it was cut to fit
+    size: int | None = None  # bytes of the canonical JSON of what is kept, when measured
 
     @classmethod
     def capped(cls, content, structured_content, is_error):
@@ -226,7 +227,7 @@ class ToolResult:
         limit = settings.MCP_MAX_RESULT_BYTES
         size = limits.canonical_size([content, structured_content])
         if size <= limit:
-            return cls(content, structured_content, is_error)
+            return cls(content, structured_content, is_error, size=size)
         room = max(limit - 512, 0)  # for the marker
         kept, used = [], 0
         for block in content:

@@ -3,10 +3,13 @@ endpoint) runs in the web process: what it costs there (issue 11), and that exac
 on the shorter path. The timings are in bench/README.md ("hot path"); these pin the rows it
 writes and the queries it makes."""
 
+import json
+import threading
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import OperationalError, connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -624,3 +627,135 @@ def test_the_web_process_hands_the_gil_over_within_a_millisecond():
     import config.asgi
 
     assert sys.getswitchinterval() == pytest.approx(config.asgi.SWITCH_INTERVAL) == 0.001
+
+
+PROBE = "the result to look for"
+
+
+def _recorded_in_order(monkeypatch, application, hold=True):
+    """(an ASGI app that notes when the result went out, the list of what happened):
+    "replied" when a body holding the result (PROBE) was sent, "recorded" when a run's result was
+    written (`ToolCall._transition` to `succeeded`), in the order they happened. With `hold`,
+    the record waits until the result was sent (for at most 5 s): a reply that waited for the
+    record would come after it."""
+    happened, sent = [], threading.Event()
+    transition = ToolCall._transition
+
+    def noted(call, sources, target, *args, **fields):
+        if target == Status.SUCCEEDED and hold:
+            sent.wait(5)
+        changed = transition(call, sources, target, *args, **fields)
+        if target == Status.SUCCEEDED:
+            happened.append("recorded")
+        return changed
+
+    monkeypatch.setattr(ToolCall, "_transition", noted)
+
+    async def app(scope, receive, send):
+        async def noting(message):
+            await send(message)
+            if message["type"] == "http.response.body" and PROBE.encode() in message["body"]:
+                happened.append("replied")
+                sent.set()
+
+        await application(scope, receive, noting)
+
+    return app, happened
+
+
+def _post(app, token, text=PROBE):
+    import httpx2
+
+    async def post():
+        transport = httpx2.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx2.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1", headers=headers
+        ) as http:
+            body = {"server": "demo", "tool": "echo", "arguments": {"text": text}}
+            return await http.post("/api/v1/tool-calls", params={"wait": 10}, json=body)
+
+    return post()
+
+
+@pytest.mark.django_db(transaction=True)  # the web process's database thread has its own
+def test_a_small_result_reaches_the_agent_before_its_record_and_is_recorded_by_the_end(
+    loop, upstream, monkeypatch
+):
+    """The reply need not wait for the result's UPDATE and commit (approvals/running.py); the
+    request still ends only once they are made, with exactly what the agent was told."""
+    from config.asgi import application
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    app, happened = _recorded_in_order(monkeypatch, application)
+    response = loop.run(_post(app, token))
+    assert happened == ["replied", "recorded"]
+    answer = response.json()
+    call = ToolCall.objects.get(pk=answer["id"])
+    assert (call.status, call.result_content) == (Status.SUCCEEDED, answer["result"]["content"])
+    from approvals.api import call_json
+
+    assert json.loads(json.dumps(call_json(call), cls=DjangoJSONEncoder)) == answer
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_large_result_is_recorded_before_the_agent_has_it(loop, upstream, monkeypatch):
+    from approvals.models import REPLY_BEFORE_RECORD_BYTES
+    from config.asgi import application
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    app, happened = _recorded_in_order(monkeypatch, application, hold=False)
+    response = loop.run(_post(app, token, text=PROBE + "x" * REPLY_BEFORE_RECORD_BYTES))
+    assert response.json()["status"] == "succeeded"
+    assert happened == ["recorded", "replied"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_result_whose_record_fails_after_the_reply_is_logged_and_left_to_the_sweeper(
+    loop, upstream, monkeypatch, caplog
+):
+    from config.asgi import application
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    transition = ToolCall._transition
+
+    def failing(call, sources, target, *args, **fields):
+        if target == Status.SUCCEEDED:
+            raise OperationalError("database is locked")
+        return transition(call, sources, target, *args, **fields)
+
+    monkeypatch.setattr(ToolCall, "_transition", failing)
+    answer = loop.run(_post(application, token)).json()
+    assert (answer["status"], answer["result"]["content"][0]["text"]) == ("succeeded", PROBE)
+    assert ToolCall.objects.get(pk=answer["id"]).status == Status.RUNNING  # `unknown` later
+    assert f"Tool call {answer['id']} ran, but its result could not be recorded" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_mcp_endpoint_replies_before_the_record_too(loop, upstream, monkeypatch):
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    from config.asgi import application, mcp_application
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    app, happened = _recorded_in_order(monkeypatch, application)
+
+    async def call():
+        transport = httpx2.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {token}"}
+        http = httpx2.AsyncClient(transport=transport, base_url="http://127.0.0.1", headers=headers)
+        url = "http://127.0.0.1/mcp/demo/"
+        session = Client(streamable_http_client(url, http_client=http))
+        async with mcp_application.running(), http, session as client:
+            return await client.call_tool("echo", {"text": PROBE}), list(happened)
+
+    result, seen = loop.run(call())
+    assert result.content[0].text == PROBE
+    assert seen == ["replied", "recorded"]
+    assert ToolCall.objects.get().status == Status.SUCCEEDED

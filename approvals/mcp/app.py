@@ -54,6 +54,7 @@ from approvals.mcp.server import (
 )
 from approvals.models import Refused, open_tool_call
 from approvals.policy import agent_refusal
+from approvals.running import replies_first
 from integrations.limits import unstorable
 
 PREFIX = "/mcp"
@@ -191,7 +192,8 @@ class McpApp:
         if retry_after:
             return await _rate_limited(send, retry_after)
         scope = {**scope, "user": _user(caller.agent, server_name), CALLER: caller}
-        await self._serve(scope, receive, send, server_name, kind, headers, parsed)
+        async with replies_first():  # a result replied with is recorded before this ends
+            await self._serve(scope, receive, send, server_name, kind, headers, parsed)
 
     async def _serve(self, scope, receive, send, server_name, kind, headers, parsed=_UNREAD):
         if scope["method"] == "POST" and kind != "sse":
