@@ -1,10 +1,12 @@
 """Toolgate as an MCP server: real SDK clients (Streamable HTTP in both protocol eras, SSE)
 against a live Toolgate (tests/mcp_live.py) in front of real upstream servers."""
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -1055,7 +1057,19 @@ async def _work_of_a_call(url, agent, kind, name):
         await client.call_tool(name, {"text": "warm"})  # the agent's last use, a session
         with web_process_work() as work:
             result = await client.call_tool(name, {"text": "hi"})
+            await _runs_done()  # a small result goes out before its record (approvals/running.py)
         return result, work
+
+
+async def _runs_done(timeout=5):
+    """Until the web process's runs of calls have finished, records included (it runs on
+    threads of this process)."""
+    from approvals import running
+
+    deadline = time.monotonic() + timeout
+    while running._runs and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert not running._runs
 
 
 @pytest.mark.parametrize("pieces", [1, 3])
@@ -1063,7 +1077,6 @@ def test_a_call_whose_body_arrives_in_pieces_is_answered_as_one_sent_whole(toolg
     """A body of a declared length up to `app.PARSE_FIRST_BYTES` is read before the agent is
     looked up (its `tools/call` with it), however it is split on the way."""
     import socket
-    import time
 
     params = {"name": "echo", "arguments": {"text": "in pieces"}, "_meta": {
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
