@@ -1,0 +1,149 @@
+"""The agent API's ASGI handler (config/asgi.py, `ApiASGIHandler`): what it keeps of Django's
+own handler (a client that goes away cancels its request, `request_finished` once a request),
+driven with the ASGI messages uvicorn sends: the body, then `http.disconnect` when the client
+goes away or once the response is complete."""
+
+import asyncio
+import json
+import time
+
+import pytest
+from django.core import signals
+
+from approvals.models import Status, ToolCall
+from integrations.models import Agent
+from tests.test_hot_path import add_demo
+
+pytestmark = pytest.mark.django_db(transaction=True)  # the web's database thread has its own
+
+
+@pytest.fixture
+def finished():
+    """The request_finished signals sent, as they are sent."""
+    sent = []
+
+    def receiver(**kwargs):
+        sent.append(kwargs)
+
+    signals.request_finished.connect(receiver)
+    yield sent
+    signals.request_finished.disconnect(receiver)
+
+
+def scope(token, body, query=b"wait=10"):
+    headers = [
+        (b"host", b"127.0.0.1"),
+        (b"authorization", f"Bearer {token}".encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http",
+        "method": "POST", "path": "/api/v1/tool-calls", "raw_path": b"/api/v1/tool-calls",
+        "root_path": "", "query_string": query, "headers": headers,
+        "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
+    }  # fmt: skip
+
+
+async def serve(token, arguments, *, after_body, sent=None):
+    """Send one waited call of `slow` to the application; `after_body(sent)` is what `receive`
+    answers once the body was read (uvicorn's answers `http.disconnect`, when the client goes
+    away or the response is complete). The messages the application sent."""
+    from config.asgi import application
+
+    body = json.dumps({"server": "demo", "tool": "slow", "arguments": arguments}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = [] if sent is None else sent
+
+    async def receive():
+        return messages.pop() if messages else await after_body(sent)
+
+    async def send(message):
+        sent.append(message)
+
+    await application(scope(token, body), receive, send)
+    return sent
+
+
+def final(call_id, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        call = ToolCall.objects.get(pk=call_id)
+        if call.is_final:
+            return call
+        time.sleep(0.05)
+    raise AssertionError(f"call {call_id} still {call.status}")
+
+
+def test_an_agent_that_goes_away_cancels_its_request_but_not_the_run(loop, upstream, finished):
+    """The view is cancelled (nothing is sent, the request is finished once), the call it
+    started runs on and records its result (approvals/running.py)."""
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+
+    async def go_away(sent):
+        while not await ToolCall.objects.filter(status=Status.RUNNING).aexists():
+            await asyncio.sleep(0.02)
+        return {"type": "http.disconnect"}
+
+    sent = loop.run(serve(token, {"seconds": 0.5}, after_body=go_away))
+    assert sent == [] and len(finished) == 1
+    call = final(ToolCall.objects.get().pk)
+    assert (call.status, call.result_content[0]["text"]) == (Status.SUCCEEDED, "slept 0.5s")
+
+
+def test_a_request_cancelled_by_the_server_leaves_no_view_behind(loop, upstream):
+    """The view runs in the request's own task: when the server cancels it (uvicorn, at a
+    shut-down that timed out), nothing answers later on that connection (Django's handler ran
+    the view in a second task, which went on and sent its response), and the call still
+    runs."""
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    sent = []
+
+    async def cancel_while_running():
+        async def wait_for_the_server(_):
+            await asyncio.Event().wait()
+
+        request = asyncio.ensure_future(
+            serve(token, {"seconds": 0.3}, after_body=wait_for_the_server, sent=sent)
+        )
+        while not await ToolCall.objects.filter(status=Status.RUNNING).aexists():
+            await asyncio.sleep(0.02)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.sleep(0.6)  # past the call's end
+
+    loop.run(cancel_while_running())
+    assert sent == []
+    assert final(ToolCall.objects.get().pk).status == Status.SUCCEEDED
+
+
+def test_a_response_sent_in_full_is_closed_once(loop, upstream, finished):
+    """uvicorn answers `http.disconnect` as soon as the response is complete: the request is
+    finished once, by the response's close, and nothing else is sent."""
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+
+    async def disconnect_once_complete(sent):
+        while not (sent and sent[-1]["type"] == "http.response.body"):
+            await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    sent = loop.run(serve(token, {"seconds": 0}, after_body=disconnect_once_complete))
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 201 and json.loads(sent[1]["body"])["status"] == "succeeded"
+    assert len(finished) == 1
+
+
+def test_a_message_other_than_a_disconnect_after_the_body_is_an_error(loop, upstream, finished):
+    """As in Django's handler: the ASGI server broke the protocol, which is raised."""
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+
+    async def another_body(sent):
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    with pytest.raises(AssertionError, match="Invalid ASGI message after request body"):
+        loop.run(serve(token, {"seconds": 0.5}, after_body=another_body))
