@@ -147,3 +147,34 @@ def test_a_message_other_than_a_disconnect_after_the_body_is_an_error(loop, upst
 
     with pytest.raises(AssertionError, match="Invalid ASGI message after request body"):
         loop.run(serve(token, {"seconds": 0.5}, after_body=another_body))
+
+
+def test_the_body_is_read_into_memory_once(loop, upstream, monkeypatch):
+    """`BodyLimit` has the whole body, bounded, before the handler reads it: the handler reads
+    it into memory (Django's reader spools it into a temporary file, for a body of any size),
+    and a body that came in one message is passed on as it came, not copied."""
+    import tempfile
+
+    from config.asgi import BodyLimit
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", None)  # calling it fails
+
+    async def done(sent):
+        await asyncio.Event().wait()
+
+    sent = loop.run(serve(token, {"seconds": 0}, after_body=done))
+    assert sent[0]["status"] == 201
+
+    body = json.dumps({"server": "demo", "tool": "echo"}).encode()
+    passed = []
+
+    async def app(scope, receive, send):
+        passed.append((await receive())["body"])
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    loop.run(BodyLimit(app)(scope(token, body), receive, None))
+    assert passed[0] is body
