@@ -9,6 +9,8 @@ import time
 
 import pytest
 from django.core import signals
+from django.http import JsonResponse
+from django.urls import re_path
 
 from approvals.models import Status, ToolCall
 from integrations.models import Agent
@@ -178,3 +180,56 @@ def test_the_body_is_read_into_memory_once(loop, upstream, monkeypatch):
 
     loop.run(BodyLimit(app)(scope(token, body), receive, None))
     assert passed[0] is body
+
+
+async def get(path):
+    """GET `path` from the application; its status and JSON."""
+    from config.asgi import application
+
+    messages, sent, complete = [{"type": "http.request", "body": b""}], [], asyncio.Event()
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await complete.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            complete.set()
+
+    request = {**scope("", b""), "method": "GET", "path": path, "raw_path": path.encode()}
+    await application(request, receive, send)
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def answered_by_this_urlconf(request):
+    return JsonResponse({"here": request.path})
+
+
+urlpatterns = [re_path(r"^api/", answered_by_this_urlconf)]
+
+
+def test_a_path_is_matched_against_the_url_patterns_once(loop, monkeypatch, settings):
+    """The match is remembered per path (`ApiASGIHandler.resolve_request`), for the URLconf in
+    force: another ROOT_URLCONF is another resolver, whose matches are its own."""
+    from django.urls import get_resolver
+    from django.urls.resolvers import URLResolver
+
+    walks = []
+    resolve = URLResolver.resolve
+
+    def counted(self, path):
+        if self is get_resolver():
+            walks.append(path)
+        return resolve(self, path)
+
+    monkeypatch.setattr(URLResolver, "resolve", counted)
+    path = f"/api/v1/tools-{time.monotonic_ns()}"
+    settings.ROOT_URLCONF = __name__
+    for _ in range(3):
+        assert loop.run(get(path)) == (200, {"here": path})
+    assert walks == [path]
+    settings.ROOT_URLCONF = "config.urls"
+    assert loop.run(get(path))[1]["error"]["code"] == "not_found"
