@@ -43,7 +43,9 @@ def api(*methods, prepare=None):
         @csrf_exempt
         @wraps(view)
         async def wrapper(request, *args, **kwargs):
-            header = request.headers.get("Authorization", "")
+            # META's own key, not `request.headers`: building that mapping of every header
+            # was ~7 µs of the loop's CPU a request (issue 11), for this one.
+            header = request.META.get("HTTP_AUTHORIZATION", "")
             allowed = request.method in methods
             agent, retry_after, prepared = await sync_to_async(_admit)(
                 header, allowed, prepare, request
