@@ -432,10 +432,16 @@ def migrate_to_latest():
 @pytest.fixture
 def loop():
     """An event loop on a thread of its own, as the web process's (tests/test_mcp_pool.py)."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
     from tests.test_mcp_pool import Loop
 
     running = Loop()
     yield running
+    # The application's hops share one database thread (asgiref's), whose connection would
+    # outlive the test: PostgreSQL then refuses to drop the test database at the run's end.
+    running.run(sync_to_async(connections.close_all)())
     running.close()
 
 
