@@ -244,7 +244,10 @@ class Pool:
             self._reaper = self.loop.create_task(self._reap())
 
     async def _reap(self):
-        while any(self.idle.values()):
+        # Sleeps before it looks: a reaper that looked first would find the session of a
+        # caller calling in a loop already leased again, end, and be started anew by the
+        # next `release` (a task per call).
+        while True:
             timeout = settings.MCP_POOL_IDLE_TIMEOUT
             await asyncio.sleep(min(timeout / 2, 5))
             stale = time.monotonic() - timeout
@@ -254,6 +257,8 @@ class Pool:
                     session.close()
                 if not sessions:
                     del self.idle[key]
+            if not self.idle:
+                return
 
     def idle_count(self):
         return sum(len(sessions) for sessions in self.idle.values())

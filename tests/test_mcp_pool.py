@@ -242,6 +242,28 @@ def test_idle_sessions_are_closed_after_the_idle_timeout(loop, upstream, setting
     wait_until(lambda: loop.pool.idle_count() == 0, timeout=10)
 
 
+def test_calls_back_to_back_share_one_idle_reaper(loop, upstream):
+    endpoint = endpoint_of(upstream)
+    reapers = []
+
+    def record(event_loop, coroutine, **options):
+        if coroutine.__qualname__ == "Pool._reap":
+            reapers.append(coroutine)
+        return asyncio.Task(coroutine, loop=event_loop, **options)
+
+    async def three_in_a_row():
+        asyncio.get_running_loop().set_task_factory(record)
+        try:
+            for _ in range(3):
+                await mcp_client.acall_tool(endpoint, "echo", {"text": "hi"})
+        finally:
+            asyncio.get_running_loop().set_task_factory(None)
+
+    loop.run(three_in_a_row())
+    assert len(reapers) == 1  # not one per call: the session was leased again before it looked
+    assert loop.pool.idle_count() == 1
+
+
 # With the database ----------------------------------------------------------------------
 
 
