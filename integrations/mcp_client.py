@@ -106,7 +106,7 @@ def secret_forms(secrets):
             every = variant.encode().hex().upper()
             forms.update(["%" + "%".join(every[i : i + 2] for i in range(0, len(every), 2))])
             forms.update(_base64_forms(variant.encode()))
-    return sorted((f for f in forms if len(f) >= MIN_SECRET_CHARS), key=len, reverse=True)
+    return tuple(sorted((f for f in forms if len(f) >= MIN_SECRET_CHARS), key=len, reverse=True))
 
 
 _URL_SAFE = str.maketrans("+/", "-_")
@@ -132,10 +132,17 @@ def _redaction_pattern(forms):
     return re2.compile("|".join(re2.escape(form) for form in forms))
 
 
+# Up to this many characters times forms, a substring test per form finds a clean text sooner
+# than RE2's Python wrapper (which encodes the text and walks it in Python) gets going.
+SCAN_BY_FORM = 8192
+
+
 def _redact_text(text, forms):
     if not forms or not text:
         return text
-    return _redaction_pattern(tuple(forms)).sub("[redacted]", text)
+    if len(text) * len(forms) <= SCAN_BY_FORM and not any(form in text for form in forms):
+        return text  # the common case: a short result that echoes nothing
+    return _redaction_pattern(forms).sub("[redacted]", text)
 
 
 @dataclass(frozen=True)
@@ -186,17 +193,24 @@ class Endpoint:
         return secret_forms(self._secrets())
 
     def _secrets(self):
-        parts = urlsplit(self.url)
-        found = [self.url, parts.netloc.rpartition("@")[0], parts.password or ""]
-        found += [self.url.partition("#")[0], self.url.partition("?")[0]]
-        found += [parts.path] if _secret_looking(parts.path) else []
-        found += [parts.query] if parts.query else []
-        found += [value for key, value in parse_qsl(parts.query) if _secret_looking(value, key)]
-        found += [segment for segment in parts.path.split("/") if _secret_looking(segment)]
+        found = [*_url_secrets(self.url)]
         for value in self.headers.values():
             found += [value, value.rpartition(" ")[2]]  # "Bearer <token>" and the token
         found += list(getattr(self.auth, "secrets", ()))  # OAuth's tokens, as they are now
         return tuple(secret for secret in found if secret and len(secret) >= MIN_SECRET_CHARS)
+
+
+@functools.lru_cache(maxsize=64)
+def _url_secrets(url):
+    """What of `url` is secret (see `Endpoint.redact`); parsed once per URL, not per call."""
+    parts = urlsplit(url)
+    found = [url, parts.netloc.rpartition("@")[0], parts.password or ""]
+    found += [url.partition("#")[0], url.partition("?")[0]]
+    found += [parts.path] if _secret_looking(parts.path) else []
+    found += [parts.query] if parts.query else []
+    found += [value for key, value in parse_qsl(parts.query) if _secret_looking(value, key)]
+    found += [segment for segment in parts.path.split("/") if _secret_looking(segment)]
+    return tuple(found)
 
 
 @dataclass

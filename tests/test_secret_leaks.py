@@ -714,3 +714,19 @@ def test_redaction_leaves_ordinary_words_of_the_url_alone():
     text = "Customers are listed at http://mcp.example.com/customers/mcp as json."
     assert endpoint.redact(text) == text
     assert endpoint.redact(f"http://mcp-{TOKEN}.example") == "http://mcp-[redacted].example"
+
+
+@pytest.mark.parametrize("size", ["short", "long"])
+def test_a_reply_is_redacted_in_every_form_whatever_its_length(size):
+    # A short reply is first scanned form by form, a long one goes to RE2 at once.
+    from integrations.mcp_client import Endpoint
+
+    endpoint = Endpoint(
+        url=secret_url("https://mcp.example.com"),
+        headers={"Authorization": f"Bearer {TOKEN}", "X-Api-Key": HEADER_VALUE},
+    )
+    padding = "" if size == "short" else "x" * 10_000
+    for secret in SERVER_SECRETS:
+        for form in _encoded_forms(secret):
+            said = endpoint.redact(f"{padding}said {form} ok")
+            assert "[redacted]" in said and not _leaked_forms(said, SERVER_SECRETS), form
