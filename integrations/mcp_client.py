@@ -42,7 +42,7 @@ from mcp_types import LOG_LEVEL_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
-from integrations import limits, netguard
+from integrations import limits, mcp_pool, netguard
 
 logger = logging.getLogger(__name__)
 
@@ -506,7 +506,7 @@ async def _call_tool(endpoint, name, arguments, transport, timeout, upstream, po
             bool(result.is_error),
         )
 
-    if transport in (STREAMABLE_HTTP, SSE):
+    if transport in (STREAMABLE_HTTP, SSE) and transport != endpoint.transport:
         endpoint = replace(endpoint, transport=transport)
     options = upstream.client_options()
     return await _with_fallback(
@@ -631,20 +631,20 @@ async def _run(
     endpoint, transport, operation, timeout, client_options, max_bytes=None, upstream=None
 ):
     try:
-        url = httpx2.URL(endpoint.url)
+        origin = url_origin(endpoint.url)
     except httpx2.InvalidURL:
         raise McpError("refused", "The server URL is not valid.", reached_server=False) from None
-    trace = _HttpTrace(origin=(url.scheme, url.host, url.port), url=endpoint.url)
+    trace = _HttpTrace(origin=origin, url=endpoint.url)
     trace.bytes_left = trace.byte_limit = max_bytes
     try:
-        with anyio.CancelScope() as stop:
+        # One scope for both ways to stop: the deadline, and a guard (`_HttpTrace.fail`).
+        with anyio.CancelScope(deadline=anyio.current_time() + timeout) as stop:
             trace.cancel = stop.cancel
-            with anyio.fail_after(timeout):
-                if upstream is not None and transport == STREAMABLE_HTTP:
-                    return await _on_pooled_session(endpoint, transport, operation, trace, upstream)
-                async with _client(endpoint, transport, trace, client_options) as client:
-                    return await operation(client, transport)
-        raise trace.guard_error  # a guard stopped the conversation (`_HttpTrace.fail`)
+            if upstream is not None and transport == STREAMABLE_HTTP:
+                return await _on_pooled_session(endpoint, transport, operation, trace, upstream)
+            async with _client(endpoint, transport, trace, client_options) as client:
+                return await operation(client, transport)
+        raise trace.guard_error or TimeoutError()
     except McpError as exc:
         exc.message = endpoint.redact(exc.message)
         raise
@@ -654,6 +654,14 @@ async def _run(
             raise
         error.message = endpoint.redact(error.message)
         raise error from None
+
+
+@functools.lru_cache(maxsize=256)
+def url_origin(url):
+    """(scheme, host, port) of `url`; raises httpx2.InvalidURL. Parsed once per URL: httpx2's
+    parser costs more than the rest of a pooled call's own work."""
+    parsed = httpx2.URL(url)
+    return (parsed.scheme, parsed.host, parsed.port)
 
 
 @dataclass
@@ -667,8 +675,6 @@ class _Lease:
 
 async def _on_pooled_session(endpoint, transport, operation, trace, upstream):
     """`operation` on a leased open session; back to the pool only if nothing went wrong."""
-    from integrations import mcp_pool
-
     pool = mcp_pool.pool()
     session = await pool.lease(endpoint, transport, _Lease(trace, upstream, endpoint.auth))
     healthy = False

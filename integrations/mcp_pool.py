@@ -273,8 +273,8 @@ class Session:
         from integrations import mcp_client
 
         self.pool, self.key, self.server_pk = pool, key, endpoint.server_pk
-        url = httpx2.URL(endpoint.url)  # valid: `mcp_client._run` parsed it before the lease
-        self.relay = Relay(mcp_client._HttpTrace((url.scheme, url.host, url.port), endpoint.url))
+        origin = mcp_client.url_origin(endpoint.url)  # valid: `mcp_client._run` parsed it
+        self.relay = Relay(mcp_client._HttpTrace(origin, endpoint.url))
         mode, prior = era or ("auto", None)
         self.client = mcp_client._client(
             endpoint,

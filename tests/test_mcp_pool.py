@@ -242,6 +242,16 @@ def test_idle_sessions_are_closed_after_the_idle_timeout(loop, upstream, setting
     wait_until(lambda: loop.pool.idle_count() == 0, timeout=10)
 
 
+def test_a_pooled_call_past_its_timeout_fails_and_its_session_is_closed(loop, upstream):
+    endpoint = endpoint_of(upstream)
+    loop.call(endpoint)
+    failed = loop.failure(endpoint, tool="slow", arguments={"seconds": 5}, timeout=0.3)
+    assert (failed.code, failed.reached_server) == ("timeout", True)
+    assert loop.pool.idle_count() == 0  # never handed to the next call
+    assert loop.call(endpoint).content[0]["text"] == "hi"
+    assert loop.pool.opened == 2
+
+
 def test_calls_back_to_back_share_one_idle_reaper(loop, upstream):
     endpoint = endpoint_of(upstream)
     reapers = []
