@@ -689,12 +689,8 @@ async def _capped_response(
         report(error)
         raise error
     assert isinstance(response.stream, httpx2.AsyncByteStream)
-    return httpx2.Response(
-        status_code=response.status_code,
-        headers=response.headers,
-        stream=_CappedStream(response.stream, limit, request, report),
-        extensions=response.extensions,
-    )
+    response.stream = _CappedStream(response.stream, limit, request, report)
+    return response
 
 
 class _GuardedTransport(httpx2.AsyncBaseTransport):
