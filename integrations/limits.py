@@ -34,9 +34,14 @@ MAX_PATTERN_BYTES = 1_000  # characters of one `pattern` / `patternProperties` k
 PATTERN_MAX_MEM = 1 << 20  # bytes RE2 may use to compile one of them
 
 
+# What json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False) builds on
+# every call, made once: the encoder keeps no state between calls.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(value):
     """The canonical JSON of `value` (the form fingerprints are taken of)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 def canonical_size(value):

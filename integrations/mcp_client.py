@@ -145,6 +145,9 @@ def _redact_text(text, forms):
     return _redaction_pattern(forms).sub("[redacted]", text)
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(ensure_ascii=False) makes one per call
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where and how to reach one MCP server. Holds secrets: never log or pickle it."""
@@ -178,7 +181,7 @@ class Endpoint:
             return _redact_text(value, self._secret_forms)
         if value is None or isinstance(value, bool | int | float):
             return value
-        text = json.dumps(value, ensure_ascii=False)
+        text = _JSON.encode(value)
         redacted = _redact_text(text, self._secret_forms)
         if redacted == text:
             return value
@@ -193,16 +196,14 @@ class Endpoint:
         return secret_forms(self._secrets())
 
     def _secrets(self):
-        found = [*_url_secrets(self.url)]
-        for value in self.headers.values():
-            found += [value, value.rpartition(" ")[2]]  # "Bearer <token>" and the token
-        found += list(getattr(self.auth, "secrets", ()))  # OAuth's tokens, as they are now
-        return tuple(secret for secret in found if secret and len(secret) >= MIN_SECRET_CHARS)
+        tokens = getattr(self.auth, "secrets", ())  # OAuth's tokens, as they are now
+        return _fixed_secrets(self.url, tuple(self.headers.values())) + _long_enough(tokens)
 
 
 @functools.lru_cache(maxsize=64)
-def _url_secrets(url):
-    """What of `url` is secret (see `Endpoint.redact`); parsed once per URL, not per call."""
+def _fixed_secrets(url, header_values):
+    """The secrets of the URL and the headers (see `Endpoint.redact`), found once for each,
+    not on every redaction."""
     parts = urlsplit(url)
     found = [url, parts.netloc.rpartition("@")[0], parts.password or ""]
     found += [url.partition("#")[0], url.partition("?")[0]]
@@ -210,7 +211,13 @@ def _url_secrets(url):
     found += [parts.query] if parts.query else []
     found += [value for key, value in parse_qsl(parts.query) if _secret_looking(value, key)]
     found += [segment for segment in parts.path.split("/") if _secret_looking(segment)]
-    return tuple(found)
+    for value in header_values:
+        found += [value, value.rpartition(" ")[2]]  # "Bearer <token>" and the token
+    return _long_enough(found)
+
+
+def _long_enough(secrets):
+    return tuple(secret for secret in secrets if secret and len(secret) >= MIN_SECRET_CHARS)
 
 
 @dataclass
