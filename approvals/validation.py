@@ -136,7 +136,7 @@ INLINE_BUDGET = 0.001
 
 
 @contextlib.contextmanager
-def within_budget(seconds=INLINE_BUDGET):
+def within_budget(seconds=None):
     """Checks made in this block on this thread (`validate_arguments`) are provably cheap or
     raise `OverBudget`: arguments and schema small (INLINE_ARGUMENTS, INLINE_SCHEMA), the
     schema's validator already built, and at most `seconds` of this thread's CPU time (checked
@@ -144,7 +144,7 @@ def within_budget(seconds=INLINE_BUDGET):
     to the shared database thread, where a check whose cost a server or an agent controls must
     not run (config/asgi.py); past the budget it is made again on the validation threads."""
     previous = getattr(_local, "budget", None)
-    _local.budget = time.thread_time() + seconds
+    _local.budget = time.thread_time() + (INLINE_BUDGET if seconds is None else seconds)
     try:
         yield
     finally:

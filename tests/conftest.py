@@ -455,3 +455,14 @@ def upstream():
     with start(recording) as running:
         running.recording = recording
         yield running
+
+
+@pytest.fixture
+def roomy_budget(monkeypatch):
+    """The cheap decision's CPU budget (`validation.INLINE_BUDGET`, 1 ms) raised to a second,
+    for tests that count a call's hops: a garbage collection or a loaded machine can push a
+    cheap check past 1 ms, which then goes to a validation thread (two hops more), as
+    designed."""
+    from approvals import validation
+
+    monkeypatch.setattr(validation, "INLINE_BUDGET", 1.0)

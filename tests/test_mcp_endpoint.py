@@ -1025,6 +1025,7 @@ def web_process_work():
 
 
 @pytest.mark.parametrize("kind", ["legacy", "modern"])
+@pytest.mark.usefixtures("roomy_budget")
 def test_an_auto_approved_call_costs_the_json_apis_queries_and_hops_and_a_look_for_a_twin(
     toolgate, agent, kind
 ):
@@ -1042,6 +1043,7 @@ def test_an_auto_approved_call_costs_the_json_apis_queries_and_hops_and_a_look_f
 
 
 @pytest.mark.parametrize("kind", ["legacy", "modern"])
+@pytest.mark.usefixtures("roomy_budget")
 def test_a_call_on_the_combined_endpoint_is_looked_up_in_the_agents_hop_too(toolgate, agent, kind):
     """On `/mcp/` the tool as listed (which names its server) is looked up in the agent's hop
     as well: the hops of a call on a server's endpoint."""
