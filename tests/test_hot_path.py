@@ -240,6 +240,7 @@ def test_the_database_threads_connection_is_still_checked_at_each_api_request(
 
 
 @pytest.mark.django_db(transaction=True)  # the web process's database thread has its own
+@pytest.mark.usefixtures("roomy_budget")
 def test_an_auto_approved_waited_call_makes_two_hops_to_threads(loop, upstream, monkeypatch):
     """Each hop from the event loop to a thread is a GIL hand-over and a wake-up of the loop
     (issue 11): Django's request_started with the agent, its rate limit, the request's
@@ -302,6 +303,11 @@ def columns(obj):
     return values, (obj._state.db, obj._state.adding)
 
 
+# The statements' tests run in the suite's PostgreSQL pass too (`make test`), where the
+# statements also run prepared on the server (`statements._cursor`).
+ON_POSTGRESQL_TOO = pytest.mark.integration
+
+
 class Given:
     """The `filters` of a statement's builder, giving real values instead of sentinels: the
     very queryset the statement runs, for the ORM to run."""
@@ -327,6 +333,7 @@ def add_tool(server, name="echo"):
     return Tool.objects.create_from_definition(server, definition, timezone.now())
 
 
+@ON_POSTGRESQL_TOO
 def test_the_tool_lookup_gives_the_instances_the_orm_gives(django_assert_num_queries):
     from approvals import policy
     from integrations.oauth import OAuthCredential
@@ -361,6 +368,7 @@ def test_the_tool_lookup_gives_the_instances_the_orm_gives(django_assert_num_que
                     assert mine.server.reconnect_reason == theirs.server.reconnect_reason == ""
 
 
+@ON_POSTGRESQL_TOO
 def test_the_tool_lookup_is_the_orms_sql():
     from approvals import policy
 
@@ -379,6 +387,7 @@ def test_the_tool_lookup_is_the_orms_sql():
     assert filled == list(params)
 
 
+@ON_POSTGRESQL_TOO
 def test_an_expired_rule_and_an_admins_change_are_read_at_once():
     """Nothing but SQL text is kept: each lookup reads the rows as they are now."""
     from approvals import policy
@@ -406,6 +415,7 @@ def add_demo_rows():
     return server
 
 
+@ON_POSTGRESQL_TOO
 def test_the_agents_lookup_gives_the_instance_the_orm_gives():
     from integrations.models import _AGENT_BY_TOKEN, hash_token
 
@@ -432,6 +442,7 @@ def stored_columns(call):
     return values, raw
 
 
+@ON_POSTGRESQL_TOO
 def test_a_call_is_inserted_as_the_orm_inserts_it(django_assert_num_queries):
     from django.db.models import Model
     from django.db.models.signals import post_save, pre_save
@@ -480,6 +491,7 @@ def test_a_call_is_inserted_as_the_orm_inserts_it(django_assert_num_queries):
     assert mine_raw[0] != their_raw[0]
 
 
+@ON_POSTGRESQL_TOO
 def test_a_transition_updates_as_the_orm_updates(django_user_model):
     """`_transition`'s UPDATE (statements.update) writes what the ORM's update() writes, and
     only where the row is still in the source status (and matches `where`)."""
@@ -578,6 +590,7 @@ def test_a_statement_it_cannot_build_fails_loudly_not_quietly():
     assert Agent.objects.get(pk=agent.pk).name == "bot"
 
 
+@ON_POSTGRESQL_TOO
 def test_the_reattach_lookup_gives_the_instances_the_orm_gives():
     from approvals.models import _TWIN_CANDIDATES, _digest, _twin_candidates
     from integrations import limits
@@ -759,3 +772,28 @@ def test_the_mcp_endpoint_replies_before_the_record_too(loop, upstream, monkeypa
     assert result.content[0].text == PROBE
     assert seen == ["replied", "recorded"]
     assert ToolCall.objects.get().status == Status.SUCCEEDED
+
+
+@ON_POSTGRESQL_TOO
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's prepared statements")
+def test_on_postgresql_the_hot_statements_run_prepared_and_the_orms_others_do_not(settings):
+    from approvals import policy
+
+    server = secret_server()
+    add_tool(server)
+    agent, token = Agent.create_with_token("bot", [server])
+
+    def prepared():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement FROM pg_prepared_statements")
+            return {statement for (statement,) in cursor.fetchall()}
+
+    before = prepared()
+    assert [policy.find_tool(agent, "demo", "echo")[1].name for _ in range(3)] == ["echo"] * 3
+    assert McpServer.objects.filter(name="demo").count() == 1  # the ORM's own SQL
+    new = prepared() - before
+    assert len(new) == 1, new  # the tool's lookup, prepared once, run three times
+    assert next(iter(new)).startswith('SELECT "integrations_tool"."id"')
+    settings.DATABASE_PREPARED_STATEMENTS = False  # e.g. behind an old PgBouncer
+    assert Agent.authenticate(token) == agent
+    assert prepared() - before == new
