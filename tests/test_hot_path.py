@@ -188,19 +188,20 @@ def test_a_server_the_agent_may_not_use_costs_the_queries_of_one_that_does_not_e
     assert len(not_mine.captured_queries) == len(missing.captured_queries)
 
 
-def asgi_post(token, server="demo"):
-    """POST a waited call to the ASGI application, in this process (await it in `loop`)."""
+def asgi_post(token, server="demo", text="hi", app=None):
+    """POST a waited call to the ASGI application (or `app`), in this process (await it in
+    `loop`)."""
     import httpx2
 
     from config.asgi import application
 
     async def post():
-        transport = httpx2.ASGITransport(app=application)
+        transport = httpx2.ASGITransport(app=app or application)
         headers = {"Authorization": f"Bearer {token}"}
         async with httpx2.AsyncClient(
             transport=transport, base_url="http://127.0.0.1", headers=headers
         ) as http:
-            body = {"server": server, "tool": "echo", "arguments": {"text": "hi"}}
+            body = {"server": server, "tool": "echo", "arguments": {"text": text}}
             return await http.post("/api/v1/tool-calls", params={"wait": 10}, json=body)
 
     return post()
@@ -676,21 +677,6 @@ def _recorded_in_order(monkeypatch, application, hold=True):
     return app, happened
 
 
-def _post(app, token, text=PROBE):
-    import httpx2
-
-    async def post():
-        transport = httpx2.ASGITransport(app=app)
-        headers = {"Authorization": f"Bearer {token}"}
-        async with httpx2.AsyncClient(
-            transport=transport, base_url="http://127.0.0.1", headers=headers
-        ) as http:
-            body = {"server": "demo", "tool": "echo", "arguments": {"text": text}}
-            return await http.post("/api/v1/tool-calls", params={"wait": 10}, json=body)
-
-    return post()
-
-
 @pytest.mark.django_db(transaction=True)  # the web process's database thread has its own
 def test_a_small_result_reaches_the_agent_before_its_record_and_is_recorded_by_the_end(
     loop, upstream, monkeypatch
@@ -702,7 +688,7 @@ def test_a_small_result_reaches_the_agent_before_its_record_and_is_recorded_by_t
     server = add_demo(upstream)
     _, token = Agent.create_with_token("bot", [server])
     app, happened = _recorded_in_order(monkeypatch, application)
-    response = loop.run(_post(app, token))
+    response = loop.run(asgi_post(token, text=PROBE, app=app))
     assert happened == ["replied", "recorded"]
     answer = response.json()
     call = ToolCall.objects.get(pk=answer["id"])
@@ -720,7 +706,7 @@ def test_a_large_result_is_recorded_before_the_agent_has_it(loop, upstream, monk
     server = add_demo(upstream)
     _, token = Agent.create_with_token("bot", [server])
     app, happened = _recorded_in_order(monkeypatch, application, hold=False)
-    response = loop.run(_post(app, token, text=PROBE + "x" * REPLY_BEFORE_RECORD_BYTES))
+    response = loop.run(asgi_post(token, text=PROBE + "x" * REPLY_BEFORE_RECORD_BYTES, app=app))
     assert response.json()["status"] == "succeeded"
     assert happened == ["recorded", "replied"]
 
@@ -729,7 +715,6 @@ def test_a_large_result_is_recorded_before_the_agent_has_it(loop, upstream, monk
 def test_a_result_whose_record_fails_after_the_reply_is_logged_and_left_to_the_sweeper(
     loop, upstream, monkeypatch, caplog
 ):
-    from config.asgi import application
 
     server = add_demo(upstream)
     _, token = Agent.create_with_token("bot", [server])
@@ -741,7 +726,7 @@ def test_a_result_whose_record_fails_after_the_reply_is_logged_and_left_to_the_s
         return transition(call, sources, target, *args, **fields)
 
     monkeypatch.setattr(ToolCall, "_transition", failing)
-    answer = loop.run(_post(application, token)).json()
+    answer = loop.run(asgi_post(token, text=PROBE)).json()
     assert (answer["status"], answer["result"]["content"][0]["text"]) == ("succeeded", PROBE)
     assert ToolCall.objects.get(pk=answer["id"]).status == Status.RUNNING  # `unknown` later
     assert f"Tool call {answer['id']} ran, but its result could not be recorded" in caplog.text
