@@ -41,6 +41,8 @@ from django.db.models.query import ModelIterable, get_related_populators
 from django.db.models.signals import post_save, pre_save
 from django.db.models.sql import InsertQuery, UpdateQuery
 from django.db.models.sql.compiler import SQLInsertCompiler
+from psycopg.errors import FeatureNotSupported, InvalidSqlStatementName
+from psycopg.pq import TransactionStatus
 
 
 def _cursor(connection):
@@ -87,7 +89,12 @@ class _Prepared:
         connection = self._cursor.connection
         threshold, connection.prepare_threshold = connection.prepare_threshold, 0
         try:
-            return self._cursor.execute(sql, params, prepare=True)
+            try:
+                return self._cursor.execute(sql, params, prepare=True)
+            except (FeatureNotSupported, InvalidSqlStatementName):
+                if not _forget_prepared(connection):
+                    raise
+                return self._cursor.execute(sql, params, prepare=True)
         finally:
             connection.prepare_threshold = threshold
 
@@ -96,6 +103,21 @@ class _Prepared:
 
     def __iter__(self):
         return iter(self._cursor)
+
+
+def _forget_prepared(connection):
+    """After a prepared statement failed before it ran: "cached plan must not change result
+    type" (a migration changed a selected column's type, even a CharField's max_length) or
+    "does not exist" (a pooler, a DISCARD ALL). psycopg keeps such a statement and would run
+    it, and fail, on every call until the connection closes (with a pool: its max_lifetime,
+    an hour). Forget this connection's statements on both sides; True if that is done and the
+    statement may run again now (outside a transaction, the failed one changed nothing). In a failed
+    transaction the deallocation waits for its rollback, and the error goes up."""
+    connection._prepared.clear()
+    if connection.info.transaction_status != TransactionStatus.IDLE:
+        return False
+    connection.wait(connection._prepared.maintain_gen(connection))
+    return True
 
 
 @dataclass

@@ -782,3 +782,37 @@ def test_on_postgresql_the_hot_statements_run_prepared_and_the_orms_others_do_no
     settings.DATABASE_PREPARED_STATEMENTS = False  # e.g. behind an old PgBouncer
     assert Agent.authenticate(token) == agent
     assert prepared() - before == new
+
+
+@ON_POSTGRESQL_TOO
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's prepared statements")
+@pytest.mark.django_db(transaction=True)
+def test_on_postgresql_a_column_type_changed_under_a_prepared_statement_fails_no_call():
+    """A migration that changes a selected column's type (here a CharField's max_length) while
+    the process runs: the prepared lookup's "cached plan must not change result type" is
+    answered by preparing it again, not by failing every call until the connection closes."""
+    from approvals import policy
+
+    server = secret_server()
+    add_tool(server)
+    agent, _ = Agent.create_with_token("bot", [server])
+    assert policy.find_tool(agent, "demo", "echo")[1].name == "echo"  # prepared
+
+    def name_type(length):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f'ALTER TABLE integrations_tool ALTER COLUMN "name" TYPE varchar({length})'
+            )
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT character_maximum_length FROM information_schema.columns"
+            " WHERE table_name = 'integrations_tool' AND column_name = 'name'"
+        )
+        [(length,)] = cursor.fetchall()
+    name_type(length + 1)
+    try:
+        assert [policy.find_tool(agent, "demo", "echo")[1].name for _ in range(2)] == ["echo"] * 2
+    finally:
+        name_type(length)
+    assert policy.find_tool(agent, "demo", "echo")[1].name == "echo"
