@@ -200,9 +200,10 @@ class ToolCall(models.Model):
     def is_final(self):
         return self.status in FINAL_STATUSES
 
-    def _transition(self, sources, target, where=None, **fields):
+    def _transition(self, sources, target, where=None, refresh=True, **fields):
         """Move from one of `sources` to `target` (when the row also matches `where`) in one
-        conditional UPDATE; True if this call moved it, False if something else got there."""
+        conditional UPDATE; True if this call moved it, False if something else got there
+        (then this instance is read again, unless not `refresh`)."""
         fields["status"] = target
         # `ToolCall.objects.filter(…).update(…)`, its SQL built once per connection
         # (integrations/statements.py): a waited call's result is written here.
@@ -213,7 +214,7 @@ class ToolCall(models.Model):
                 setattr(self, name, value)
             if target in FINAL_STATUSES:
                 wakeup.ring(self.pk)
-        else:
+        elif refresh:
             self.refresh_from_db()
         return changed == 1
 
@@ -477,10 +478,19 @@ class ToolCall(models.Model):
         for name, value in {**fields, "status": Status.SUCCEEDED}.items():
             setattr(self, name, value)
         on_outcome()
-        try:
-            await sync_to_async(self._transition)([Status.RUNNING], Status.SUCCEEDED, **fields)
+        try:  # not read again if something else moved the call: the reply is made from `self`
+            recorded = await sync_to_async(self._transition)(
+                [Status.RUNNING], Status.SUCCEEDED, refresh=False, **fields
+            )
         except Exception:  # the agent has its result; the sweeper will make the call `unknown`
             logger.exception("Tool call %s ran, but its result could not be recorded", self.pk)
+            return
+        if not recorded:
+            logger.warning(
+                "Tool call %s ran and its agent has the result, but the call was no longer "
+                "running when the result was to be recorded (the sweeper?): not stored",
+                self.pk,
+            )
 
     async def _aendpoint(self):
         if self.server.uses_oauth:

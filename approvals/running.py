@@ -13,8 +13,12 @@ on this project's machines), instead of after it (issue 11). Nothing is lost by 
   shut-down and a test client awaiting the application all see the call recorded;
 - the agent's next request to this process queues behind the record on the shared database
   thread (config/asgi.py), so it reads the call as recorded.
-Anywhere else (a request served through WSGI, an older-handshake MCP session, which runs its
-calls in the context of the request that opened it), the result is recorded first, as before.
+Anywhere else (a request served through WSGI; a Streamable HTTP session of the older
+handshake, whose calls run in the context of the POST that opened it, long answered), the
+result is recorded first, as before. A legacy SSE session's calls run in the context of its
+GET stream, which is open while they run: they reply first, and the GET waits for their
+records when it ends. Another process may read the call `running` for the moment between the
+reply and the commit.
 """
 
 import asyncio

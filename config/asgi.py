@@ -70,7 +70,10 @@ class ApiASGIHandler(ASGIHandler):
         Django's way. Nothing changes a ResolverMatch once made, so requests can share one."""
         if hasattr(request, "urlconf"):
             return super().resolve_request(request)
-        request.resolver_match = _resolve(get_resolver(), request.path_info)
+        path = request.path_info
+        if len(path) > CACHED_PATH_CHARS:  # a client's made-up path: not kept (memory)
+            return super().resolve_request(request)
+        request.resolver_match = _resolve(get_resolver(), path)
         return request.resolver_match
 
     async def read_body(self, receive):
@@ -175,6 +178,12 @@ class _Watch:
     def stop(self):
         self.watching = False
         self.listener.cancel()
+
+
+# The API's own paths are short (`/api/v1/tool-calls/<id>/cancel`); a longer one (anyone's, before
+# authentication: the API's 404 matches every path) is resolved but not kept, so 1,024 long
+# made-up paths can't hold megabytes.
+CACHED_PATH_CHARS = 128
 
 
 @functools.lru_cache(maxsize=1024)  # the API's paths, a call's id among them

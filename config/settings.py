@@ -301,8 +301,9 @@ if DATABASE_POOL and DATABASES["default"]["ENGINE"] == "django.db.backends.postg
     # its connection back to the pool when it ends
 # PostgreSQL: the hot path's few statements (integrations/statements.py) are prepared on the
 # server once per connection instead of planned at every run (~0.5 ms for the tool's lookup,
-# issue 11). Turn off behind a PgBouncer older than 1.21 in transaction mode, which can't
-# carry prepared statements; the rest of the ORM's SQL is never prepared (Django's default).
+# issue 11). Turn off behind PgBouncer in transaction mode unless it is 1.21 or later with
+# max_prepared_statements above 0 (it can't carry them otherwise); the rest of the ORM's SQL is
+# never prepared (Django's default).
 DATABASE_PREPARED_STATEMENTS = _read("DATABASE_PREPARED_STATEMENTS", _bool, True)
 DATABASES["default"].setdefault("CONN_MAX_AGE", 60)
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)

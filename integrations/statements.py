@@ -84,7 +84,7 @@ class _Prepared:
         of queries): here the statement without its values, which go to the server apart."""
         return _Logged(self._sql.encode()) if self._sql is not None else None
 
-    def execute(self, sql, params):
+    def execute(self, sql, params=None):
         self._sql = sql
         connection = self._cursor.connection
         threshold, connection.prepare_threshold = connection.prepare_threshold, 0

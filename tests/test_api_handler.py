@@ -233,3 +233,17 @@ def test_a_path_is_matched_against_the_url_patterns_once(loop, monkeypatch, sett
     assert walks == [path]
     settings.ROOT_URLCONF = "config.urls"
     assert loop.run(get(path))[1]["error"]["code"] == "not_found"
+
+
+def test_a_long_made_up_path_is_answered_but_its_match_not_kept(loop):
+    """Anyone can send paths under /api/ (the API's 404 matches them all): a long one is not
+    remembered, so made-up paths can't fill the cache with megabytes."""
+    from config.asgi import CACHED_PATH_CHARS, _resolve
+
+    path = "/api/v1/" + "x" * CACHED_PATH_CHARS + str(time.monotonic_ns())
+    before = _resolve.cache_info().currsize
+    assert loop.run(get(path))[1]["error"]["code"] == "not_found"
+    assert _resolve.cache_info().currsize == before
+    short = f"/api/v1/nope-{time.monotonic_ns()}"
+    assert loop.run(get(short))[1]["error"]["code"] == "not_found"
+    assert _resolve.cache_info().currsize == min(before + 1, 1024)

@@ -816,3 +816,28 @@ def test_on_postgresql_a_column_type_changed_under_a_prepared_statement_fails_no
     finally:
         name_type(length)
     assert policy.find_tool(agent, "demo", "echo")[1].name == "echo"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_result_the_sweeper_beat_after_the_reply_is_logged_and_the_reply_left_alone(
+    loop, upstream, monkeypatch, caplog
+):
+    """Only the sweeper moves a `running` call on (after TOOL_CALL_LOST_AFTER): should it get
+    there between the reply and the record, the result is not stored and that is logged; the
+    instance the reply is made from is not read again meanwhile."""
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    transition, refreshed = ToolCall._transition, []
+
+    def swept_first(call, sources, target, *args, **fields):
+        if target == Status.SUCCEEDED:
+            ToolCall.objects.filter(pk=call.pk).update(status=Status.UNKNOWN)
+        return transition(call, sources, target, *args, **fields)
+
+    monkeypatch.setattr(ToolCall, "_transition", swept_first)
+    monkeypatch.setattr(ToolCall, "refresh_from_db", lambda call, **kw: refreshed.append(call))
+    answer = loop.run(asgi_post(token, text=PROBE)).json()
+    assert (answer["status"], answer["result"]["content"][0]["text"]) == ("succeeded", PROBE)
+    assert ToolCall.objects.get(pk=answer["id"]).status == Status.UNKNOWN
+    assert "was no longer running when the result was to be recorded" in caplog.text
+    assert refreshed == []
