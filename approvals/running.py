@@ -1,11 +1,12 @@
 """Running an auto-approved call in the web process, for an agent that waits for it (the JSON
 API's `?wait=` and the MCP endpoint alike), instead of handing it to a worker.
 
-A small result reaches the agent before it is recorded, when the request that runs the call
-will wait for the record after its reply (`replies_first`, around the API's requests in
-config/asgi.py and the MCP endpoint's in approvals/mcp/app.py): the reply goes out while the
-database thread writes the result (one UPDATE and its commit, a durable write of ~0.3-0.5 ms
-on this project's machines), instead of after it (issue 11). Nothing is lost by that order:
+With REPLY_BEFORE_RECORD (off by default: see below), a small result reaches the agent before
+it is recorded, when the request that runs the call will wait for the record after its reply
+(`replies_first`, around the API's requests in config/asgi.py and the MCP endpoint's in
+approvals/mcp/app.py): the reply goes out while the database thread writes the result (one
+UPDATE and its commit, a durable write of ~0.3-0.5 ms on this project's machines), instead of
+after it (issue 11). Nothing is lost by that order:
 - the call was stored `running` before it reached the server, so a process lost between the
   reply and the record leaves it `running`, and the sweeper makes it `unknown` (it ran), as
   for a process lost a moment earlier;
@@ -18,12 +19,15 @@ handshake, whose calls run in the context of the POST that opened it, long answe
 result is recorded first, as before. A legacy SSE session's calls run in the context of its
 GET stream, which is open while they run: they reply first, and the GET waits for their
 records when it ends. Another process may read the call `running` for the moment between the
-reply and the commit.
+reply and the commit: that is why it is off by default (`bench latency`, reading the calls'
+rows from its own process right after the last reply, found one of them not yet recorded).
 """
 
 import asyncio
 import contextlib
 import contextvars
+
+from django.conf import settings
 
 _runs = set()  # runs started here, kept referenced until they finish
 
@@ -46,7 +50,7 @@ async def run_here(call, timeout=None, **callbacks):
     even if the agent goes away or stops waiting."""
     replies = _REPLIES.get()
     outcome = asyncio.Event()
-    if replies is not None and replies.open:
+    if settings.REPLY_BEFORE_RECORD and replies is not None and replies.open:
         callbacks["on_outcome"] = outcome.set
     run = asyncio.ensure_future(call.arun(**callbacks))
     _runs.add(run)

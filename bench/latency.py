@@ -185,6 +185,8 @@ def _breakdown(marks):
     phases = {"accept": [], "queue": [], "run": [], "notify": []}
     for call_id, sent, received in marks:
         row = rows[call_id]
+        if row["finished_at"] is None:  # with REPLY_BEFORE_RECORD, a record may still be going
+            continue
         requested = row["requested_at"].timestamp()
         started = row["started_at"].timestamp()
         finished = row["finished_at"].timestamp()

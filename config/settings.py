@@ -498,6 +498,11 @@ TOOL_CALL_RETENTION_DAYS = _read("TOOL_CALL_RETENTION_DAYS", _positive(int), 30)
 SWEEP_INTERVAL = _read("SWEEP_INTERVAL", _positive(int), 30)  # seconds
 API_MAX_BODY_BYTES = _read("API_MAX_BODY_BYTES", _positive(int), 1024 * 1024)
 API_MAX_WAIT = 60  # seconds an agent may ask to wait for an outcome
+# Off by default: a call run in the web process records its result, then replies. On, a small
+# result goes to the waiting agent while its record is written (approvals/running.py): ~0.3-1
+# ms less a call, but for that moment another process (a page, a worker, a second web process,
+# a script reading the database) still reads the call `running` after its agent has the result.
+REPLY_BEFORE_RECORD = _read("REPLY_BEFORE_RECORD", _bool, False)
 # Checking a call's arguments against the tool's schema: its deadline (over it, the request is
 # refused), and the threads of the web process that do it, away from the API's shared thread.
 ARGUMENT_VALIDATION_TIMEOUT = _read("ARGUMENT_VALIDATION_TIMEOUT", _positive(float), 2.0)

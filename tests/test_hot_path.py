@@ -646,6 +646,11 @@ def test_the_web_process_hands_the_gil_over_within_a_millisecond():
 PROBE = "the result to look for"
 
 
+@pytest.fixture
+def reply_first(settings):
+    settings.REPLY_BEFORE_RECORD = True
+
+
 def _recorded_in_order(monkeypatch, application, hold=True):
     """(an ASGI app that notes when the result went out, the list of what happened):
     "replied" when a body holding the result (PROBE) was sent, "recorded" when a run's result was
@@ -678,6 +683,7 @@ def _recorded_in_order(monkeypatch, application, hold=True):
 
 
 @pytest.mark.django_db(transaction=True)  # the web process's database thread has its own
+@pytest.mark.usefixtures("reply_first")
 def test_a_small_result_reaches_the_agent_before_its_record_and_is_recorded_by_the_end(
     loop, upstream, monkeypatch
 ):
@@ -699,6 +705,7 @@ def test_a_small_result_reaches_the_agent_before_its_record_and_is_recorded_by_t
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("reply_first")
 def test_a_large_result_is_recorded_before_the_agent_has_it(loop, upstream, monkeypatch):
     from approvals.models import REPLY_BEFORE_RECORD_BYTES
     from config.asgi import application
@@ -712,6 +719,7 @@ def test_a_large_result_is_recorded_before_the_agent_has_it(loop, upstream, monk
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("reply_first")
 def test_a_result_whose_record_fails_after_the_reply_is_logged_and_left_to_the_sweeper(
     loop, upstream, monkeypatch, caplog
 ):
@@ -733,6 +741,7 @@ def test_a_result_whose_record_fails_after_the_reply_is_logged_and_left_to_the_s
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("reply_first")
 def test_the_mcp_endpoint_replies_before_the_record_too(loop, upstream, monkeypatch):
     import httpx2
     from mcp import Client
@@ -819,6 +828,7 @@ def test_on_postgresql_a_column_type_changed_under_a_prepared_statement_fails_no
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("reply_first")
 def test_a_result_the_sweeper_beat_after_the_reply_is_logged_and_the_reply_left_alone(
     loop, upstream, monkeypatch, caplog
 ):
@@ -841,3 +851,16 @@ def test_a_result_the_sweeper_beat_after_the_reply_is_logged_and_the_reply_left_
     assert ToolCall.objects.get(pk=answer["id"]).status == Status.UNKNOWN
     assert "was no longer running when the result was to be recorded" in caplog.text
     assert refreshed == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_by_default_a_result_is_recorded_before_the_agent_has_it(loop, upstream, monkeypatch):
+    """REPLY_BEFORE_RECORD is off by default: whoever reads the call once its agent has the
+    result (another process, a script) finds it recorded."""
+    from config.asgi import application
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    app, happened = _recorded_in_order(monkeypatch, application, hold=False)
+    assert loop.run(asgi_post(token, text=PROBE, app=app)).json()["status"] == "succeeded"
+    assert happened == ["recorded", "replied"]
