@@ -50,7 +50,7 @@ async def run_here(call, timeout=None, **callbacks):
     even if the agent goes away or stops waiting."""
     replies = _REPLIES.get()
     outcome = asyncio.Event()
-    if settings.REPLY_BEFORE_RECORD and replies is not None and replies.open:
+    if replies is not None and replies.open:  # set only with REPLY_BEFORE_RECORD
         callbacks["on_outcome"] = outcome.set
     run = asyncio.ensure_future(call.arun(**callbacks))
     _runs.add(run)
@@ -68,7 +68,10 @@ async def run_here(call, timeout=None, **callbacks):
 @contextlib.asynccontextmanager
 async def replies_first():
     """Around a request: let its runs reply before they record a small result, and once it
-    has replied, wait for those records."""
+    has replied, wait for those records. With REPLY_BEFORE_RECORD off (the default), nothing."""
+    if not settings.REPLY_BEFORE_RECORD:
+        yield
+        return
     replies = _Replies()
     token = _REPLIES.set(replies)
     try:

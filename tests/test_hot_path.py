@@ -307,6 +307,10 @@ def columns(obj):
 # The statements' tests run in the suite's PostgreSQL pass too (`make test`), where the
 # statements also run prepared on the server (`statements._cursor`).
 ON_POSTGRESQL_TOO = pytest.mark.integration
+# Prepared statements are PostgreSQL's: these run in that pass only (ON_POSTGRESQL_TOO too).
+ONLY_ON_POSTGRESQL = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="PostgreSQL's prepared statements: the PG pass"
+)
 
 
 class Given:
@@ -769,7 +773,7 @@ def test_the_mcp_endpoint_replies_before_the_record_too(loop, upstream, monkeypa
 
 
 @ON_POSTGRESQL_TOO
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's prepared statements")
+@ONLY_ON_POSTGRESQL
 def test_on_postgresql_the_hot_statements_run_prepared_and_the_orms_others_do_not(settings):
     from approvals import policy
 
@@ -794,7 +798,7 @@ def test_on_postgresql_the_hot_statements_run_prepared_and_the_orms_others_do_no
 
 
 @ON_POSTGRESQL_TOO
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's prepared statements")
+@ONLY_ON_POSTGRESQL
 @pytest.mark.django_db(transaction=True)
 def test_on_postgresql_a_column_type_changed_under_a_prepared_statement_fails_no_call():
     """A migration that changes a selected column's type (here a CharField's max_length) while
