@@ -284,6 +284,7 @@ def test_a_timed_out_check_leaves_only_an_audit_record(web):
     assert (call.status, call.error_code) == (Status.BLOCKED, "validation_timeout")
 
 
+@pytest.mark.usefixtures("roomy_budget")
 def test_api_database_work_shares_one_thread_and_costly_checks_run_beside_it(
     web, monkeypatch, settings
 ):
@@ -320,6 +321,7 @@ def test_api_database_work_shares_one_thread_and_costly_checks_run_beside_it(
     assert len(fan_outs) == 2 and all(name.startswith("validation") for name in fan_outs)
 
 
+@pytest.mark.usefixtures("roomy_budget")
 @pytest.mark.django_db
 def test_a_request_with_rule_conditions_to_evaluate_is_not_decided_in_the_first_hop():
     """A rule's CEL condition runs over the agent's arguments at a cost no budget interrupts:
@@ -338,6 +340,7 @@ def test_a_request_with_rule_conditions_to_evaluate_is_not_decided_in_the_first_
     assert not request.decide_here() and request.decision is None
 
 
+@pytest.mark.usefixtures("roomy_budget")
 @pytest.mark.django_db(transaction=True)
 def test_the_mcp_endpoints_cheap_decision_is_made_in_the_hop_that_stores_the_call(
     monkeypatch, settings
