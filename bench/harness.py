@@ -140,6 +140,37 @@ def percentile(values, p):
     return ordered[rank - 1]
 
 
+def hand_offs(idle=0.005, times=200):
+    """What waking a thread costs on this machine, in microseconds: the median round trip of a
+    no-op handed from an event loop to a thread and back, back to back (`busy`) and after the
+    loop sat `idle` seconds in its poll (`idle`). A waited API call makes eight such hand-offs
+    between threads and processes (agent -> web, loop -> database thread -> loop twice, loop ->
+    upstream -> loop, web -> agent), the direct call two; where an idle CPU is slow to wake (a
+    VM's vCPU halts), each costs a multiple of what it does back to back, and the ratios to the
+    direct call, which never lets its CPUs go idle, rise with it (bench/README.md)."""
+    import asyncio
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def measure(executor):
+        loop = asyncio.get_running_loop()
+        figures = {}
+        for name, pause in (("warm-up", 0), ("busy", 0), ("idle", idle)):
+            timings = []
+            for _ in range(times):
+                if pause:
+                    await asyncio.sleep(pause)
+                started = time.perf_counter()
+                await loop.run_in_executor(executor, int)
+                timings.append(time.perf_counter() - started)
+            figures[name] = statistics.median(timings) * 1e6
+        del figures["warm-up"]
+        return figures
+
+    with ThreadPoolExecutor(1) as executor:
+        return asyncio.run(measure(executor))
+
+
 class Child:
     """A subprocess in its own session (process group), output to a log file."""
 

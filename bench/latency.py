@@ -234,6 +234,7 @@ def run(argv=()):
         print(
             f"Latency ({where}): {args.calls} sequential echo calls a case, {args.warmup} warm-up."
         )
+        results["hand_offs_us"] = harness.hand_offs()
         _direct_cases(toolgate.mcp_url, args, results["cases"])
         for name, broker in brokers:
             _app_cases(toolgate, name, broker, args, results)
@@ -360,6 +361,13 @@ def report(results, title="Latency of one echo call"):
         "  (ratios: Toolgate / direct on an open session, median and p95; / fresh session;"
         " web CPU: ms of the web process per call)"
     )
+    if "hand_offs_us" in results:
+        hand_offs = results["hand_offs_us"]
+        lines.append(
+            f"  (this machine: a hand-off to a thread and back {hand_offs['busy']:.0f} us back to"
+            f" back, {hand_offs['idle']:.0f} us after 5 ms idle; a waited API call makes 8"
+            " hand-offs, the direct call 2: see harness.hand_offs)"
+        )
     for name, phases in results["breakdown"].items():
         parts = ", ".join(f"{phase} {ms:.1f}" for phase, ms in phases.items())
         lines.append(f"  {LABELS[name]}, median phases (ms): {parts}")
