@@ -43,6 +43,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
 from integrations import limits, mcp_pool, netguard
+from integrations.logging import redacting
 
 logger = logging.getLogger(__name__)
 
@@ -643,6 +644,13 @@ async def _run(
         raise McpError("refused", "The server URL is not valid.", reached_server=False) from None
     trace = _HttpTrace(origin=origin, url=endpoint.url)
     trace.bytes_left = trace.byte_limit = max_bytes
+    with redacting(endpoint.redact):  # the SDK logs what the server sent, its secrets too
+        return await _attempt(
+            endpoint, transport, operation, timeout, trace, client_options, upstream
+        )
+
+
+async def _attempt(endpoint, transport, operation, timeout, trace, client_options, upstream):
     try:
         # One scope for both ways to stop: the deadline, and a guard (`_HttpTrace.fail`).
         with anyio.CancelScope(deadline=anyio.current_time() + timeout) as stop:

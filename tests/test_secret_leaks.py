@@ -495,7 +495,10 @@ class _Echo:
 
     "http_500": HTTP 500, an HTML page quoting the request. "jsonrpc": a JSON-RPC error whose
     message names the key and the token it refused. "jsonrpc_long": the same message after
-    filler, so the 300-character cut falls just after the key in the URL's path.
+    filler, so the 300-character cut falls just after the key in the URL's path. Replies the
+    SDK can't use, and logs as they came: "sse_event", an SSE event named after the refusal;
+    "sse_not_jsonrpc", an SSE message that is no JSON-RPC message; "content_type", a body of
+    a content type naming it.
     With `inner`, only `tools/call` gets the error; everything else goes to `inner`.
     """
 
@@ -543,6 +546,13 @@ class _Echo:
         if self.kind == "jsonrpc_long":
             end_of_key = text.index(PATH_SECRET) + len(PATH_SECRET)
             text = "x" * (299 - end_of_key) + " " + text
+        if self.kind == "sse_event":
+            return Response(f"event: {text}\ndata: {{}}\n\n", media_type="text/event-stream")
+        if self.kind == "sse_not_jsonrpc":
+            data = json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "refused": text})
+            return Response(f"event: message\ndata: {data}\n\n", media_type="text/event-stream")
+        if self.kind == "content_type":
+            return Response("refused", headers={"content-type": f"text/plain; refused={text}"})
         error = {"code": -32001, "message": text}
         return JSONResponse({"jsonrpc": "2.0", "id": request.get("id"), "error": error})
 
@@ -592,6 +602,37 @@ def test_a_tool_call_error_echoing_the_request_does_not_reach_the_agent(kind, mc
     ).content.decode()
     assert call.error_message[:40] in answer
     assert_no_secrets(answer, SERVER_SECRETS, "the agent's answer")
+
+
+BOTCHED_KINDS = ["sse_event", "sse_not_jsonrpc", "content_type"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "fresh"])
+@pytest.mark.parametrize("kind", BOTCHED_KINDS)
+def test_a_botched_reply_echoing_the_request_reaches_no_log(
+    kind, pooled, mcp_factory, caplog, settings
+):
+    """The SDK logs an unknown SSE event's name, an unexpected content type and a message it
+    could not parse as the server sent them: the server's own secrets in them were logged
+    as they came, without "Bearer " or a URL around them for the filter to recognise."""
+    if not pooled:
+        settings.MCP_POOL_SESSIONS = 0
+    running = mcp_factory(
+        _Echo(kind, protected_server(token=TOKEN, header=("X-Api-Key", HEADER_VALUE)))
+    )
+    server = make_server(secret_url(running.base_url), approval_mode="no_approval")
+    assert server.sync_tools().ok
+    agent, _agent_token = make_agent(server)
+    call, _ = request_tool_call(agent, "secret", "echo", {"text": "hi"})
+    with printed_logs(caplog) as printed:
+        call.run()
+    call.refresh_from_db()
+    assert call.status == Status.FAILED
+    logged = printed.getvalue()
+    assert "mcp.client.streamable_http" in logged  # the SDK logged what it got
+    secrets = [secret.lower() for secret in SERVER_SECRETS]  # a content type comes lowercased
+    assert_no_secrets(logged.lower(), secrets, "the log")
 
 
 # ------------------------------------------------- credentials a server sends back (item 3)
