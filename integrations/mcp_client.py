@@ -302,17 +302,20 @@ class _HttpTrace:
     cancel: Callable[[], None] | None = None  # set by `_run`: ends the conversation now
     bytes_left: int | None = None  # what all responses of this conversation may still carry
     byte_limit: int | None = None
-    unsent: int = 0  # POSTs that could not connect, so never reached the server
+    posts: int = 0  # POSTs that set out
+    unsent: int = 0  # POSTs that could not connect (refused too), so never reached the server
 
     def on_connect_error(self, request):
         if request.method == "POST":
             self.unsent += 1
 
     def never_reached(self):
-        """Whether the conversation provably never got a request to the server: a POST could
-        not connect and no response came back (on an open session, the SDK reports that as a
-        closed connection)."""
-        return self.unsent > 0 and not self.statuses
+        """Whether the conversation provably never got a request to the server: no POST of it
+        connected, one could not, and no response came back (on an open session, the SDK
+        reports that as a closed connection). One POST that could not connect says nothing of
+        the others: a server asking for something mid-call (an elicitation) gets Toolgate's
+        answer on a new connection, which may fail after the call itself went out."""
+        return 0 < self.unsent == self.posts and not self.statuses
 
     def fail(self, error):
         """Record why the conversation must end, and end it now."""
@@ -342,6 +345,8 @@ class _HttpTrace:
         if error is not None:
             self.fail(error)
             raise error
+        if request.method == "POST":
+            self.posts += 1
 
     async def on_response(self, response):
         self.statuses.append(response.status_code)
@@ -800,8 +805,8 @@ def _explain(exc, endpoint, transport, trace):
     exc = trace.guard_error or getattr(endpoint.auth, "failure", None) or exc
     if isinstance(exc, McpError):
         return exc
-    if isinstance(exc, netguard.AddressRefused):
-        return McpError("refused", str(exc), reached_server=False)
+    if isinstance(exc, netguard.AddressRefused):  # refused then, maybe after the call went out
+        return McpError("refused", str(exc), reached_server=not trace.never_reached())
     if trace.never_reached():
         return McpError("unreachable", f"Could not connect to {where}.", reached_server=False)
     if isinstance(exc, netguard.ResponseTooLarge):

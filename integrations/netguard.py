@@ -719,11 +719,11 @@ class _GuardedTransport(httpx2.AsyncBaseTransport):
         try:
             response = await self._inner.handle_async_request(request)
         except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
+            if self._on_connect_error is not None:
+                self._on_connect_error(request)
             if isinstance(exc.__cause__, AddressRefused):
                 self._report(exc.__cause__)
                 raise exc.__cause__ from None
-            if self._on_connect_error is not None:
-                self._on_connect_error(request)
             raise
         if self._max_response_bytes is None:
             return response

@@ -2,12 +2,15 @@
 server when calls run one after another in one event loop, as in the web process."""
 
 import asyncio
+import contextlib
 import json
 import threading
 
 import httpx2
+import mcp_types
 import pytest
 from django.utils import timezone
+from mcp.server import Server
 
 from approvals.models import DecidedBy, Status, ToolCall
 from integrations import mcp_client, mcp_pool, netguard
@@ -324,6 +327,64 @@ def test_a_call_dropped_mid_answer_fails_and_is_never_run_again(loop, upstream):
     assert upstream.recording.count("tools/call") == before + 1
     assert ToolCall.sweep()["requeued"] == 0
     assert loop.pool.idle_count() == 0  # the broken session was not kept
+
+
+def rebinding_midcall_server(ran, answers):
+    """While a call runs, points its name at a refused address (DNS rebinding) and asks the
+    client for input: Toolgate's answer goes out on a new connection, which the guard
+    refuses, after the call itself reached the server. `ran` counts the calls."""
+
+    async def list_tools(ctx, params):
+        schema = {"type": "object", "properties": {}}
+        return mcp_types.ListToolsResult(tools=[mcp_types.Tool(name="once", input_schema=schema)])
+
+    async def call_tool(ctx, params):
+        ran.append(params.name)
+        answers[0] = "127.0.0.2"
+        with contextlib.suppress(Exception):
+            await ctx.session.elicit_form("Sure?", {"type": "object", "properties": {}})
+        return mcp_types.CallToolResult(content=[mcp_types.TextContent(type="text", text="ran")])
+
+    return _HandshakeOnly(Server("rebinding", on_list_tools=list_tools, on_call_tool=call_tool))
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("where", ["web process, pooled", "worker, fresh session"])
+def test_a_call_refused_after_it_reached_the_server_is_never_run_again(
+    loop, settings, monkeypatch, where
+):
+    """A refused connection proves only that its own request never left: the call was put
+    back to `approved` for a worker to run again, as if it had never reached the server."""
+    settings.MCP_EXTRA_BLOCKED_NETWORKS = ["127.0.0.2/32"]
+    ran, answers = [], ["127.0.0.1"]
+
+    async def resolve(host, port):
+        return [netguard.parse_ip_literal(answers[0])]
+
+    monkeypatch.setattr(netguard, "resolve_host", resolve)
+    with start(rebinding_midcall_server(ran, answers)) as running:
+        server = McpServer.objects.create(
+            name="rebinding", url=f"http://localhost:{running.port}/mcp",
+            allow_private_network=True, allow_http=True, transport="streamable_http",
+            approval_mode=ApprovalMode.NO_APPROVAL,
+        )  # fmt: skip
+        assert server.sync_tools().ok
+        agent, _ = Agent.create_with_token("bot", [server])
+        tool = server.tools.get(name="once")
+        call = ToolCall.objects.create(
+            agent=agent, server=server, tool=tool, server_name="rebinding", tool_name="once",
+            tool_fingerprint=tool.fingerprint, arguments={}, status=Status.APPROVED,
+            decided_by=DecidedBy.AUTO, decided_at=timezone.now(),
+        )  # fmt: skip
+        if where.startswith("web"):
+            loop.run(call.arun())
+        else:
+            settings.MCP_POOL_SESSIONS = 0
+            call.run()
+    call.refresh_from_db()
+    assert (call.status, call.error_code) == (Status.FAILED, "refused")
+    assert ran == ["once"]
+    assert ToolCall.sweep()["requeued"] == 0
 
 
 @pytest.mark.integration
