@@ -508,6 +508,7 @@ async def _call_tool(endpoint, name, arguments, transport, timeout, upstream, po
         elif upstream.on_log:
             with contextlib.suppress(MCPError):  # a server without logging still runs the call
                 await client.set_logging_level("debug")
+        client.session.validate_tool_result = _no_output_check
         result = await client.call_tool(
             name, arguments, progress_callback=upstream.progress, meta=meta
         )
@@ -525,6 +526,18 @@ async def _call_tool(endpoint, name, arguments, transport, timeout, upstream, po
     return await _with_fallback(
         endpoint, call, timeout, options, upstream=upstream if pooled else None
     )
+
+
+async def _no_output_check(name, result):
+    """Stands in for the SDK's `ClientSession.validate_tool_result`, which checks a result's
+    structured content against the output schema the server lists at that moment (its own
+    `tools/list` on the session, not the definition a human reviewed), with jsonschema's
+    `pattern` on Python's backtracking `re`, in the event loop: a server listing `^(a|a)*$`
+    and answering 40 "a"s and a "!" held the web process's loop, every agent's requests with
+    it, for hours, past every timeout (CPU, no await). Toolgate passes a result on as the
+    server sent it: the tool ran either way, and failing the call would invite a second run.
+    The SDK has no switch for it; the method is public and looked up on the session per call
+    (`tests/test_mcp_client.py` pins that it is no longer run)."""
 
 
 class _UpstreamRequests:

@@ -1,10 +1,10 @@
 """Open upstream MCP sessions kept for the next call, per event loop (issue 11).
 
-A fresh session costs the connection, the protocol negotiation (the SDK's `server/discover`
-probe, or the `initialize` handshake) and, on its first call, the SDK's own `tools/list`
-(it checks a result against the tool's output schema): 3-7 HTTP requests and ~25 ms of CPU
-for a call that is one request on an open session. So `mcp_client.acall_tool` (the web
-process's run path) leases a session from the pool of its event loop:
+A fresh session costs the connection and the protocol negotiation (the SDK's
+`server/discover` probe, or the `initialize` handshake): several HTTP requests and
+milliseconds of CPU for a call that is one request on an open session. So
+`mcp_client.acall_tool` (the web process's run path) leases a session from the pool of its
+event loop:
 
 - Keyed by everything that defines the connection: URL, transport, headers (the token is one),
   the OAuth credential's identity (which changes when the token is renewed), the connection

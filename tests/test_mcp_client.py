@@ -1,8 +1,10 @@
 """The MCP client against real servers on loopback, both transports, good and misbehaving."""
 
+import mcp_types
 import pytest
+from mcp.server import Server
 
-from integrations.mcp_client import Endpoint, McpError, call_tool, list_tools
+from integrations.mcp_client import Endpoint, McpError, acall_tool, call_tool, list_tools
 from tests.mcp_servers import (
     PROTECTED_HEADER,
     PROTECTED_TOKEN,
@@ -105,6 +107,37 @@ def test_a_tool_error_is_a_result_not_a_failure(mcp_demo_http):
     result = call_tool(endpoint(mcp_demo_http), "fail", {"message": "nope"})
     assert result.is_error is True
     assert "nope" in result.content[0]["text"]
+
+
+def output_pattern_server():
+    """A tool whose output schema holds a pattern its structured content does not match; as
+    listed on the session, so a server can change it after review."""
+    output = {"type": "object", "properties": {"x": {"type": "string", "pattern": "^(a|a)*$"}}}
+    tool = mcp_types.Tool(name="patterned", input_schema={"type": "object"}, output_schema=output)
+
+    async def list_tools(ctx, params):
+        return mcp_types.ListToolsResult(tools=[tool])
+
+    async def call_tool(ctx, params):
+        text = mcp_types.TextContent(type="text", text="done")
+        return mcp_types.CallToolResult(content=[text], structured_content={"x": "a" * 20 + "!"})
+
+    return Server("patterned", on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+@pytest.mark.parametrize("how", ["streamable_http", "sse", "pooled"])
+def test_the_server_s_output_schema_is_not_run_on_its_result(mcp_factory, loop, how):
+    """The SDK checked structured content against the output schema the server lists, with
+    Python's backtracking regexes in the event loop: with `^(a|a)*$` and 40 "a"s, hours of
+    the web process's loop. The result comes back as the server sent it."""
+    running = mcp_factory(output_pattern_server(), "sse" if how == "sse" else "streamable_http")
+    server = endpoint(running, running.transport)
+    if how == "pooled":
+        result = loop.run(acall_tool(server, "patterned", {}))
+    else:
+        result = call_tool(server, "patterned", {})
+    assert result.structured_content == {"x": "a" * 20 + "!"}
+    assert (result.content, result.is_error) == ([{"type": "text", "text": "done"}], False)
 
 
 def test_an_unreachable_server_never_got_the_request(settings):
