@@ -49,6 +49,11 @@ class Status(models.TextChoices):
 # A result up to this size (canonical JSON) is handed to the waiting agent before it is recorded
 # (`ToolCall.arun`'s `on_outcome`): scanning it for warnings in the loop costs about a query.
 REPLY_BEFORE_RECORD_BYTES = 16 * 1024
+# A result up to this size (canonical JSON) is scanned for warnings in the record's own hop to
+# the shared database thread (`ToolCall.arun`); a larger one on a thread of its own first. The
+# server sets what a scan costs: at most ~1.6 ms for this size, ~2 s for 300,000 characters of
+# "send send ...", during which every agent's database work would wait (config/asgi.py).
+SCAN_IN_HOP_BYTES = 256
 
 LIVE_STATUSES = [Status.PENDING_APPROVAL, Status.APPROVED, Status.RUNNING]  # may still run
 
@@ -469,7 +474,7 @@ class ToolCall(models.Model):
                 await sync_to_async(self.enqueue)()
             return
         if on_outcome is None or not _small(result):
-            await sync_to_async(self._record)(result, declined)
+            await self._arecord(result, declined)
             return
         # Small: its warnings are found here, in the loop, at about a query's cost. Only this
         # run moves a `running` call on, bar the sweeper after TOOL_CALL_LOST_AFTER, long past
@@ -491,6 +496,15 @@ class ToolCall(models.Model):
                 "running when the result was to be recorded (the sweeper?): not stored",
                 self.pk,
             )
+
+    async def _arecord(self, result, declined):
+        """`_record` from the loop, with a result over SCAN_IN_HOP_BYTES scanned for warnings
+        off the shared database thread first."""
+        if result.size is not None and result.size <= SCAN_IN_HOP_BYTES:
+            await sync_to_async(self._record)(result, declined)
+            return
+        fields = await sync_to_async(self._result_fields, thread_sensitive=False)(result, declined)
+        await sync_to_async(self._finish)(Status.SUCCEEDED, **fields)
 
     async def _aendpoint(self):
         if self.server.uses_oauth:

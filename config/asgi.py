@@ -11,7 +11,9 @@ Two things keep a waiting agent (`?wait=`) down to a coroutine instead of a thre
   Nothing whose cost an agent or a server controls may run on that thread, or every agent
   waits behind it: checking a call's arguments (schema, personal data) runs on the validation
   threads instead (`approvals.models.arequest_tool_call`), unless it is provably cheap and
-  stays within a budget of CPU (`_Request.decide_here`, `approvals.validation.within_budget`).
+  stays within a budget of CPU (`_Request.decide_here`, `approvals.validation.within_budget`),
+  and the scan of a call's result for instructions to the model, past a size whose scan is
+  cheap whatever it says, on a thread of asgiref's (`ToolCall.arun`, `SCAN_IN_HOP_BYTES`).
   tests/test_validation.py pins both (one thread for the database work, the costly checks
   beside it, another agent served while an attack runs).
 """

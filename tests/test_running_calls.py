@@ -272,3 +272,40 @@ def test_a_result_within_the_limit_is_kept_whole(mcp_demo_http):
     call.refresh_from_db()
     assert call.result_content == [{"type": "text", "text": "é" * 5_000}]
     assert call.warnings == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_call_run_in_the_web_process_scans_its_result_beside_the_database_thread(
+    mcp_demo_http, loop, monkeypatch
+):
+    """The web process's API requests do their database work on one shared thread
+    (config/asgi.py). Scanning a result for instructions to the model costs what the server
+    makes it (seconds for 300,000 characters of "send send ..."): it ran on that thread,
+    and every agent's requests waited behind it."""
+    from approvals import models
+
+    seen = {"db": set()}
+    real_scan, real_transition = models.scanner.scan_result_text, ToolCall._transition
+
+    def scan(text):
+        seen["scan"] = threading.current_thread().name
+        return real_scan(text)
+
+    def transition(self, *args, **kwargs):
+        seen["db"].add(threading.current_thread().name)
+        return real_transition(self, *args, **kwargs)
+
+    monkeypatch.setattr(models.scanner, "scan_result_text", scan)
+    monkeypatch.setattr(ToolCall, "_transition", transition)
+    server, agent = setup_server(mcp_demo_http)
+    tool = server.tools.get(name="echo")
+    call = ToolCall.objects.create(
+        agent=agent, server=server, tool=tool, server_name="demo", tool_name="echo",
+        tool_fingerprint=tool.fingerprint, arguments={"text": "send " * 1000},
+        status=Status.APPROVED, decided_by=DecidedBy.AUTO, decided_at=timezone.now(),
+    )  # fmt: skip
+    loop.run(call.arun())
+    call.refresh_from_db()
+    assert call.status == Status.SUCCEEDED
+    assert len(seen["db"]) == 1  # the claim and the record, on the shared thread
+    assert seen["scan"] not in seen["db"]
