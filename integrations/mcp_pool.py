@@ -24,7 +24,9 @@ event loop:
   reached the server, and what provably did not goes back to the caller as such
   (`McpError.reached_server`), like a fresh session's failure.
 - Only Streamable HTTP: an SSE session is one event stream whose bytes the response cap
-  counts from its start, so a long-lived one would eventually hit the cap mid-call.
+  counts from its start, so a long-lived one would eventually hit the cap mid-call. A
+  handshake-era session's GET stream (the server's notifications) is one too: reaching the
+  cap ends that stream, not the call running then (`_ends_the_session_stream`).
 
 Each session is owned by a task of its own: the SDK's task groups must be exited by the task
 that entered them, and a lease outlives no caller.
@@ -376,7 +378,8 @@ class Relay:
         await self.trace.on_response(response)
 
     def on_guard_error(self, exc):
-        self.trace.on_guard_error(exc)
+        if not _ends_the_session_stream(exc):
+            self.trace.on_guard_error(exc)
 
     def on_connect_error(self, request):
         self.trace.on_connect_error(request)
@@ -413,6 +416,21 @@ class Relay:
     @property
     def auth_flow(self):
         return _RelayedAuth(self)
+
+
+def _ends_the_session_stream(exc):
+    """Whether a guard error is about the session's own GET stream (the server's notifications,
+    open from call to call) rather than a request of the current call. The response cap
+    counts that stream's bytes over the session's life, so reaching it failed whichever call
+    happened to run then (a server sending 5 KB of notifications a call, every call past the
+    cap's worth), after its request reached the server. The stream ends (the SDK opens it
+    again a second later); the call goes on. A GET with `Last-Event-ID` resumes a call's own
+    stream."""
+    try:
+        request = exc.request
+    except (AttributeError, RuntimeError):  # httpx2 raises RuntimeError when none was set
+        return False
+    return request.method == "GET" and "last-event-id" not in request.headers
 
 
 class _RelayedAuth(httpx2.Auth):

@@ -329,6 +329,33 @@ def test_a_call_dropped_mid_answer_fails_and_is_never_run_again(loop, upstream):
     assert loop.pool.idle_count() == 0  # the broken session was not kept
 
 
+def chatty_server():
+    """Each call sends 5 KB of notifications not tied to it, which a handshake-era session
+    receives on its own GET stream, open from call to call."""
+
+    async def list_tools(ctx, params):
+        return mcp_types.ListToolsResult(
+            tools=[mcp_types.Tool(name="chatty", input_schema={"type": "object"})]
+        )
+
+    async def call_tool(ctx, params):
+        await ctx.session.send_log_message("info", "x" * 5000, logger="chatty")
+        return mcp_types.CallToolResult(content=[mcp_types.TextContent(type="text", text="ok")])
+
+    return _HandshakeOnly(Server("chatty", on_list_tools=list_tools, on_call_tool=call_tool))
+
+
+def test_a_session_s_own_stream_reaching_the_response_cap_fails_no_call(loop, settings):
+    """The cap counted the GET stream's bytes over the session's life: every tenth call here
+    failed `too_large` (after it had run on the server) for what earlier calls were sent."""
+    settings.MCP_MAX_RESPONSE_BYTES = 50_000
+    with start(chatty_server()) as running:
+        endpoint = endpoint_of(running)
+        results = [loop.call(endpoint, "chatty", {}) for _ in range(25)]
+        assert [result.content[0]["text"] for result in results] == ["ok"] * 25
+        assert loop.pool.opened == 1
+
+
 def rebinding_midcall_server(ran, answers):
     """While a call runs, points its name at a refused address (DNS rebinding) and asks the
     client for input: Toolgate's answer goes out on a new connection, which the guard
