@@ -521,6 +521,9 @@ MCP_PROGRESS_INTERVAL = _read("MCP_PROGRESS_INTERVAL", _positive(float), 5.0)
 # it was told about if that finished at most this many seconds before (once).
 MCP_REATTACH_WINDOW = _read("MCP_REATTACH_WINDOW", _positive(int), 600)
 MCP_LIST_CHANGED_INTERVAL = _read("MCP_LIST_CHANGED_INTERVAL", _positive(float), 5.0)
+# Handshake-era sessions one agent may have open at once (every endpoint, this web process);
+# well below the SDK's 10,000 for the process, which one agent must not be able to fill.
+MCP_MAX_SESSIONS_PER_AGENT = _read("MCP_MAX_SESSIONS_PER_AGENT", _positive(int), 1000)
 # Browser origins allowed to call the endpoint (DNS-rebinding protection); requests without an
 # Origin header (every non-browser client) are allowed. Entries may end in ":*" (any port).
 MCP_ALLOWED_ORIGINS = _read(

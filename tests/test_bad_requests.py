@@ -393,6 +393,30 @@ def test_another_agent_can_not_end_or_listen_to_a_session(toolgate, agent):
     assert status == 200 and message["result"]["tools"]
 
 
+def test_one_agent_can_not_take_every_session(toolgate, agent, settings):
+    """Sessions were bounded only for the whole process (the SDK's 10,000): one agent opening
+    them within its rate limit filled that, and every other agent's `initialize` got 503."""
+    settings.MCP_MAX_SESSIONS_PER_AGENT = 3
+    _, other = Agent.create_with_token("other", servers=McpServer.objects.all())
+    paths = ["/mcp/demo/", "/mcp/", "/mcp/demo/"]  # an agent's sessions, on any endpoint
+    opened = [Raw(toolgate.base_url, agent.token, "legacy", path) for path in paths]
+    refused = _initialize(toolgate.base_url + "/mcp/", agent.token)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["data"]["code"] == "too_many_sessions"
+    assert _initialize(toolgate.base_url + "/mcp/demo/", other).status_code == 200
+    assert httpx2.delete(opened[0].url, headers=opened[0].headers).status_code == 200
+    assert _initialize(toolgate.base_url + "/mcp/demo/", agent.token).status_code == 200
+    status, message = opened[1].send("tools/list", {})  # the open ones go on
+    assert status == 200 and message["result"]["tools"]
+
+
+def _initialize(url, token):
+    hello = {"protocolVersion": "2025-11-25", "capabilities": {},
+             "clientInfo": {"name": "hostile", "version": "1"}}  # fmt: skip
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+    return httpx2.post(url, headers=headers, json=_request("initialize", hello), timeout=30)
+
+
 def test_a_body_cut_short_by_a_disconnect_reaches_no_view():
     """Buffering the body must not turn half a form into a whole one: a client that goes away
     mid-body gets nothing done (Django's own reader raised RequestAborted there)."""

@@ -43,7 +43,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from approvals.agent_auth import agent_for, rate_limited, touch
 from approvals.mcp import batches, calls, sessions, tools
-from approvals.mcp.events import SessionManager
+from approvals.mcp.events import SessionManager, TooManySessions
 from approvals.mcp.server import (
     CALLER,
     LISTED,
@@ -218,8 +218,11 @@ class McpApp:
         elif MCP_SESSION_ID_HEADER in headers:
             with sessions.request(headers[MCP_SESSION_ID_HEADER], scope["method"], send) as send:
                 await batches.serve(self.manager.handle_request, scope, receive, send, message)
-        else:
-            await batches.serve(self.manager.handle_request, scope, receive, send, message)
+        else:  # no session yet: an `initialize` opens one, within the agent's bound
+            try:
+                await batches.serve(self.manager.handle_request, scope, receive, send, message)
+            except TooManySessions:
+                await _too_many_sessions(send)
 
     async def _serve_modern(self, scope, receive, send, server_name, headers, message):
         """A 2026-07-28 request. Before the SDK runs a `tools/call` that has arguments or
@@ -442,6 +445,22 @@ async def _rate_limited(send, retry_after):
         (b"content-length", str(len(body)).encode()),
         (b"retry-after", str(retry_after).encode()),
     ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _too_many_sessions(send):
+    """429 for an `initialize` beyond the agent's open sessions, with a JSON-RPC error body
+    (as `_rate_limited`'s) that says how to get one: end a session, or let one idle out."""
+    limit = settings.MCP_MAX_SESSIONS_PER_AGENT
+    message = (
+        f"This agent already has {limit} open MCP sessions, the most it may have: end one "
+        "(DELETE with its Mcp-Session-Id) or reuse one."
+    )
+    error = {"code": RATE_LIMITED, "message": message,
+             "data": {"code": "too_many_sessions", "limit": limit}}  # fmt: skip
+    body = json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 429, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
