@@ -160,6 +160,21 @@ def test_a_batch_is_bounded_and_its_ids_checked(toolgate, token):
     assert response.status_code == 200 and len(response.json()) == MAX_BATCH
 
 
+def test_a_batch_whose_requests_share_an_id_is_refused_and_runs_nothing(toolgate, token):
+    """Its requests ran at once on the session, each taking the other's place: both calls
+    reached the server and the batch was never answered."""
+    session = Session(f"{toolgate.base_url}/mcp/demo/", token, "2025-03-26")
+    add = {"name": "add", "arguments": {"a": 1, "b": 2}}
+    for first, second in [(1, 1), ("a", "a"), (1, "1")]:
+        batch = [_request(first, "tools/call", add), _request(second, "tools/call", add)]
+        response = session.post(batch)
+        assert response.status_code == 400 and response.json()["error"]["code"] == -32600
+        assert "distinct ids" in response.json()["error"]["message"]
+    assert not ToolCall.objects.exists()
+    response = session.post([_request(1, "tools/call", add), _request(2, "ping")])
+    assert [answer["id"] for answer in response.json()] == [1, 2]
+
+
 def test_get_opens_the_sessions_stream_and_delete_ends_the_session(session):
     headers = session.headers(Accept="text/event-stream")
     with httpx2.stream("GET", session.url, headers=headers, timeout=10) as stream:

@@ -345,8 +345,8 @@ def _parse(body):
 
 def envelope_problem(value, batches=True):
     """Why a POSTed body (parsed: `_parse`) is not a JSON-RPC message (or, with `batches`, a
-    batch of at most MAX_BATCH) with usable ids, or None (the SDK answers bodies that aren't
-    JSON itself)."""
+    batch of at most MAX_BATCH whose requests have distinct ids) with usable ids, or None (the
+    SDK answers bodies that aren't JSON itself)."""
     if value is _UNREAD:
         return None
     if isinstance(value, list):
@@ -354,12 +354,22 @@ def envelope_problem(value, batches=True):
             return "Batches are not supported here: send one JSON-RPC message per request."
         if len(value) > MAX_BATCH:
             return f"A batch may hold at most {MAX_BATCH} messages."
-        return next(filter(None, map(_id_problem, value)), None)
+        return next(filter(None, map(_id_problem, value)), None) or _repeated_id(value)
     return _id_problem(value)
 
 
 # A batch's messages run at once, as one request of the per-agent rate limit: bounded.
 MAX_BATCH = 32
+
+
+def _repeated_id(batch):
+    """Why the requests of a batch can't all be answered: two share an id as the SDK keys a
+    session's requests in flight (`str(id)`, so 1 and "1" too). `approvals.mcp.batches` sends
+    them at once; the second took the first's place, both calls ran, and neither answer came."""
+    ids = [str(m["id"]) for m in batch if isinstance(m, dict) and "method" in m and "id" in m]
+    if len(ids) != len(set(ids)):
+        return 'The requests of a batch must have distinct ids (1 and "1" count as one).'
+    return None
 
 
 def _id_problem(message):
