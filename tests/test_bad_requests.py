@@ -5,6 +5,7 @@ nothing stored but the audit's blocked call where the policy refused a real requ
 
 import contextlib
 import json
+import re
 import select
 import socket
 
@@ -14,8 +15,8 @@ import mcp_types as types
 import pytest
 
 from approvals.models import Status, ToolCall
-from integrations.models import Agent, McpServer
-from tests.mcp_live import add_server
+from integrations.models import Agent, McpServer, ToolApproval
+from tests.mcp_live import add_server, in_thread
 from tests.mcp_servers import demo_server
 from tests.test_mcp_endpoint import connect, run
 
@@ -361,6 +362,69 @@ def test_slow_bodies_stall_no_other_agent(toolgate, agent):
     finally:
         for sock in slow:
             sock.close()
+
+
+def test_an_sse_stream_its_agent_never_reads_delays_no_other_sessions_news(
+    toolgate, agent, settings, monkeypatch
+):
+    """The tool-list watcher told sessions of a change one after the other, giving each up to
+    SEND_TIMEOUT: an agent that stalls its own SSE streams (replies it asks for and never
+    reads) held up every other agent's `tools/list_changed` by that much per stream."""
+    from approvals.mcp import sessions
+
+    settings.MCP_LIST_CHANGED_INTERVAL = 0.2
+    monkeypatch.setattr(sessions, "SEND_TIMEOUT", 600)  # a stalled stream holds on for good
+    demo = McpServer.objects.get(name="demo")
+    _, other = Agent.create_with_token("other", servers=[demo])
+    stalled = _stalled_sse_stream(toolgate, agent.token)
+    changed = anyio.Event()
+
+    async def on_message(message):
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    async def hear_of_a_change():
+        url = f"{toolgate.base_url}/mcp/demo/"
+        async with connect(url, other, "legacy", message_handler=on_message) as client:
+            await client.list_tools()
+            disable = demo.tools.filter(name="add").update
+            await in_thread(lambda: disable(approval=ToolApproval.DISABLED))
+            with anyio.move_on_after(30):
+                await changed.wait()
+            return changed.is_set()
+
+    try:
+        assert run(hear_of_a_change)
+    finally:
+        stalled.close()
+
+
+def _stalled_sse_stream(toolgate, token):
+    """An SSE session of `token` that listed its tools, then asked for more replies than the
+    connection's buffers hold (each ~1 MB), reading none of them: its stream takes no more."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", toolgate.port))
+    sock.sendall(
+        f"GET /mcp/demo/sse HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
+    data = b""
+    while not re.search(rb"data: (/\S+session_id=[0-9a-f]{32})", data):
+        data += sock.recv(1024)
+    url = toolgate.base_url + re.search(rb"data: (/\S+)", data).group(1).decode()
+    headers = {"Authorization": f"Bearer {token}"}
+    hello = {"protocolVersion": "2025-06-18", "capabilities": {},
+             "clientInfo": {"name": "hostile", "version": "1"}}  # fmt: skip
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    messages = [_request("initialize", hello, 0), initialized, _request("tools/list", {})]
+    with open("/proc/sys/net/ipv4/tcp_wmem") as wmem:  # the most a socket's send buffer grows to
+        replies = int(wmem.read().split()[2]) // 900_000 + 4
+    call = {"name": "echo", "arguments": {"text": "x" * 900_000}}
+    messages += [_request("tools/call", call, n) for n in range(1, replies + 1)]
+    for message in messages:
+        assert httpx2.post(url, headers=headers, json=message, timeout=30).status_code == 202
+    return sock
 
 
 def test_made_up_session_ids_leave_nothing_behind(toolgate, agent):

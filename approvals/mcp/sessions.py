@@ -8,10 +8,11 @@ when its SSE stream ends (`SseStream` reads the id from the stream's `endpoint` 
 
 `watch()` runs in the web process: every MCP_LIST_CHANGED_INTERVAL seconds it recomputes the
 tool list of each (agent, endpoint) that has a session which listed its tools, one query each,
-and sends `notifications/tools/list_changed` to the sessions whose last list differs. Changes
-made anywhere (a worker's sync, an admin's approval setting or review) are seen because the
-list is read from the database. 2026-07-28 clients have no session: they see the change on
-their next `tools/list`.
+and sends `notifications/tools/list_changed` to the sessions whose last list differs, all at
+once (each within SEND_TIMEOUT, so a session that doesn't read its stream delays no other's
+news). Changes made anywhere (a worker's sync, an admin's approval setting or review) are
+seen because the list is read from the database. 2026-07-28 clients have no session: they
+see the change on their next `tools/list`.
 """
 
 import contextlib
@@ -142,17 +143,25 @@ async def notify_changes():
     if not marks:
         return 0
     now = await sync_to_async(_current_digests)({(m.agent_id, m.scope) for m in marks})
-    told = 0
-    for mark in marks:
-        new = now[(mark.agent_id, mark.scope)]
-        if new != mark.digest:
-            mark.digest = new
-            # A session gone since has nothing to hear; one that doesn't read its stream must
-            # not hold up the others.
-            with contextlib.suppress(Exception), anyio.move_on_after(SEND_TIMEOUT):
-                await mark.session.send_tool_list_changed()
-                told += 1
-    return told
+    told = []
+    # All at once: one after the other, each session that doesn't read its stream (an agent
+    # can stall its own SSE stream with replies it never reads) held every later session,
+    # and the next check, up for SEND_TIMEOUT.
+    async with anyio.create_task_group() as group:
+        for mark in marks:
+            new = now[(mark.agent_id, mark.scope)]
+            if new != mark.digest:
+                mark.digest = new
+                group.start_soon(_tell, mark, told)
+    return len(told)
+
+
+async def _tell(mark, told):
+    # A session gone since has nothing to hear; one that doesn't read its stream gives up its
+    # notification after SEND_TIMEOUT.
+    with contextlib.suppress(Exception), anyio.move_on_after(SEND_TIMEOUT):
+        await mark.session.send_tool_list_changed()
+        told.append(mark)
 
 
 async def watch():
