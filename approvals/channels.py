@@ -251,6 +251,14 @@ def _record(delivery, status, error, attempt=True):
     Delivery.objects.filter(pk=delivery.pk).update(**fields)
 
 
+def one_line(text):
+    """`text` as one line of printable characters. Names, reasons and errors come from MCP
+    servers (a sync error quotes the server's own message): a line break in them would let a
+    server write whole lines of a message, such as an "Open:" link to its own site."""
+    printable = "".join(ch if ch.isprintable() else " " for ch in str(text))
+    return " ".join(printable.split())
+
+
 def _title(notices):
     if len(notices) == 1:
         return notices[0].title
@@ -265,18 +273,17 @@ def _queue_url():
 
 
 def _subject(notices):
-    text = "[Toolgate] " + _title(notices)
-    return "".join(ch if ch.isprintable() else " " for ch in text)[:200]
+    return one_line("[Toolgate] " + _title(notices))[:200]
 
 
 def _email_body(notices):
     parts = []
     for notice in notices:
-        lines = [notice.title, ""]
-        lines += [f"{label}: {value}" for label, value in notice.facts]
+        lines = [one_line(notice.title), ""]
+        lines += [f"{label}: {one_line(value)}" for label, value in notice.facts]
         if notice.reasons:
             lines += ["", "Why it needs you:"]
-            lines += [f"- {reason['message']}" for reason in notice.reasons]
+            lines += [f"- {one_line(reason['message'])}" for reason in notice.reasons]
         lines += ["", f"Open: {notice.url}"]
         parts.append("\n".join(lines))
     footer = "\n\nDecisions are made on the page (approve or deny there); opening a link never "
@@ -317,12 +324,19 @@ def _text(value):
 
 
 def mrkdwn(text):
-    """Slack's escaping: names from MCP servers and agents can't make links or mentions."""
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Slack's escaping, on one line: names from MCP servers and agents can't make links,
+    mentions or lines of their own."""
+    return one_line(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _markup(text):
+    """A mrkdwn text object that Slack shows as written: `verbatim` stops it turning bare URLs,
+    channel names and mentions in a server's text into links (our own `<url|…>` still work)."""
+    return {"type": "mrkdwn", "text": text, "verbatim": True}
 
 
 def _plain(text, limit):
-    return {"type": "plain_text", "text": str(text)[:limit] or " ", "emoji": False}
+    return {"type": "plain_text", "text": one_line(text)[:limit] or " ", "emoji": False}
 
 
 def _button(text, url):
@@ -340,15 +354,13 @@ def _slack_single(notice):
     blocks = [{"type": "header", "text": _plain(notice.title, 150)}]
     if notice.facts:
         fields = [
-            {"type": "mrkdwn", "text": f"*{mrkdwn(label)}*\n{mrkdwn(value)}"[:2000]}
+            _markup(f"*{mrkdwn(label)}*\n{mrkdwn(value)}"[:2000])
             for label, value in notice.facts[:10]
         ]
         blocks.append({"type": "section", "fields": fields})
     if notice.reasons:
         lines = "\n".join(f"• {mrkdwn(reason['message'])}" for reason in notice.reasons)
-        blocks.append(
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"*Why it needs you*\n{lines}"}}
-        )
+        blocks.append({"type": "section", "text": _markup(f"*Why it needs you*\n{lines}")})
     blocks.append({"type": "actions", "elements": [_button("Open in Toolgate", notice.url)]})
     return {"text": mrkdwn(notice.title)[:3000], "blocks": blocks}  # the fallback is mrkdwn
 
@@ -358,12 +370,10 @@ def _slack_digest(notices):
     blocks = [{"type": "header", "text": _plain(title, 150)}]
     for notice in notices[:SLACK_DIGEST_ITEMS]:
         line = f"<{notice.url}|{mrkdwn(notice.title)[:300]}>"
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": line}})
+        blocks.append({"type": "section", "text": _markup(line)})
     more = len(notices) - SLACK_DIGEST_ITEMS
     if more > 0:
-        blocks.append(
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"and {more} more"}]}
-        )
+        blocks.append({"type": "context", "elements": [_markup(f"and {more} more")]})
     blocks.append({"type": "actions", "elements": [_button("Open the queue", _queue_url())]})
     return {"text": title, "blocks": blocks}
 

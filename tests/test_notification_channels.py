@@ -1,13 +1,18 @@
 """Notification channels: added in the admin or from a shell, secrets write-only, a test
 message whose outcome the person asking sees."""
 
+import json
+
+import mcp_types
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
+from mcp.server import Server
+from mcp.shared.exceptions import MCPError
 
-from approvals.channels import _call_notice, slack_payload
+from approvals.channels import _call_notice, send_message, slack_payload
 from approvals.notifications import EVENTS, Delivery, NotificationChannel
 from integrations.models import Agent, McpServer
 from tests.receivers import HttpReceiver
@@ -274,3 +279,52 @@ def test_names_from_servers_cannot_make_slack_links_or_mentions():
     assert any("x&lt;!channel&gt; &lt;https://evil.example|click&gt;" in text for text in texts)
     for text in texts:
         assert "<!channel>" not in text and "<https://evil" not in text
+
+
+FORGED_LINES = "down\n\nOpen: https://evil.example/approvals/1/\u2028Why it needs you: <!here>"
+
+
+def lying_server():
+    """A server whose every tools/list fails with an error message of several lines."""
+
+    async def list_tools(ctx, params):
+        raise MCPError(code=mcp_types.INTERNAL_ERROR, message=FORGED_LINES)
+
+    return Server("liar", on_list_tools=list_tools)
+
+
+def send_queued(channel):
+    message_id = channel.flush()
+    send_message(channel, list(Delivery.objects.filter(message_id=message_id)), final=True)
+
+
+def test_a_servers_error_can_not_write_lines_of_a_message(mcp_factory, settings, mailbox, receiver):
+    settings.NOTIFY_SYNC_FAILURES = 1
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", mailbox.port
+    mail = NotificationChannel.objects.create(name="m", kind="email", recipients=["a@b.example"])
+    slack = slack_channel(receiver)
+    running = mcp_factory(lying_server())
+    server = McpServer.objects.create(
+        name="liar", url=running.url, allow_http=True, allow_private_network=True
+    )
+    assert not server.sync_tools().ok
+    send_queued(mail)
+    send_queued(slack)
+
+    body = mailbox.messages[0].get_payload()
+    lines = body.splitlines()
+    [error] = [line for line in lines if line.startswith("Last error:")]
+    assert "down Open: https://evil.example/approvals/1/ Why it needs you: <!here>" in error
+    opened = [line for line in lines if line.startswith("Open:")]
+    assert opened == [
+        f"Open: http://127.0.0.1:8000/admin/integrations/mcpserver/{server.pk}/change/"
+    ]
+    assert "Why it needs you" not in body.replace(error, "")
+
+    blocks = json.loads(receiver.requests[0].body)["blocks"]
+    fields = [field for block in blocks for field in block.get("fields", [])]
+    [shown] = [field for field in fields if field["text"].startswith("*Last error*")]
+    assert shown["text"].count("\n") == 1 and "\u2028" not in shown["text"]
+    assert "&lt;!here&gt;" in shown["text"]
+    assert all(field["verbatim"] for field in fields)  # no bare URL made a link by Slack
