@@ -449,16 +449,28 @@ async def _post(channel, body, headers):
         max_response_bytes=MAX_RESPONSE_BYTES,
     )
     origin = channel.origin
-    url = channel.url
-    async with client:
-        for _hop in range(4):
-            status, location, text = await _post_once(client, url, body, headers, origin)
-            target = urljoin(url, location) if location else ""
-            if status in (307, 308) and target and _origin(target) == _origin(url):
-                url = target
-                continue
-            break
+    try:
+        # One deadline for the whole send: httpx's timeouts are per read, and a receiver that
+        # sends a byte just before each runs out would hold the worker (or the admin's test
+        # message) for hours.
+        with anyio.fail_after(settings.NOTIFY_TIMEOUT):
+            async with client:
+                status, text = await _post_following(client, channel.url, body, headers, origin)
+    except TimeoutError:
+        raise TransientDeliveryError(f"{origin} did not answer in time.") from None
     _check_status(status, text, origin)
+
+
+async def _post_following(client, url, body, headers, origin):
+    """(status, text) of the POST, after same-origin 307/308 redirects (at most three)."""
+    for _hop in range(4):
+        status, location, text = await _post_once(client, url, body, headers, origin)
+        target = urljoin(url, location) if location else ""
+        if status in (307, 308) and target and _origin(target) == _origin(url):
+            url = target
+            continue
+        break
+    return status, text
 
 
 async def _post_once(client, url, body, headers, origin):

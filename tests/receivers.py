@@ -28,12 +28,25 @@ class _Handler(BaseHTTPRequestHandler):
         receiver = self.server.receiver
         status, reply, headers = receiver.next_answer(self.path)
         receiver.requests.append(Received(self.path, dict(self.headers.items()), body))
-        self.send_response(status)
+        if receiver.trickle:
+            self._trickle(status, *receiver.trickle)
+        else:
+            self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
         self.wfile.write(reply)
+
+    def _trickle(self, status, count, delay):
+        """The status line and a header whose `count` bytes are sent `delay` seconds apart:
+        every read of the client gets a byte in time, and the reply takes count * delay."""
+        self.wfile.write(f"{self.protocol_version} {status} Slow\r\nX-Slow: ".encode())
+        for _ in range(count):
+            if self.server.receiver.closed.wait(delay):
+                break
+            self.wfile.write(b"a")
+        self.wfile.write(b"\r\n")
 
     def log_message(self, format, *args):
         pass
@@ -44,10 +57,14 @@ class HttpReceiver:
 
     An answer is a status, or (status, body), or (status, body, headers); a body may contain
     "{path}", replaced by the request's path (a hostile receiver echoing the secret URL).
+    With `trickle=(count, delay)`, every answer is preceded by `count` bytes sent `delay`
+    seconds apart (a receiver that never lets a read time out).
     """
 
-    def __init__(self, answers=()):
+    def __init__(self, answers=(), trickle=None):
         self.answers = list(answers)
+        self.trickle = trickle
+        self.closed = threading.Event()
         self.requests = []
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -71,6 +88,7 @@ class HttpReceiver:
         return status, body.replace("{path}", path).encode(), headers
 
     def close(self):
+        self.closed.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -232,6 +232,17 @@ def slack_channel(receiver):
     )  # fmt: skip
 
 
+def test_a_receiver_answering_a_byte_at_a_time_fails_at_the_timeout(settings):
+    settings.NOTIFY_TIMEOUT = 1
+    receiver = HttpReceiver(trickle=(60, 0.25))  # 15 s, each byte well within the timeout
+    try:
+        delivery = slack_channel(receiver).send_test()
+    finally:
+        receiver.close()
+    assert delivery.status == "failed"
+    assert delivery.last_error == f"{receiver.origin} did not answer in time."
+
+
 def test_redirects_are_followed_only_within_the_same_origin():
     other = HttpReceiver()
     receiver = HttpReceiver(
