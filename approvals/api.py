@@ -19,7 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 from approvals.agent_auth import agent_for, rate_limited, touch
 from approvals.models import Refused, Status, ToolCall, afinish_tool_call, open_tool_call
 from approvals.policy import tools_for_agent
-from approvals.running import run_here
+from approvals.running import hop_that_stores, run_here
 from approvals.waiting import wait_until_final
 from integrations.limits import MAX_BODY_DEPTH, unstorable  # noqa: F401 - MAX_BODY_DEPTH for tests
 
@@ -47,8 +47,9 @@ def api(*methods, prepare=None):
             # was ~7 µs of the loop's CPU a request (issue 11), for this one.
             header = request.META.get("HTTP_AUTHORIZATION", "")
             allowed = request.method in methods
-            agent, retry_after, prepared = await sync_to_async(_admit)(
-                header, allowed, prepare, request
+            # `prepare` may store a call for this request to run (`_open_call`).
+            agent, retry_after, prepared = await hop_that_stores(
+                _admit, header, allowed, prepare, request
             )
             if agent is None:
                 response = error(401, "unauthorized", "Missing or invalid agent token.")

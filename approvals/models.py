@@ -23,7 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
-from approvals import policy, wakeup
+from approvals import policy, running, wakeup
 from approvals.rules import PolicyRule
 from integrations import limits, mcp_client, scanner, statements
 from integrations.fields import EncryptedJSONField, EncryptedTextField
@@ -735,7 +735,7 @@ async def _afinish(request, run_here, reattach=False, try_here=False):
     from approvals.validation import InvalidArguments, off_the_shared_thread
 
     if try_here and request.undecided and request.rules == []:  # else `decide_here` won't
-        stored = await sync_to_async(request.close_if_cheap)(run_here, reattach)
+        stored = await running.hop_that_stores(request.close_if_cheap, run_here, reattach)
         if stored is not None:
             return stored
     if request.undecided:
@@ -743,7 +743,7 @@ async def _afinish(request, run_here, reattach=False, try_here=False):
             await off_the_shared_thread(request.call.agent_id, request.decide)
         except InvalidArguments as exc:  # the check overran its own deadline
             request.decision = policy.schema_refusal(exc)
-    return await sync_to_async(request.close)(run_here, reattach)
+    return await running.hop_that_stores(request.close, run_here, reattach)
 
 
 @dataclass
@@ -962,6 +962,8 @@ def _store(call, decision, run_here):
                 return existing, False
         raise
     call.claimed_at_insert = call.status == Status.RUNNING
+    if call.claimed_at_insert:
+        running.stored_to_run(call)  # run even if the request is cancelled before it can
     if call.status == Status.PENDING_APPROVAL:
         notify("call.pending", call)
     elif call.status == Status.APPROVED:

@@ -26,7 +26,9 @@ rows from its own process right after the last reply, found one of them not yet 
 import asyncio
 import contextlib
 import contextvars
+import threading
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 _runs = set()  # runs started here, kept referenced until they finish
@@ -52,9 +54,7 @@ async def run_here(call, timeout=None, **callbacks):
     outcome = asyncio.Event()
     if replies is not None and replies.open:  # set only with REPLY_BEFORE_RECORD
         callbacks["on_outcome"] = outcome.set
-    run = asyncio.ensure_future(call.arun(**callbacks))
-    _runs.add(run)
-    run.add_done_callback(_runs.discard)
+    run = _start(call, **callbacks)
     known = asyncio.ensure_future(outcome.wait())
     try:
         await asyncio.wait([run, known], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -63,6 +63,63 @@ async def run_here(call, timeout=None, **callbacks):
     if outcome.is_set() and not run.done():
         replies.runs.add(run)
         run.add_done_callback(replies.runs.discard)
+
+
+def _start(call, **callbacks):
+    run = asyncio.ensure_future(call.arun(**callbacks))
+    _runs.add(run)
+    run.add_done_callback(_runs.discard)
+    return run
+
+
+class _Stored:
+    """The calls one hop to the database thread stored for its request to run
+    (`claimed_at_insert`), and whether that request was cancelled meanwhile."""
+
+    def __init__(self, loop):
+        self.loop, self.calls, self.abandoned = loop, [], False
+        self.lock = threading.Lock()
+
+
+_STORED = contextvars.ContextVar("toolgate_stored", default=None)
+
+
+async def hop_that_stores(func, *args):
+    """`await sync_to_async(func)(*args)`, for a hop that may store a call for this request to
+    run (`request_tool_call(run_here=True)`). A request cancelled while the hop runs (its
+    agent went away, an MCP client cancelled) never gets the call to run it; the hop goes on
+    on its thread all the same, and its insert commits. Such a call is run here anyway, in
+    the background, as it is when the agent goes away while it runs: it was stored `running`,
+    and nothing else would ever send it (the sweeper would make it `unknown`, "may have run").
+    A hop cancelled before it started stores nothing, as before."""
+    stored = _Stored(asyncio.get_running_loop())
+    token = _STORED.set(stored)
+    try:
+        return await sync_to_async(func)(*args)
+    except asyncio.CancelledError:
+        with stored.lock:
+            stored.abandoned = True
+            calls = stored.calls
+        for call in calls:
+            _start(call)
+        raise
+    finally:
+        _STORED.reset(token)
+
+
+def stored_to_run(call):
+    """On the database thread: `call` was just stored `running` for this request to run. If
+    the request was cancelled meanwhile, it is run in the background (`hop_that_stores`)."""
+    stored = _STORED.get()
+    if stored is None:  # not in such a hop (a synchronous caller): the caller runs it
+        return
+    with stored.lock:
+        if not stored.abandoned:
+            stored.calls.append(call)
+            return
+    # Not in this thread's context: asgiref's marks it as inside a hop, and the run's own hops
+    # would refuse to wait for this thread ("would deadlock").
+    stored.loop.call_soon_threadsafe(_start, call, context=contextvars.Context())
 
 
 @contextlib.asynccontextmanager

@@ -94,6 +94,47 @@ def test_an_agent_that_goes_away_cancels_its_request_but_not_the_run(loop, upstr
     assert (call.status, call.result_content[0]["text"]) == (Status.SUCCEEDED, "slept 0.5s")
 
 
+def test_an_agent_that_goes_away_while_its_call_is_stored_still_has_it_run(loop, upstream):
+    """The client goes away while the hop that stores the auto-approved call (`running`, for
+    this request to run) is still on the database thread: the view is cancelled before it can
+    start the run, and the call runs anyway, once, and records its result. It stayed
+    `running`, never sent, until the sweeper made it `unknown` (a call that "may have run")."""
+    import threading
+
+    from django.db.models.signals import post_save
+
+    server = add_demo(upstream)
+    _, token = Agent.create_with_token("bot", [server])
+    stored, released = asyncio.Event(), threading.Event()
+    running_loop = []
+
+    def hold_the_hop(sender, instance, created, **kwargs):
+        if created:  # on the database thread, the call just inserted
+            running_loop[0].call_soon_threadsafe(stored.set)
+            released.wait(10)
+
+    async def go_away(sent):
+        await stored.wait()
+        return {"type": "http.disconnect"}
+
+    async def request_then_release():
+        running_loop.append(asyncio.get_running_loop())
+        sent = await serve(token, {"seconds": 0}, after_body=go_away)
+        released.set()
+        return sent
+
+    post_save.connect(hold_the_hop, sender=ToolCall)
+    try:
+        sent = loop.run(request_then_release())
+    finally:
+        released.set()
+        post_save.disconnect(hold_the_hop, sender=ToolCall)
+    assert sent == []
+    call = final(ToolCall.objects.get().pk)
+    assert (call.status, call.result_content[0]["text"]) == (Status.SUCCEEDED, "slept 0.0s")
+    assert upstream.recording.count("tools/call") == 1
+
+
 def test_a_request_cancelled_by_the_server_leaves_no_view_behind(loop, upstream):
     """The view runs in the request's own task: when the server cancels it (uvicorn, at a
     shut-down that timed out), nothing answers later on that connection (Django's handler ran

@@ -309,3 +309,52 @@ def test_a_call_run_in_the_web_process_scans_its_result_beside_the_database_thre
     assert call.status == Status.SUCCEEDED
     assert len(seen["db"]) == 1  # the claim and the record, on the shared thread
     assert seen["scan"] not in seen["db"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_cancelled_while_its_call_is_stored_still_has_it_run(mcp_demo_http, loop):
+    """The MCP endpoint's path (`arequest_tool_call(run_here=True)`), cancelled (a client's
+    `notifications/cancelled`) while the hop that stores the auto-approved call is on the
+    database thread: the insert commits, the request never gets the call to run it, and the
+    call runs anyway, once. It stayed `running`, never sent, until the sweeper made it
+    `unknown`."""
+    import asyncio
+
+    from django.db.models.signals import post_save
+
+    from approvals.models import arequest_tool_call
+
+    _, agent = setup_server(mcp_demo_http)
+    released = threading.Event()
+    holding = []
+
+    def hold_the_hop(sender, instance, created, **kwargs):
+        if created:  # on the database thread, the call just inserted
+            loop_, request = holding[0]
+            loop_.call_soon_threadsafe(request.cancel)
+            released.wait(10)
+
+    async def cancelled_request():
+        request = asyncio.ensure_future(
+            arequest_tool_call(agent, "demo", "echo", {"text": "hi"}, run_here=True, reattach=True)
+        )
+        holding.append((asyncio.get_running_loop(), request))
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        released.set()
+
+    post_save.connect(hold_the_hop, sender=ToolCall)
+    try:
+        loop.run(cancelled_request())
+    finally:
+        released.set()
+        post_save.disconnect(hold_the_hop, sender=ToolCall)
+    call = final(ToolCall.objects.get().pk)
+    assert (call.status, call.result_content) == (
+        Status.SUCCEEDED,
+        [{"type": "text", "text": "hi"}],
+    )
+    sent = [
+        r for r in tool_call_requests(mcp_demo_http) if r.headers.get("mcp-method") == "tools/call"
+    ]
+    assert len(sent) == 1
