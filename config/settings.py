@@ -471,13 +471,19 @@ TOOL_CALL_TIME_LIMIT = _read("TOOL_CALL_TIME_LIMIT", _positive(int), int(MCP_CAL
 SYNC_TIME_LIMIT = _read("SYNC_TIME_LIMIT", _positive(int), int(MCP_SYNC_TIMEOUT) + 30)  # one sync
 TASK_TIME_LIMIT = _read("TASK_TIME_LIMIT", _positive(int), 300)  # any other task (soft)
 TASK_HARD_LIMIT_MARGIN = 15  # seconds from a task's soft time limit to its hard one
-# A call still `running` this long after it started lost its worker: it becomes `unknown`.
-TOOL_CALL_LOST_AFTER = _read("TOOL_CALL_LOST_AFTER", _positive(int), TOOL_CALL_TIME_LIMIT + 60)
-if TOOL_CALL_LOST_AFTER <= TOOL_CALL_TIME_LIMIT + TASK_HARD_LIMIT_MARGIN:
+# A call still `running` this long after it started lost its worker: it becomes `unknown`. It
+# must outlast the longest call still alive: a worker's, ended by its hard time limit, and one
+# the web process runs for a waiting agent, which no worker limit bounds, only MCP_CALL_TIMEOUT
+# (given the same margin, for its record). Sooner, a call still running would be handed to a
+# human, and the result it then brings is not stored.
+_LONGEST_CALL = max(TOOL_CALL_TIME_LIMIT, int(MCP_CALL_TIMEOUT)) + TASK_HARD_LIMIT_MARGIN
+TOOL_CALL_LOST_AFTER = _read("TOOL_CALL_LOST_AFTER", _positive(int), _LONGEST_CALL + 45)
+if TOOL_CALL_LOST_AFTER <= _LONGEST_CALL:
     raise ImproperlyConfigured(
-        f"TOOL_CALL_LOST_AFTER ({TOOL_CALL_LOST_AFTER}) must be above the hard time limit of a "
-        f"call ({TOOL_CALL_TIME_LIMIT + TASK_HARD_LIMIT_MARGIN} s, TOOL_CALL_TIME_LIMIT + "
-        f"{TASK_HARD_LIMIT_MARGIN}): else a call still running would be handed to a human."
+        f"TOOL_CALL_LOST_AFTER ({TOOL_CALL_LOST_AFTER}) must be above the longest a call can "
+        f"run ({_LONGEST_CALL} s: the larger of TOOL_CALL_TIME_LIMIT, a worker's, and "
+        f"MCP_CALL_TIMEOUT, the web process's, plus {TASK_HARD_LIMIT_MARGIN}): else a call "
+        "still running would be handed to a human."
     )
 # How a process that finishes a call wakes the agents waiting for it in the web processes
 # (approvals/wakeup.py): auto (Redis pub/sub on a Redis broker, else PostgreSQL LISTEN/NOTIFY,

@@ -60,6 +60,17 @@ def test_production_starts_with_real_keys(tmp_path):
     assert not (tmp_path / "dev-secrets.json").exists()
 
 
+def test_calls_are_not_handed_to_a_human_while_the_web_process_may_still_run_them(tmp_path):
+    """A call the web process runs for a waiting agent is bounded by MCP_CALL_TIMEOUT alone,
+    not by a worker's time limit: a TOOL_CALL_LOST_AFTER below it let the sweeper make such
+    a call `unknown` while it ran, and the result it then brought was not stored."""
+    limits = {"MCP_CALL_TIMEOUT": "300", "TOOL_CALL_TIME_LIMIT": "60"}
+    result = start(tmp_path, TOOL_CALL_LOST_AFTER="120", **limits)
+    assert result.returncode != 0
+    assert "TOOL_CALL_LOST_AFTER (120) must be above the longest a call can run" in result.stderr
+    assert start(tmp_path, **limits).returncode == 0  # the default follows MCP_CALL_TIMEOUT
+
+
 def test_a_malformed_database_url_is_refused(tmp_path):
     result = start(tmp_path, DATABASE_URL="nosuchdb://x")
     assert result.returncode != 0
