@@ -584,9 +584,9 @@ def test_a_sync_error_echoing_the_request_reaches_no_admin_page_or_log(
     assert_no_secrets(printed.getvalue(), SERVER_SECRETS, "the log")
 
 
-@pytest.mark.django_db
-@pytest.mark.parametrize("kind", ECHO_KINDS)
-def test_a_tool_call_error_echoing_the_request_does_not_reach_the_agent(kind, mcp_factory, client):
+def _echoing_call(kind, mcp_factory):
+    """(call to `echo`, stored and auto-approved, the agent's token) on a server that answers
+    with what it was sent (`_Echo(kind)`), its token and header among it."""
     running = mcp_factory(
         _Echo(kind, protected_server(token=TOKEN, header=("X-Api-Key", HEADER_VALUE)))
     )
@@ -594,6 +594,13 @@ def test_a_tool_call_error_echoing_the_request_does_not_reach_the_agent(kind, mc
     assert server.sync_tools().ok
     agent, agent_token = make_agent(server)
     call, _ = request_tool_call(agent, "secret", "echo", {"text": "hi"})
+    return call, agent_token
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("kind", ECHO_KINDS)
+def test_a_tool_call_error_echoing_the_request_does_not_reach_the_agent(kind, mcp_factory, client):
+    call, agent_token = _echoing_call(kind, mcp_factory)
     call.run()
     call.refresh_from_db()
     assert call.status == Status.FAILED
@@ -618,13 +625,7 @@ def test_a_botched_reply_echoing_the_request_reaches_no_log(
     as they came, without "Bearer " or a URL around them for the filter to recognise."""
     if not pooled:
         settings.MCP_POOL_SESSIONS = 0
-    running = mcp_factory(
-        _Echo(kind, protected_server(token=TOKEN, header=("X-Api-Key", HEADER_VALUE)))
-    )
-    server = make_server(secret_url(running.base_url), approval_mode="no_approval")
-    assert server.sync_tools().ok
-    agent, _agent_token = make_agent(server)
-    call, _ = request_tool_call(agent, "secret", "echo", {"text": "hi"})
+    call, _ = _echoing_call(kind, mcp_factory)
     with printed_logs(caplog) as printed:
         call.run()
     call.refresh_from_db()
